@@ -1,0 +1,86 @@
+"""Settings read from ``MARS_*`` environment variables (pydantic-settings).
+
+Build them with :func:`get_settings` (cached); nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All MARS knobs; each field is ``MARS_<FIELD>`` in the environment.
+
+    Fusion defaults: ``rrf_k = 60`` is the constant of Cormack, Clarke & Büttcher,
+    "Reciprocal Rank Fusion outperforms Condorcet and individual rank learning methods"
+    (SIGIR 2009); the per-list weights start at 1.0, i.e. the paper's unweighted RRF,
+    except where the README's dev table justifies otherwise.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MARS_", extra="ignore")
+
+    home: Path = Field(Path(".mars"), description="Directory holding the catalog, indexes and manifest.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the catalog; default sqlite:///<home>/catalog.db."
+    )
+
+    image_encoder: str = Field(
+        "efficientnet-lite0",
+        description="'efficientnet-lite0' (offline default) or 'hf:<dir>' for a local SigLIP/CLIP checkpoint.",
+    )
+    text_encoder: str = Field(
+        "all-minilm-l6-v2",
+        description="'all-minilm-l6-v2' (offline default) or 'hf:<dir>' for a local SigLIP/CLIP checkpoint.",
+    )
+    embed_batch_size: int = Field(8, ge=1, description="Images/texts per encoder call.")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Images with more pixels (width*height) are rejected."
+    )
+    max_image_bytes: int = Field(20_000_000, ge=1, description="Image files larger than this are rejected.")
+
+    vector_backend: str = Field("qdrant-edge", description="'qdrant-edge' (default) or 'faiss' (exact reference).")
+    retrieval_depth: int = Field(200, ge=1, description="Candidates each stage retrieves before fusion.")
+    room_grid: str = Field(
+        "1,2,3",
+        description="Region crops of a room photo: comma-separated grid sizes (1 = whole photo, 2 = 2x2 grid, ...).",
+    )
+
+    rrf_k: float = Field(60.0, gt=0, description="RRF constant k (Cormack et al., SIGIR 2009).")
+    weight_bm25: float = Field(1.0, ge=0, description="RRF weight of the BM25 list.")
+    weight_image: float = Field(1.0, ge=0, description="RRF weight of the room-photo -> product-image list.")
+    weight_text: float = Field(1.0, ge=0, description="RRF weight of the text -> product-text list.")
+
+    boost_title: float = Field(2.0, ge=0, description="BM25 field boost of the product title.")
+    boost_type: float = Field(3.0, ge=0, description="BM25 field boost of the product type.")
+    boost_colour: float = Field(1.5, ge=0, description="BM25 field boost of the colour.")
+    boost_text: float = Field(1.0, ge=0, description="BM25 field boost of the description.")
+
+    critic: str = Field("none", description="Critic backend for --mode full; 'none' until a critic is configured.")
+    critic_top_n: int = Field(20, ge=1, description="How many fused results the critic re-scores.")
+
+    @property
+    def catalog_url(self) -> str:
+        """The catalog's SQLAlchemy URL (``database_url`` or the SQLite file under ``home``)."""
+        return self.database_url or f"sqlite:///{(self.home / 'catalog.db').resolve()}"
+
+    @property
+    def grid_sizes(self) -> list[int]:
+        """``room_grid`` parsed into grid sizes, e.g. ``[1, 2, 3]``.
+
+        Raises:
+            ValueError: if an entry is not a positive integer.
+        """
+        sizes = [int(part) for part in self.room_grid.split(",") if part.strip()]
+        if not sizes or any(s < 1 for s in sizes):
+            raise ValueError(f"MARS_ROOM_GRID must list positive integers, got {self.room_grid!r}")
+        return sizes
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide :class:`Settings`, read from the environment on first call."""
+    return Settings()
