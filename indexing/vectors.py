@@ -1,0 +1,317 @@
+"""Vector stores behind the :class:`VectorStore` protocol.
+
+* :class:`QdrantEdgeStore` — the embedded default: Qdrant Edge (``qdrant-edge-py``, the
+  Qdrant engine in-process), one shard with named vectors ``image`` and ``text`` and a
+  payload (``product_id``, ``category_ids``, ``type``, ``colour``) with a keyword index on
+  ``category_ids`` for the category lock.
+* :class:`FaissFlatStore` — the exact reference: FAISS ``IndexFlatIP`` per named vector on
+  the same L2-normalised vectors (inner product = cosine), filtered with an ``IDSelectorBatch``.
+
+Vectors are float32 and L2-normalised by the encoders; scores are cosine similarities.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import faiss
+import numpy as np
+import qdrant_edge as qe
+
+#: Namespace for point ids: uuid5(namespace, product id) keeps ids stable across runs.
+POINT_NAMESPACE = uuid.UUID("6f1d7c3e-4a55-4d0b-9a51-2b8f0d6f3c11")
+
+
+def point_id(product_id: str) -> str:
+    """Deterministic Qdrant point id (UUID string) of a product id."""
+    return str(uuid.uuid5(POINT_NAMESPACE, product_id))
+
+
+@dataclass
+class VectorPoint:
+    """A product's vectors by name (each float32 (dim,), unit norm) and its payload.
+
+    A product without a photo simply has no ``image`` entry.
+    """
+
+    product_id: str
+    vectors: dict[str, np.ndarray]
+    category_ids: list[str] = field(default_factory=list)
+    type: str = ""
+    colour: str = ""
+
+
+@dataclass(frozen=True)
+class VectorHit:
+    """One nearest neighbour: product id and cosine similarity."""
+
+    id: str
+    score: float
+
+
+@runtime_checkable
+class VectorStore(Protocol):
+    """What the funnel and ingestion need from a vector backend."""
+
+    dims: dict[str, int]
+
+    def upsert(self, points: Sequence[VectorPoint]) -> None:
+        """Insert or replace points by product id."""
+
+    def delete(self, product_ids: Sequence[str]) -> None:
+        """Remove points by product id (unknown ids are ignored)."""
+
+    def search_many(
+        self, name: str, queries: np.ndarray, limit: int, category_ids: Sequence[str] | None = None
+    ) -> list[list[VectorHit]]:
+        """For each row of ``queries`` (float32 (m, dims[name])), the ``limit`` nearest points
+        on vector ``name`` carrying any of ``category_ids`` (all points when None), best first.
+
+        Raises:
+            KeyError: unknown vector name. ValueError: wrong query dimension.
+        """
+
+    def present(self, product_ids: Sequence[str]) -> set[str]:
+        """The subset of ``product_ids`` that has a point."""
+
+    def count(self) -> int:
+        """Number of points."""
+
+    def scan(self) -> Iterator[VectorPoint]:
+        """Every point with its vectors and payload (used to build the exact reference)."""
+
+    def close(self) -> None:
+        """Flush and release the store."""
+
+
+def _check_queries(dims: dict[str, int], name: str, queries: np.ndarray) -> np.ndarray:
+    if name not in dims:
+        raise KeyError(f"unknown vector {name!r}; this store has {sorted(dims)}")
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim != 2 or q.shape[1] != dims[name]:
+        raise ValueError(f"queries for {name!r} must have shape (m, {dims[name]}), got {q.shape}")
+    return q
+
+
+def _sorted_hits(hits: list[VectorHit]) -> list[VectorHit]:
+    return sorted(hits, key=lambda h: (-h.score, h.id))
+
+
+class QdrantEdgeStore:
+    """Qdrant Edge shard in ``path``; only one process may open it (the WAL is locked).
+
+    Args:
+        path: shard directory; created with ``dims`` when empty, loaded otherwise.
+        dims: vector name -> dimension, e.g. ``{"image": 1280, "text": 384}``.
+
+    Raises:
+        ValueError: if an existing shard's vectors differ from ``dims``.
+    """
+
+    def __init__(self, path: Path, dims: dict[str, int]) -> None:
+        self.dims = dict(dims)
+        config = qe.EdgeConfig(
+            vectors={name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine) for name, dim in dims.items()}
+        )
+        if (path / "wal").exists() or (path / "segments").exists():
+            try:
+                self.shard = qe.EdgeShard.load(str(path), config)
+            except Exception as exc:  # the engine reports incompatibility and locking as runtime errors
+                raise ValueError(f"cannot open the vector store at {path} with vectors {self.dims}: {exc}") from exc
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            self.shard = qe.EdgeShard.create(str(path), config)
+            self.shard.update(qe.UpdateOperation.create_field_index("category_ids", qe.PayloadSchemaType.Keyword))
+
+    def upsert(self, points: Sequence[VectorPoint]) -> None:
+        """Upsert points (vectors as float lists, payload with the lock fields)."""
+        if not points:
+            return
+        self.shard.update(
+            qe.UpdateOperation.upsert_points(
+                [
+                    qe.Point(
+                        id=point_id(p.product_id),
+                        vector={name: np.asarray(v, dtype=np.float32).tolist() for name, v in p.vectors.items()},
+                        payload={
+                            "product_id": p.product_id,
+                            "category_ids": list(p.category_ids),
+                            "type": p.type,
+                            "colour": p.colour,
+                        },
+                    )
+                    for p in points
+                ]
+            )
+        )
+
+    def delete(self, product_ids: Sequence[str]) -> None:
+        """Delete points by product id."""
+        if product_ids:
+            self.shard.update(qe.UpdateOperation.delete_points([point_id(pid) for pid in product_ids]))
+
+    def search_many(
+        self, name: str, queries: np.ndarray, limit: int, category_ids: Sequence[str] | None = None
+    ) -> list[list[VectorHit]]:
+        """Batched filtered nearest-neighbour search (one ``query_batch`` call)."""
+        q = _check_queries(self.dims, name, queries)
+        if len(q) == 0 or limit <= 0:
+            return [[] for _ in range(len(q))]
+        flt = (
+            qe.Filter(must=[qe.FieldCondition(key="category_ids", match=qe.MatchAny(any=list(category_ids)))])
+            if category_ids
+            else None
+        )
+        requests = [
+            qe.QueryRequest(
+                limit=limit, query=qe.Query.Nearest(row.tolist(), using=name), filter=flt, with_payload=["product_id"]
+            )
+            for row in q
+        ]
+        results = self.shard.query_batch(qe.QueryBatchRequest(requests)) if len(requests) > 1 else [self.shard.query(requests[0])]
+        return [_sorted_hits([VectorHit(p.payload["product_id"], float(p.score)) for p in res]) for res in results]
+
+    def present(self, product_ids: Sequence[str]) -> set[str]:
+        """Product ids among ``product_ids`` that have a point."""
+        if not product_ids:
+            return set()
+        records = self.shard.retrieve([point_id(pid) for pid in product_ids], ["product_id"], False)
+        return {r.payload["product_id"] for r in records}
+
+    def count(self) -> int:
+        """Exact number of points."""
+        return int(self.shard.count(qe.CountRequest(exact=True)))
+
+    def scan(self) -> Iterator[VectorPoint]:
+        """Scroll every point with vectors and payload, 256 at a time."""
+        offset = None
+        while True:
+            records, offset = self.shard.scroll(
+                qe.ScrollRequest(offset=offset, limit=256, with_payload=True, with_vector=True)
+            )
+            for r in records:
+                vectors = r.vector if isinstance(r.vector, dict) else {}
+                yield VectorPoint(
+                    product_id=r.payload["product_id"],
+                    vectors={k: np.asarray(v, dtype=np.float32) for k, v in vectors.items()},
+                    category_ids=list(r.payload.get("category_ids", [])),
+                    type=r.payload.get("type", ""),
+                    colour=r.payload.get("colour", ""),
+                )
+            if offset is None:
+                return
+
+    def optimize(self) -> None:
+        """Run Qdrant's segment optimizers (builds HNSW once a segment is large enough)."""
+        self.shard.optimize()
+
+    def close(self) -> None:
+        """Flush and close the shard (releases its lock)."""
+        self.shard.flush()
+        self.shard.close()
+
+
+class FaissFlatStore:
+    """Exact inner-product search (FAISS ``IndexFlatIP`` in an ``IndexIDMap2``), in memory.
+
+    Args:
+        dims: vector name -> dimension.
+    """
+
+    def __init__(self, dims: dict[str, int]) -> None:
+        self.dims = dict(dims)
+        self._indexes = {name: faiss.IndexIDMap2(faiss.IndexFlatIP(dim)) for name, dim in dims.items()}
+        self._ids: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+        self._points: dict[str, VectorPoint] = {}
+        self._by_category: dict[str, set[int]] = {}
+
+    @classmethod
+    def from_store(cls, store: VectorStore) -> "FaissFlatStore":
+        """Build the exact reference from every point of another store."""
+        ref = cls(store.dims)
+        batch: list[VectorPoint] = []
+        for point in store.scan():
+            batch.append(point)
+            if len(batch) >= 1024:
+                ref.upsert(batch)
+                batch = []
+        ref.upsert(batch)
+        return ref
+
+    def _internal(self, product_id: str) -> int:
+        if product_id not in self._ids:
+            n = len(self._ids) + 1
+            while n in self._names:
+                n += 1
+            self._ids[product_id] = n
+            self._names[n] = product_id
+        return self._ids[product_id]
+
+    def upsert(self, points: Sequence[VectorPoint]) -> None:
+        """Insert or replace points."""
+        if not points:
+            return
+        self.delete([p.product_id for p in points if p.product_id in self._points])
+        for name, index in self._indexes.items():
+            rows = [(self._internal(p.product_id), p.vectors[name]) for p in points if name in p.vectors]
+            if rows:
+                ids = np.array([r[0] for r in rows], dtype=np.int64)
+                index.add_with_ids(np.stack([np.asarray(r[1], np.float32) for r in rows]), ids)
+        for p in points:
+            internal = self._internal(p.product_id)
+            self._points[p.product_id] = p
+            for cat in p.category_ids:
+                self._by_category.setdefault(cat, set()).add(internal)
+
+    def delete(self, product_ids: Sequence[str]) -> None:
+        """Delete points by product id."""
+        gone = [pid for pid in product_ids if pid in self._points]
+        if not gone:
+            return
+        ids = np.array([self._ids[pid] for pid in gone], dtype=np.int64)
+        for index in self._indexes.values():
+            index.remove_ids(faiss.IDSelectorBatch(ids))
+        for pid in gone:
+            internal = self._ids[pid]
+            for cat in self._points.pop(pid).category_ids:
+                self._by_category.get(cat, set()).discard(internal)
+
+    def search_many(
+        self, name: str, queries: np.ndarray, limit: int, category_ids: Sequence[str] | None = None
+    ) -> list[list[VectorHit]]:
+        """Exact search; the lock becomes an ``IDSelectorBatch`` over the allowed ids."""
+        q = _check_queries(self.dims, name, queries)
+        index = self._indexes[name]
+        if len(q) == 0 or limit <= 0 or index.ntotal == 0:
+            return [[] for _ in range(len(q))]
+        params = None
+        if category_ids:
+            allowed = set().union(*(self._by_category.get(c, set()) for c in category_ids))
+            if not allowed:
+                return [[] for _ in range(len(q))]
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.array(sorted(allowed), dtype=np.int64)))
+        scores, ids = index.search(q, min(limit, index.ntotal), params=params)
+        return [
+            _sorted_hits([VectorHit(self._names[int(i)], float(s)) for s, i in zip(srow, irow) if i >= 0])
+            for srow, irow in zip(scores, ids)
+        ]
+
+    def present(self, product_ids: Sequence[str]) -> set[str]:
+        """Product ids among ``product_ids`` that have a point."""
+        return {pid for pid in product_ids if pid in self._points}
+
+    def count(self) -> int:
+        """Number of points."""
+        return len(self._points)
+
+    def scan(self) -> Iterator[VectorPoint]:
+        """Every stored point."""
+        yield from list(self._points.values())
+
+    def close(self) -> None:
+        """Nothing to release (in memory)."""

@@ -1,0 +1,1 @@
+"""Readers, validation, image loading and the upsert pipeline of the catalog."""

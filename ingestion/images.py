@@ -1,0 +1,54 @@
+"""Image loading with limits: size on disk, pixel count (decompression bombs), real image content."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageRejected(ValueError):
+    """The image cannot be used; the message is the reason shown to the user."""
+
+
+def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Image.Image:
+    """Decode image bytes into an RGB :class:`PIL.Image.Image`.
+
+    The header is read first and the pixel count (width*height) checked against
+    ``max_pixels`` before any pixel is decoded, so a decompression bomb costs nothing.
+
+    Raises:
+        ImageRejected: not an image, truncated, or more than ``max_pixels`` pixels.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageRejected(f"{what} has {width}x{height} pixels, over the limit of {max_pixels}")
+            img.load()
+    except ImageRejected:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(f"{what} is not a readable image ({exc.__class__.__name__})") from exc
+    except OSError as exc:
+        raise ImageRejected(f"{what} is not a readable image ({exc})") from exc
+    return img.convert("RGB")
+
+
+def read_image_bytes(path: str | Path, *, max_bytes: int) -> bytes:
+    """Read an image file's bytes, refusing missing, non-regular or oversized files.
+
+    Raises:
+        ImageRejected: the file is missing, not a file, or larger than ``max_bytes``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ImageRejected(f"image file {p} does not exist")
+    size = p.stat().st_size
+    if size > max_bytes:
+        raise ImageRejected(f"image file {p} is {size} bytes, over the limit of {max_bytes}")
+    return p.read_bytes()

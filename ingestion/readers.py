@@ -1,0 +1,133 @@
+"""Readers: the BEIR-style multimodal corpus layout and generic JSONL/CSV with a field mapping.
+
+Each reader yields :class:`RawRecord` objects — the record as read plus where it came
+from — and never validates: validation happens in the pipeline so a bad line is reported
+with its position instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ingestion.records import CORE_FIELDS
+
+#: Field mapping of the BEIR-style corpus in ``../shared/data/ikea`` (MARS field -> source field).
+BEIR_MAPPING: dict[str, str] = {"id": "_id", "colour": "color"}
+
+
+@dataclass
+class RawRecord:
+    """A record as read: ``data`` uses MARS field names; ``error`` is set when the line
+    could not even be parsed (bad JSON)."""
+
+    source: str
+    position: int  # 1-based line (JSONL) or row (CSV, header excluded) number
+    data: dict[str, Any] | None
+    raw: Any = None
+    error: str | None = None
+
+
+def parse_mapping(pairs: list[str]) -> dict[str, str]:
+    """Parse ``["id=_id", "colour=color"]`` into ``{"id": "_id", "colour": "color"}``.
+
+    Raises:
+        ValueError: if a pair has no ``=`` or names an unknown MARS field.
+    """
+    mapping: dict[str, str] = {}
+    for pair in pairs:
+        target, sep, source = pair.partition("=")
+        if not sep or not target.strip() or not source.strip():
+            raise ValueError(f"field mapping {pair!r} must look like MARS_FIELD=SOURCE_FIELD")
+        if target.strip() not in CORE_FIELDS:
+            raise ValueError(f"unknown MARS field {target.strip()!r}; known: {', '.join(CORE_FIELDS)}")
+        mapping[target.strip()] = source.strip()
+    return mapping
+
+
+def apply_mapping(row: Mapping[str, Any], mapping: Mapping[str, str], base_dir: Path) -> dict[str, Any]:
+    """Rename source fields to MARS fields, move unknown fields to ``attributes`` and make a
+    relative image path absolute against ``base_dir`` (URLs are kept as they are)."""
+    renamed = {source: target for target, source in mapping.items()}
+    out: dict[str, Any] = {}
+    attributes: dict[str, Any] = {}
+    for key, value in row.items():
+        target = renamed.get(key, key)
+        if target in CORE_FIELDS:
+            out[target] = value
+        elif target == "attributes" and isinstance(value, dict):
+            attributes.update(value)
+        else:
+            attributes[key] = value
+    if attributes:
+        out["attributes"] = attributes
+    image = out.get("image")
+    if isinstance(image, str) and image and not image.startswith(("http://", "https://")):
+        out["image"] = str((base_dir / image).resolve())
+    elif image == "":
+        out["image"] = None
+    return out
+
+
+def read_jsonl(path: Path, mapping: Mapping[str, str] | None = None) -> Iterator[RawRecord]:
+    """Records of a JSON-lines file; image paths are relative to the file's folder.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+    """
+    mapping = mapping or {}
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield RawRecord(str(path), number, None, raw=line[:2000], error=f"invalid JSON: {exc.msg}")
+                continue
+            if not isinstance(row, dict):
+                yield RawRecord(str(path), number, None, raw=row, error="a record must be a JSON object")
+                continue
+            yield RawRecord(str(path), number, apply_mapping(row, mapping, path.parent), raw=row)
+
+
+def read_csv(path: Path, mapping: Mapping[str, str] | None = None) -> Iterator[RawRecord]:
+    """Records of a CSV file with a header row; empty cells count as missing.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+    """
+    mapping = mapping or {}
+    with path.open(encoding="utf-8", newline="") as fh:
+        for number, row in enumerate(csv.DictReader(fh), start=1):
+            cleaned = {k: v for k, v in row.items() if k is not None and v not in (None, "")}
+            yield RawRecord(str(path), number, apply_mapping(cleaned, mapping, path.parent), raw=row)
+
+
+def open_source(path: Path, mapping: Mapping[str, str] | None = None) -> Iterator[RawRecord]:
+    """Pick the reader for ``path``: a folder with ``corpus.jsonl`` (BEIR layout), ``*.jsonl``
+    or ``*.csv``. An explicit ``mapping`` overrides the BEIR defaults field by field.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist or a folder has no ``corpus.jsonl``.
+        ValueError: if the file type is not supported.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        corpus = path / "corpus.jsonl"
+        if not corpus.exists():
+            raise FileNotFoundError(f"{path} is a folder without corpus.jsonl (BEIR-style layout expected)")
+        return read_jsonl(corpus, {**BEIR_MAPPING, **(mapping or {})})
+    if path.name == "corpus.jsonl":
+        return read_jsonl(path, {**BEIR_MAPPING, **(mapping or {})})
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return read_jsonl(path, mapping)
+    if suffix == ".csv":
+        return read_csv(path, mapping)
+    raise ValueError(f"unsupported catalog file {path.name!r}: use a BEIR folder, .jsonl or .csv")
