@@ -1,0 +1,1 @@
+"""Metrics, the BEIR-style benchmark runner and speed benchmarks (imports the library, never the reverse)."""

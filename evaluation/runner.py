@@ -1,0 +1,101 @@
+"""``mars eval``: run BEIR-style multimodal queries through the funnel and score them per task."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.progress import Progress
+from rich.table import Table
+
+from evaluation.beir import load_qrels, load_queries
+from evaluation.metrics import METRICS, score_queries
+from ingestion.images import decode_image, read_image_bytes
+from query.funnel import SearchQuery
+
+#: Results fetched per query: enough for Recall@50.
+EVAL_DEPTH = 100
+
+
+def run_eval(
+    engine: Any,
+    queries_path: Path,
+    qrels_path: Path,
+    *,
+    mode: str = "hybrid",
+    tasks: Sequence[str] | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``engine`` (anything with ``search(SearchQuery)`` and ``settings``).
+
+    Returns a JSON-ready dict: ``mode``, ``tasks`` (task -> {"queries": n, metric: mean}),
+    ``per_query`` (query id -> metric values) and ``locks`` (query id -> lock key or None).
+
+    Raises:
+        FileNotFoundError: a queries/qrels file or a query image is missing.
+    """
+    queries = [q for q in load_queries(queries_path) if not tasks or q.task in tasks]
+    qrels = load_qrels(qrels_path)
+    queries = [q for q in queries if qrels.get(q.id)]
+    if limit is not None:
+        taken: dict[str, int] = defaultdict(int)
+        kept = []
+        for q in queries:
+            if taken[q.task] < limit:
+                taken[q.task] += 1
+                kept.append(q)
+        queries = kept
+    settings = engine.settings
+    images: dict[Path, Any] = {}
+    runs: dict[str, list[str]] = {}
+    locks: dict[str, str | None] = {}
+    by_task: dict[str, list[str]] = defaultdict(list)
+    with Progress(disable=not progress, transient=True) as bar:
+        task_id = bar.add_task(f"eval ({mode})", total=len(queries))
+        for q in queries:
+            image = None
+            if q.image is not None:
+                if q.image not in images:
+                    images[q.image] = decode_image(
+                        read_image_bytes(q.image, max_bytes=settings.max_image_bytes),
+                        max_pixels=settings.max_image_pixels,
+                        what=str(q.image),
+                    )
+                image = images[q.image]
+            response = engine.search(SearchQuery(text=q.text, image=image, top_k=EVAL_DEPTH, mode=mode))
+            runs[q.id] = [item.id for item in response.items]
+            locks[q.id] = response.lock.key if response.lock.applied else None
+            by_task[q.task].append(q.id)
+            bar.advance(task_id)
+    report: dict[str, Any] = {"mode": mode, "tasks": {}, "per_query": {}, "locks": locks}
+    for task, ids in sorted(by_task.items()):
+        means, per_query = score_queries({i: runs[i] for i in ids}, qrels)
+        report["tasks"][task] = {"queries": len(per_query), **{k: round(v, 4) for k, v in means.items()}}
+        report["per_query"].update({qid: {k: round(v, 4) for k, v in m.items()} for qid, m in per_query.items()})
+    return report
+
+
+def format_table(report: dict[str, Any]) -> Table:
+    """The per-task metric table of a :func:`run_eval` report."""
+    table = Table(title=f"mode: {report['mode']}")
+    table.add_column("task")
+    table.add_column("queries", justify="right")
+    for name in METRICS:
+        table.add_column(name, justify="right")
+    for task, row in report["tasks"].items():
+        table.add_row(task, str(row["queries"]), *(f"{row[name]:.4f}" for name in METRICS))
+    return table
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The same table as Markdown (for the README)."""
+    header = "| task | queries | " + " | ".join(METRICS) + " |"
+    rule = "|---|---:|" + "---:|" * len(METRICS)
+    rows = [
+        f"| {task} | {row['queries']} | " + " | ".join(f"{row[name]:.4f}" for name in METRICS) + " |"
+        for task, row in report["tasks"].items()
+    ]
+    return "\n".join([header, rule, *rows])

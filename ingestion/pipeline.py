@@ -1,0 +1,282 @@
+"""The upsert pipeline: validate → hash → (re-)embed what changed → index → commit the catalog.
+
+Per batch, the indexes are written before the catalog commit, so a crash between the two
+leaves the catalog's old hash in place and the next run re-embeds those items. An item
+whose hash is unchanged *and* whose point exists in the vector store is skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from catalog.models import Category, CategorySynonym, IngestJob, Product, ProductCategory, RejectedRecord, utcnow
+from catalog.taxonomy import TypePlacement, place_type
+from indexing.encoders import ImageEncoder, TextEncoder
+from indexing.lexical import LexicalDoc, LexicalIndex
+from indexing.vectors import VectorPoint, VectorStore
+from ingestion.images import ImageRejected, decode_image, read_image_bytes
+from ingestion.readers import RawRecord
+from ingestion.records import ProductRecord, content_hash
+
+
+@dataclass
+class IngestTargets:
+    """Where the pipeline writes: the catalog, the BM25 index, the vector store and the encoders.
+
+    ``vectors`` and ``encoders`` are callables so the models load and the store is created
+    only when something actually needs embedding.
+    """
+
+    sessions: sessionmaker[Session]
+    lexical: LexicalIndex
+    vectors: Callable[[], VectorStore]
+    existing_vectors: Callable[[], VectorStore | None]
+    encoders: Callable[[], tuple[ImageEncoder, TextEncoder]]
+    max_image_pixels: int
+    max_image_bytes: int
+
+
+@dataclass
+class Rejection:
+    """A rejected record: where it was, its id if it had one, and why."""
+
+    position: int
+    record_id: str | None
+    reason: str
+
+
+@dataclass
+class IngestReport:
+    """Counts of one ingest run; ``items_per_s`` counts every record read."""
+
+    job_id: int
+    source: str
+    total: int = 0
+    ingested: int = 0
+    unchanged: int = 0
+    rejected: int = 0
+    without_image: int = 0
+    seconds: float = 0.0
+    rejections: list[Rejection] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def items_per_s(self) -> float:
+        """Records processed per second of wall time."""
+        return self.total / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return {
+            "job_id": self.job_id,
+            "source": self.source,
+            "total": self.total,
+            "ingested": self.ingested,
+            "unchanged": self.unchanged,
+            "rejected": self.rejected,
+            "without_image": self.without_image,
+            "seconds": round(self.seconds, 3),
+            "items_per_s": round(self.items_per_s, 2),
+            "rejections": [r.__dict__ for r in self.rejections],
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class _Prepared:
+    raw: RawRecord
+    record: ProductRecord
+    image_bytes: bytes | None
+    hash: str
+
+
+def _batched(items: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "record"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+class _CategoryCache:
+    """Finds or creates the class and type categories of a product type within one session."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.by_key: dict[str, Category] = {}
+
+    def _get(self, key: str, name: str, level: str, synonyms: tuple[str, ...], parent: Category | None) -> Category:
+        if key in self.by_key:
+            return self.by_key[key]
+        cat = self.session.execute(select(Category).where(Category.key == key)).scalar_one_or_none()
+        if cat is None:
+            cat = Category(key=key, name=name, level=level, parent=parent)
+            cat.synonyms = [CategorySynonym(phrase=s) for s in synonyms]
+            self.session.add(cat)
+            self.session.flush()
+        self.by_key[key] = cat
+        return cat
+
+    def place(self, placement: TypePlacement) -> Category:
+        parent = self._get(placement.class_key, placement.class_name, "class", placement.class_synonyms, None)
+        return self._get(placement.type_key, placement.type_name, "type", placement.type_synonyms, parent)
+
+
+def run_ingest(
+    records: Iterable[RawRecord],
+    targets: IngestTargets,
+    *,
+    source: str,
+    total_hint: int | None = None,
+    batch_size: int = 128,
+    on_progress: Callable[[int], None] | None = None,
+) -> IngestReport:
+    """Upsert ``records`` into the catalog and the indexes; returns the run's report.
+
+    A malformed record (bad JSON, missing id, wrong types, duplicate id, unreadable,
+    non-image or oversized image) is rejected with its reason into ``rejected_records`` and
+    the report; the rest goes through. A record without an image is indexed by text and
+    counted in ``without_image``.
+    """
+    started = time.perf_counter()
+    with targets.sessions() as session:
+        job = IngestJob(source=source, total=total_hint or 0)
+        session.add(job)
+        session.commit()
+        job_id = job.id
+    report = IngestReport(job_id=job_id, source=source)
+    seen: dict[str, int] = {}
+    try:
+        for chunk in _batched(records, batch_size):
+            _ingest_batch(chunk, targets, report, seen)
+            if on_progress:
+                on_progress(len(chunk))
+    except Exception as exc:
+        with targets.sessions() as session:
+            job = session.get(IngestJob, job_id)
+            job.status, job.error, job.finished_at = "failed", f"{exc.__class__.__name__}: {exc}", utcnow()
+            session.commit()
+        raise
+    report.seconds = time.perf_counter() - started
+    with targets.sessions() as session:
+        job = session.get(IngestJob, job_id)
+        job.status, job.finished_at, job.total = "done", utcnow(), report.total
+        job.items_per_s = report.items_per_s
+        session.commit()
+    return report
+
+
+def _ingest_batch(chunk: list[RawRecord], targets: IngestTargets, report: IngestReport, seen: dict[str, int]) -> None:
+    rejected: list[tuple[RawRecord, str | None, str]] = []
+    prepared: list[_Prepared] = []
+    for raw in chunk:
+        report.total += 1
+        if raw.error or raw.data is None:
+            rejected.append((raw, None, raw.error or "empty record"))
+            continue
+        try:
+            record = ProductRecord.model_validate(raw.data)
+        except ValidationError as exc:
+            rid = raw.data.get("id") if isinstance(raw.data.get("id"), str) else None
+            rejected.append((raw, rid, _validation_reason(exc)))
+            continue
+        if record.id in seen:
+            rejected.append((raw, record.id, f"duplicate id {record.id!r} (first at record {seen[record.id]})"))
+            continue
+        seen[record.id] = raw.position
+        image_bytes = None
+        if record.image and not record.image.startswith(("http://", "https://")):
+            try:
+                image_bytes = read_image_bytes(record.image, max_bytes=targets.max_image_bytes)
+            except ImageRejected as exc:
+                rejected.append((raw, record.id, str(exc)))
+                continue
+        prepared.append(_Prepared(raw, record, image_bytes, content_hash(record, image_bytes)))
+
+    with targets.sessions() as session:
+        ids = [p.record.id for p in prepared]
+        stored = dict(session.execute(select(Product.id, Product.content_hash).where(Product.id.in_(ids))).all())
+        same = [p.record.id for p in prepared if stored.get(p.record.id) == p.hash]
+        store = targets.existing_vectors()
+        indexed = store.present(same) if (store is not None and same) else set()
+        todo = [p for p in prepared if p.record.id not in indexed or stored.get(p.record.id) != p.hash]
+        report.unchanged += len(prepared) - len(todo)
+
+        images: dict[str, Any] = {}
+        ready: list[_Prepared] = []
+        for p in todo:
+            if p.image_bytes is not None:
+                try:
+                    images[p.record.id] = decode_image(
+                        p.image_bytes, max_pixels=targets.max_image_pixels, what=f"image {p.record.image}"
+                    )
+                except ImageRejected as exc:
+                    rejected.append((p.raw, p.record.id, str(exc)))
+                    continue
+            elif p.record.image:
+                report.warnings.append(f"{p.record.id}: remote image {p.record.image} not fetched; indexed by text")
+            else:
+                report.warnings.append(f"{p.record.id}: no image; indexed by text")
+            ready.append(p)
+
+        if ready:
+            image_encoder, text_encoder = targets.encoders()
+            with_image = [p for p in ready if p.record.id in images]
+            image_vecs = image_encoder.encode_images([images[p.record.id] for p in with_image])
+            text_vecs = text_encoder.encode_texts([p.record.embedding_text() for p in ready])
+            image_by_id = {p.record.id: image_vecs[i] for i, p in enumerate(with_image)}
+
+            cats = _CategoryCache(session)
+            leaves = {p.record.id: cats.place(place_type(p.record.type)) if p.record.type.strip() else None for p in ready}
+            keys = {pid: ([leaf.parent.key, leaf.key] if leaf is not None else []) for pid, leaf in leaves.items()}
+
+            points, docs = [], []
+            for i, p in enumerate(ready):
+                r = p.record
+                vectors = {"text": text_vecs[i]}
+                if r.id in image_by_id:
+                    vectors["image"] = image_by_id[r.id]
+                points.append(VectorPoint(r.id, vectors, keys[r.id], r.type, r.colour))
+                docs.append(LexicalDoc(r.id, r.title, r.type, r.colour, r.text, keys[r.id]))
+            targets.vectors().upsert(points)
+            targets.lexical.upsert(docs)
+
+            for p in ready:
+                r = p.record
+                product = session.get(Product, r.id) or Product(id=r.id)
+                product.title, product.text, product.type, product.colour = r.title, r.text, r.type, r.colour
+                product.size, product.image, product.attributes, product.content_hash = r.size, r.image, r.attributes, p.hash
+                session.add(product)
+                session.flush()
+                session.execute(delete(ProductCategory).where(ProductCategory.product_id == r.id))
+                if leaves[r.id] is not None:
+                    session.add(ProductCategory(product_id=r.id, category_id=leaves[r.id].id))
+            report.ingested += len(ready)
+            report.without_image += len(ready) - len(with_image)
+
+        for raw, rid, reason in rejected:
+            session.add(
+                RejectedRecord(
+                    job_id=report.job_id, source=raw.source, position=raw.position, record_id=rid, reason=reason, raw=raw.raw
+                )
+            )
+            report.rejections.append(Rejection(raw.position, rid, reason))
+        report.rejected += len(rejected)
+        job = session.get(IngestJob, report.job_id)
+        job.ingested, job.unchanged, job.rejected = report.ingested, report.unchanged, report.rejected
+        job.without_image, job.total = report.without_image, max(job.total, report.total)
+        session.commit()

@@ -1,0 +1,233 @@
+"""The ``mars`` command: ingest, search, serve, eval, categories.
+
+Settings come from ``MARS_*`` environment variables (``mars --help`` lists the common ones);
+every command opens the embedded engine under ``MARS_HOME`` and applies pending catalog
+migrations first.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from mars.settings import get_settings
+
+app = typer.Typer(
+    help=(
+        "MARS — Multimodal Agentic Room Search. Hybrid BM25 + image/text vector search with a "
+        "category lock and a critic stage, over a product catalog.\n\n"
+        "Data lives under MARS_HOME (default ./.mars). Common settings: MARS_HOME, MARS_DATABASE_URL, "
+        "MARS_RRF_K, MARS_WEIGHT_BM25, MARS_WEIGHT_IMAGE, MARS_WEIGHT_TEXT, MARS_VECTOR_BACKEND "
+        "(qdrant-edge|faiss), MARS_IMAGE_ENCODER, MARS_TEXT_ENCODER."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+ModeOpt = Annotated[str, typer.Option("--mode", help="bm25 | vector | hybrid | full (hybrid + critic).")]
+
+
+def _engine():  # noqa: ANN202 - lazy import keeps `mars --help` fast
+    from mars.engine import Engine, IndexMismatchError, StoreBusyError
+
+    try:
+        return Engine(get_settings())
+    except (StoreBusyError, IndexMismatchError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _count_lines(path: Path) -> int | None:
+    target = path / "corpus.jsonl" if path.is_dir() else path
+    if not target.is_file():
+        return None
+    with target.open("rb") as fh:
+        n = sum(1 for line in fh if line.strip())
+    return n - 1 if target.suffix.lower() == ".csv" else n
+
+
+@app.command()
+def ingest(
+    path: Annotated[Path, typer.Argument(help="A BEIR-style folder with corpus.jsonl + images, or a .jsonl/.csv file.")],
+    map_: Annotated[
+        Optional[list[str]],
+        typer.Option("--map", help="Field mapping MARS_FIELD=SOURCE_FIELD (repeatable), e.g. --map id=sku --map colour=color."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Ingest a catalog: validate, embed what changed, index, and report.
+
+    Re-running on the same data re-embeds nothing; a malformed record is rejected with its
+    reason and the rest goes through.
+    """
+    from ingestion.readers import open_source, parse_mapping
+
+    try:
+        records = open_source(path, parse_mapping(map_ or []))
+    except (FileNotFoundError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    engine = _engine()
+    try:
+        total = _count_lines(path)
+        with Progress(
+            TextColumn("[bold]ingest[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(), console=err, disable=as_json,
+        ) as progress:
+            task = progress.add_task("ingest", total=total, rate="")
+
+            def advance(n: int) -> None:
+                progress.advance(task, n)
+                elapsed = progress.tasks[task].elapsed or 0
+                done = progress.tasks[task].completed
+                progress.update(task, rate=f"{done / elapsed:.1f} items/s" if elapsed else "")
+
+            report = engine.ingest(records, str(path.resolve()), total_hint=total, on_progress=advance)
+    finally:
+        engine.close()
+    if as_json:
+        console.print_json(json.dumps(report.as_dict()))
+        return
+    table = Table(title=f"ingest job {report.job_id}: {path}")
+    for col in ("read", "ingested", "unchanged", "rejected", "without image", "seconds", "items/s"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(report.total), str(report.ingested), str(report.unchanged), str(report.rejected),
+        str(report.without_image), f"{report.seconds:.1f}", f"{report.items_per_s:.1f}",
+    )
+    console.print(table)
+    for rej in report.rejections[:50]:
+        console.print(f"[yellow]rejected[/yellow] record {rej.position} ({rej.record_id or 'no id'}): {rej.reason}")
+    if len(report.rejections) > 50:
+        console.print(f"... and {len(report.rejections) - 50} more (table rejected_records, job {report.job_id})")
+    for warning in report.warnings[:20]:
+        console.print(f"[cyan]note[/cyan] {warning}")
+
+
+@app.command()
+def search(
+    text: Annotated[Optional[str], typer.Argument(help='Query text, e.g. "a lamp for this bedroom".')] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Room photo (JPEG/PNG).")] = None,
+    category: Annotated[Optional[str], typer.Option("--category", help="Lock to this category (key, name or synonym).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=1000, help="Results to show.")] = 10,
+    mode: ModeOpt = "hybrid",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full response as JSON.")] = False,
+) -> None:
+    """Search the catalog with text and/or a room photo."""
+    from ingestion.images import ImageRejected, decode_image, read_image_bytes
+    from query.funnel import QueryError, SearchQuery
+
+    settings = get_settings()
+    room = None
+    if image is not None:
+        try:
+            room = decode_image(read_image_bytes(image, max_bytes=settings.max_image_bytes), max_pixels=settings.max_image_pixels, what=str(image))
+        except ImageRejected as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+    engine = _engine()
+    try:
+        response = engine.search(SearchQuery(text=text, image=room, category=category, top_k=top_k, mode=mode))  # type: ignore[arg-type]
+    except QueryError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    finally:
+        engine.close()
+    if as_json:
+        console.print_json(response.model_dump_json())
+        return
+    print_response(response)
+
+
+def print_response(response) -> None:  # noqa: ANN001 - query.schemas.SearchResponse
+    """Render a search response as a table with the lock and critic status above it."""
+    lock = response.lock
+    console.print(f"[bold]lock:[/bold] {lock.key if lock.applied else 'none'} — {lock.reason}")
+    console.print(f"[bold]critic:[/bold] {response.critic.backend} ({response.critic.status})   "
+                  f"[bold]fusion:[/bold] {response.fusion}   [bold]took:[/bold] {response.timings_ms.get('total', 0):.0f} ms")
+    table = Table()
+    for col in ("#", "id", "title", "type", "colour", "score", "bm25", "image", "text"):
+        table.add_column(col)
+    for item in response.items:
+        p = item.provenance
+        fmt = lambda h: f"{h.rank} ({h.score:.2f})" if h else "-"  # noqa: E731
+        table.add_row(str(item.rank), item.id, item.title, item.type, item.colour, f"{item.score:.4f}",
+                      fmt(p.bm25), fmt(p.image), fmt(p.text))
+    console.print(table)
+
+
+@app.command()
+def categories(
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List the category tree: classes with their types and product counts."""
+    engine = _engine()
+    try:
+        tax = engine.taxonomy()
+    finally:
+        engine.close()
+    classes = sorted((c for c in tax.categories.values() if c.level == "class"), key=lambda c: (-c.products, c.key))
+    if as_json:
+        console.print_json(json.dumps([c.__dict__ for c in tax.categories.values()]))
+        return
+    table = Table(title=f"{len(classes)} classes, {len(tax.categories) - len(classes)} types")
+    for col in ("class", "products", "types"):
+        table.add_column(col)
+    for c in classes:
+        types = sorted(t.name for t in tax.categories.values() if t.parent_key == c.key)
+        table.add_row(c.key, str(c.products), ", ".join(types[:6]) + (" ..." if len(types) > 6 else ""))
+    console.print(table)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """Serve the HTTP API (OpenAPI docs at /docs); this process owns the embedded stores."""
+    import uvicorn
+
+    from query.api import create_app
+
+    uvicorn.run(create_app(), host=host, port=port)
+
+
+@app.command("eval")
+def eval_(
+    queries: Annotated[Path, typer.Option("--queries", help="BEIR-style queries.jsonl (image paths relative to it).")],
+    qrels: Annotated[Path, typer.Option("--qrels", help="qrels TSV: query-id, corpus-id, score.")],
+    mode: ModeOpt = "hybrid",
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="Only these tasks (repeatable).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="At most this many queries per task.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics and per-query scores as JSON.")] = False,
+) -> None:
+    """Evaluate on BEIR-style queries + qrels: nDCG@10, Recall@10, Recall@50, MRR@10, Success@10 per task."""
+    from evaluation.runner import format_table, run_eval
+
+    engine = _engine()
+    try:
+        report = run_eval(engine, queries, qrels, mode=mode, tasks=task, limit=limit, progress=not as_json)
+    finally:
+        engine.close()
+    if as_json:
+        console.print_json(json.dumps(report))
+    else:
+        console.print(format_table(report))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    """Entry point for ``python -m mars``."""
+    app(prog_name="mars")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

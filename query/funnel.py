@@ -1,0 +1,243 @@
+"""The funnel for one query: plan (category lock) → BM25 → vectors → weighted RRF → critic.
+
+Lists: ``bm25`` (query text, tantivy), ``text`` (query text → product text vectors) and
+``image`` (room-photo regions → product image vectors, each product scored by its best
+region). Every list is computed within the lock; :func:`query.fusion.weighted_rrf` fuses
+them. Modes: ``bm25`` (BM25 only), ``vector`` (vector lists only), ``hybrid`` (all lists)
+and ``full`` (hybrid + the critic on the top ``critic_top_n``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from catalog.locking import Taxonomy
+from catalog.models import Product
+from critic.protocol import Critic, CriticPair
+from indexing.encoders import ImageEncoder, TextEncoder
+from indexing.lexical import LexicalIndex
+from indexing.vectors import VectorHit, VectorStore
+from query.fusion import weighted_rrf
+from query.regions import crop_regions
+from query.schemas import (
+    CriticResult,
+    CriticStatus,
+    LockInfo,
+    Mode,
+    Provenance,
+    ResultItem,
+    SearchResponse,
+    StageHit,
+)
+
+MODES: tuple[str, ...] = ("bm25", "vector", "hybrid", "full")
+
+
+class QueryError(ValueError):
+    """The query cannot run as asked (e.g. BM25 without text); the message says why."""
+
+
+@dataclass
+class SearchQuery:
+    """One query: text and/or a room photo, an optional explicit category, how many results,
+    the mode, and optional per-list RRF weight overrides (``bm25``, ``image``, ``text``)."""
+
+    text: str | None = None
+    image: Image.Image | None = None
+    category: str | None = None
+    top_k: int = 10
+    mode: Mode = "hybrid"
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FunnelConfig:
+    """Funnel settings (see :class:`mars.settings.Settings` for their meaning and sources)."""
+
+    depth: int = 200
+    rrf_k: float = 60.0
+    weights: dict[str, float] = field(default_factory=lambda: {"bm25": 1.0, "image": 1.0, "text": 1.0})
+    grids: tuple[int, ...] = (1, 2, 3)
+    critic_top_n: int = 20
+    cache_size: int = 512
+
+
+def max_over_regions(per_region: Sequence[Sequence[VectorHit]], limit: int) -> list[VectorHit]:
+    """Combine per-region hit lists: each product keeps its best region's score; best first, ties by id."""
+    best: dict[str, float] = {}
+    for hits in per_region:
+        for h in hits:
+            if h.score > best.get(h.id, -np.inf):
+                best[h.id] = h.score
+    return sorted((VectorHit(i, s) for i, s in best.items()), key=lambda h: (-h.score, h.id))[:limit]
+
+
+class Funnel:
+    """Runs queries against the catalog and the indexes.
+
+    Args:
+        sessions: catalog session factory (product details for the response).
+        taxonomy: callable returning the current :class:`Taxonomy` snapshot.
+        lexical: the BM25 index.
+        vectors: callable returning the vector store, or None while nothing is indexed.
+        encoders: callable returning the (image, text) encoders (loaded lazily).
+        critic: the stage-3 critic, or None when none is configured.
+        config: depth, fusion and region settings.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        taxonomy: Callable[[], Taxonomy],
+        lexical: LexicalIndex,
+        vectors: Callable[[], VectorStore | None],
+        encoders: Callable[[], tuple[ImageEncoder, TextEncoder]],
+        critic: Critic | None,
+        config: FunnelConfig,
+    ) -> None:
+        self.sessions, self.taxonomy, self.lexical = sessions, taxonomy, lexical
+        self.vectors, self.encoders, self.critic, self.config = vectors, encoders, critic, config
+        self._region_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def _cached(self, cache: OrderedDict[str, np.ndarray], key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        value = cache[key] = compute()
+        if len(cache) > self.config.cache_size:
+            cache.popitem(last=False)
+        return value
+
+    def region_vectors(self, image: Image.Image) -> np.ndarray:
+        """Embeddings of the photo's grid regions, float32 (regions, dim), cached by pixel content."""
+        key = hashlib.sha256(image.tobytes()).hexdigest() + repr(image.size)
+        return self._cached(
+            self._region_cache,
+            key,
+            lambda: self.encoders()[0].encode_images(crop_regions(image.convert("RGB"), self.config.grids)),
+        )
+
+    def text_vector(self, text: str) -> np.ndarray:
+        """Embedding of the query text, float32 (1, dim), cached by text."""
+        return self._cached(self._text_cache, text, lambda: self.encoders()[1].encode_texts([text]))
+
+    def search(self, query: SearchQuery) -> SearchResponse:
+        """Run one query through the funnel.
+
+        Raises:
+            QueryError: unknown mode, no text and no image, BM25 without text, or top_k < 1.
+        """
+        if query.mode not in MODES:
+            raise QueryError(f"unknown mode {query.mode!r}; use one of {', '.join(MODES)}")
+        text = (query.text or "").strip() or None
+        if text is None and query.image is None:
+            raise QueryError("a query needs text, a room photo, or both")
+        if query.mode == "bm25" and text is None:
+            raise QueryError("mode bm25 needs query text")
+        if query.top_k < 1:
+            raise QueryError("top_k must be at least 1")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+
+        lock = self.taxonomy().resolve(text, query.category)
+        cats = [lock.key] if lock.applied and lock.key else None
+        timings["plan"] = (time.perf_counter() - t0) * 1000
+
+        lists: dict[str, list] = {}
+        depth = max(self.config.depth, query.top_k)
+        if query.mode in ("bm25", "hybrid", "full") and text:
+            t = time.perf_counter()
+            lists["bm25"] = self.lexical.search(text, depth, cats)
+            timings["bm25"] = (time.perf_counter() - t) * 1000
+        store = self.vectors()
+        if query.mode in ("vector", "hybrid", "full") and store is not None:
+            t = time.perf_counter()
+            if text and "text" in store.dims:
+                lists["text"] = store.search_many("text", self.text_vector(text), depth, cats)[0]
+            if query.image is not None and "image" in store.dims:
+                regions = self.region_vectors(query.image)
+                lists["image"] = max_over_regions(store.search_many("image", regions, depth, cats), depth)
+            timings["vector"] = (time.perf_counter() - t) * 1000
+
+        t = time.perf_counter()
+        weights = {**self.config.weights, **query.weights}
+        used = {name: weights.get(name, 1.0) for name in lists}
+        fused = weighted_rrf({name: [h.id for h in hits] for name, hits in lists.items()}, used, self.config.rrf_k)
+        timings["fuse"] = (time.perf_counter() - t) * 1000
+
+        keep = fused[: max(query.top_k, self.config.critic_top_n if query.mode == "full" else 0)]
+        products = self._products([f.id for f in keep])
+        verdicts: dict[str, CriticResult] = {}
+        if query.mode != "full":
+            critic_status = CriticStatus(backend=self.critic.name if self.critic else "none", status="skipped")
+        elif self.critic is None:
+            critic_status = CriticStatus(backend="none", status="not configured")
+        else:
+            t = time.perf_counter()
+            head = [f for f in keep[: self.config.critic_top_n] if f.id in products]
+            pairs = [
+                CriticPair(text, query.image, f.id, _product_text(products[f.id]), None) for f in head
+            ]
+            for f, verdict in zip(head, self.critic.score(pairs)):
+                verdicts[f.id] = CriticResult(score=verdict.score, rationale=verdict.rationale)
+            critic_status = CriticStatus(backend=self.critic.name, status="scored", scored=len(verdicts))
+            keep = sorted(keep, key=lambda f: (f.id not in verdicts, -verdicts[f.id].score if f.id in verdicts else 0.0, f.rank))
+            timings["critic"] = (time.perf_counter() - t) * 1000
+
+        stage = {name: {h.id: (rank, h.score) for rank, h in enumerate(hits, start=1)} for name, hits in lists.items()}
+        items: list[ResultItem] = []
+        for f in keep:
+            p = products.get(f.id)
+            if p is None:  # indexed but no longer in the catalog: never show a ghost
+                continue
+            hit = lambda name: StageHit(rank=stage[name][f.id][0], score=stage[name][f.id][1]) if f.id in stage.get(name, {}) else None  # noqa: E731
+            critic = verdicts.get(f.id)
+            items.append(
+                ResultItem(
+                    rank=len(items) + 1,
+                    id=p.id,
+                    title=p.title,
+                    type=p.type,
+                    colour=p.colour,
+                    image=p.image,
+                    score=critic.score if critic else f.score,
+                    provenance=Provenance(
+                        bm25=hit("bm25"), image=hit("image"), text=hit("text"),
+                        fused=StageHit(rank=f.rank, score=f.score), critic=critic,
+                    ),
+                )
+            )
+            if len(items) == query.top_k:
+                break
+        timings["total"] = (time.perf_counter() - t0) * 1000
+        return SearchResponse(
+            mode=query.mode,
+            text=text,
+            has_image=query.image is not None,
+            lock=LockInfo(**lock.as_dict()),
+            critic=critic_status,
+            fusion={"k": self.config.rrf_k, **used},
+            timings_ms={k: round(v, 3) for k, v in timings.items()},
+            items=items,
+        )
+
+    def _products(self, ids: list[str]) -> dict[str, Product]:
+        if not ids:
+            return {}
+        with self.sessions() as session:
+            rows = session.execute(select(Product).where(Product.id.in_(ids))).scalars().all()
+            return {p.id: p for p in rows}
+
+
+def _product_text(p: Product) -> str:
+    return ". ".join(part for part in (p.type, p.colour, p.title, p.text) if part)

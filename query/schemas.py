@@ -1,0 +1,80 @@
+"""Response models of a search (shared by the CLI's ``--json`` output and the API)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Mode = Literal["bm25", "vector", "hybrid", "full"]
+
+
+class StageHit(BaseModel):
+    """An item's 1-based rank and score in one stage's list."""
+
+    rank: int
+    score: float
+
+
+class CriticResult(BaseModel):
+    """The critic's verdict on one item."""
+
+    score: float
+    rationale: str
+
+
+class Provenance(BaseModel):
+    """Why an item ranked where it did: each stage's rank and score (absent when the item
+    was not in that stage's list or the stage did not run)."""
+
+    bm25: StageHit | None = None
+    image: StageHit | None = None
+    text: StageHit | None = None
+    fused: StageHit
+    critic: CriticResult | None = None
+
+
+class ResultItem(BaseModel):
+    """One ranked product with its provenance; ``score`` is the fused RRF score (or the critic's)."""
+
+    rank: int
+    id: str
+    title: str
+    type: str
+    colour: str
+    image: str | None
+    score: float
+    provenance: Provenance
+
+
+class LockInfo(BaseModel):
+    """The category lock applied to the query and why."""
+
+    applied: bool
+    source: str
+    key: str | None = None
+    name: str | None = None
+    level: str | None = None
+    reason: str
+
+
+class CriticStatus(BaseModel):
+    """What the critic stage did: ``status`` is "skipped" (mode ≠ full), "not configured",
+    "scored" or "timeout"."""
+
+    backend: str
+    status: str
+    scored: int = 0
+
+
+class SearchResponse(BaseModel):
+    """A ranked list with the lock, the critic's status, fusion settings and stage timings (ms)."""
+
+    mode: Mode
+    text: str | None
+    has_image: bool
+    lock: LockInfo
+    critic: CriticStatus
+    fusion: dict[str, float] = Field(description="RRF k and the weight of each list used.")
+    timings_ms: dict[str, float]
+    items: list[ResultItem]
