@@ -22,6 +22,7 @@ import inflect
 #: anything, a "bed frame" is not a picture frame.
 PART_HEADS = frozenset({"cover", "shade", "frame", "unit"})
 
+_FUNCTION_WORDS = frozenset({"a", "an", "the", "in", "on", "at", "to", "w"})
 _CLAUSE = re.compile(r"\s+(?:with|and|of|for)\s+", re.IGNORECASE)
 _NON_WORD = re.compile(r"[^0-9a-z\-]+")
 
@@ -62,6 +63,8 @@ def head_noun(product_type: str) -> str:
     core = product_type.split(",", 1)[0]
     core = _CLAUSE.split(core, maxsplit=1)[0]
     words = normalize(core).split()
+    while words and (words[-1] in _FUNCTION_WORDS or sum(ch.isalpha() for ch in words[-1]) < 2):
+        words.pop()  # "Fridge A+" -> "fridge", "Shelving unit in,outdoor" -> "shelving unit"
     if not words:
         raise ValueError(f"product type {product_type!r} has no head noun")
     head = [singular(words[-1])]

@@ -135,7 +135,7 @@ class HFDualEncoder:
         self.batch_size = batch_size
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, use_fast=False)
+        self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil")
         self.padding = "max_length" if config.model_type == "siglip" else True
         self.dim = 0
         self.dim = int(self.encode_texts(["dimension probe"]).shape[1])

@@ -10,6 +10,7 @@ and ``full`` (hybrid + the critic on the top ``critic_top_n``).
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -108,14 +109,18 @@ class Funnel:
         self.vectors, self.encoders, self.critic, self.config = vectors, encoders, critic, config
         self._region_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def _cached(self, cache: OrderedDict[str, np.ndarray], key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        if key in cache:
-            cache.move_to_end(key)
-            return cache[key]
-        value = cache[key] = compute()
-        if len(cache) > self.config.cache_size:
-            cache.popitem(last=False)
+        with self._cache_lock:
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key]
+        value = compute()
+        with self._cache_lock:
+            cache[key] = value
+            if len(cache) > self.config.cache_size:
+                cache.popitem(last=False)
         return value
 
     def region_vectors(self, image: Image.Image) -> np.ndarray:

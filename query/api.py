@@ -1,0 +1,191 @@
+"""The FastAPI app (``mars serve``): search, items, categories, health. OpenAPI at ``/docs``.
+
+In embedded mode the server process owns the stores: the :class:`mars.engine.Engine` is
+created in the lifespan (or injected by tests) and reached through the ``EngineDep`` alias.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import func, select
+
+from catalog.models import Product
+from ingestion.images import ImageRejected, decode_image
+from mars.engine import Engine
+from mars.settings import Settings, get_settings
+from query.funnel import QueryError, SearchQuery
+from query.schemas import Mode, SearchResponse
+
+
+class SearchBody(BaseModel):
+    """JSON body of ``POST /v1/search``; the room photo, if any, is base64 in ``image_base64``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, max_length=1000, examples=["a lamp for this bedroom"])
+    image_base64: str | None = Field(None, description="Room photo (JPEG/PNG), base64-encoded.")
+    category: str | None = Field(None, max_length=256, description="Explicit category lock (key, name or synonym).")
+    top_k: int = Field(10, ge=1, le=1000)
+    mode: Mode = "hybrid"
+    weights: dict[str, float] = Field(default_factory=dict, description="RRF weight overrides: bm25, image, text.")
+
+
+class ItemOut(BaseModel):
+    """A catalog item."""
+
+    id: str
+    title: str
+    text: str
+    type: str
+    colour: str
+    size: str
+    image: str | None
+    attributes: dict[str, Any]
+    categories: list[str]
+    content_hash: str
+
+
+class CategoryOut(BaseModel):
+    """A category node: key, name, level (class|type), parent key and product count."""
+
+    key: str
+    name: str
+    level: str
+    parent_key: str | None
+    products: int
+
+
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "text": {"type": "string"},
+        "image": {"type": "string", "format": "binary", "description": "Room photo (JPEG/PNG)."},
+        "category": {"type": "string"},
+        "top_k": {"type": "integer", "default": 10, "minimum": 1, "maximum": 1000},
+        "mode": {"type": "string", "enum": ["bm25", "vector", "hybrid", "full"], "default": "hybrid"},
+    },
+}
+
+
+def create_app(engine: Engine | None = None, settings: Settings | None = None) -> FastAPI:
+    """Build the app; with no ``engine`` the lifespan opens one from ``settings``/the environment."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        owned = engine is None
+        app.state.engine = engine or Engine(settings or get_settings())
+        try:
+            yield
+        finally:
+            if owned:
+                app.state.engine.close()
+
+    app = FastAPI(
+        title="MARS",
+        version="0.1.0",
+        description="Multimodal Agentic Room Search: hybrid BM25 + vector product search with a category lock.",
+        lifespan=lifespan,
+    )
+
+    def get_engine(request: Request) -> Engine:
+        return request.app.state.engine
+
+    EngineDep = Annotated[Engine, Depends(get_engine)]
+
+    def room_image(data: bytes, eng: Engine):  # noqa: ANN202
+        if len(data) > eng.settings.max_image_bytes:
+            raise HTTPException(413, f"image is {len(data)} bytes, over the limit of {eng.settings.max_image_bytes}")
+        try:
+            return decode_image(data, max_pixels=eng.settings.max_image_pixels, what="uploaded image")
+        except ImageRejected as exc:
+            raise HTTPException(422, str(exc)) from exc
+
+    @app.post(
+        "/v1/search",
+        response_model=SearchResponse,
+        summary="Search with text and/or a room photo",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": SearchBody.model_json_schema(ref_template="#/components/schemas/{model}")},
+                    "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+                },
+            }
+        },
+    )
+    async def search(request: Request, eng: EngineDep) -> SearchResponse:
+        """JSON (`SearchBody`) or multipart with an `image` file upload; returns ranked items with provenance."""
+        content_type = request.headers.get("content-type", "")
+        image = None
+        if content_type.startswith("multipart/form-data"):
+            form = await request.form()
+            upload = form.get("image")
+            fields = {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
+            try:
+                body = SearchBody.model_validate(fields)
+            except ValidationError as exc:
+                raise HTTPException(422, exc.errors(include_url=False)) from exc
+            if upload is not None and not isinstance(upload, str):
+                image = room_image(await upload.read(eng.settings.max_image_bytes + 1), eng)
+        elif content_type.startswith("application/json"):
+            try:
+                body = SearchBody.model_validate_json(await request.body())
+            except ValidationError as exc:
+                raise HTTPException(422, exc.errors(include_url=False)) from exc
+            if body.image_base64:
+                try:
+                    data = base64.b64decode(body.image_base64, validate=True)
+                except (binascii.Error, ValueError) as exc:
+                    raise HTTPException(422, "image_base64 is not valid base64") from exc
+                image = room_image(data, eng)
+        else:
+            raise HTTPException(415, "send application/json or multipart/form-data")
+        query = SearchQuery(
+            text=body.text, image=image, category=body.category, top_k=body.top_k, mode=body.mode, weights=body.weights
+        )
+        try:
+            return eng.search(query)
+        except QueryError as exc:
+            raise HTTPException(422, str(exc)) from exc
+
+    @app.get("/v1/items/{item_id}", response_model=ItemOut, summary="One catalog item")
+    def get_item(item_id: str, eng: EngineDep) -> ItemOut:
+        """The item with its category keys; 404 if unknown."""
+        with eng.sessions() as session:
+            p = session.get(Product, item_id)
+            if p is None:
+                raise HTTPException(404, f"no item {item_id!r}")
+            keys = sorted({k for c in p.categories for k in ([c.parent.key] if c.parent else []) + [c.key]})
+            return ItemOut(
+                id=p.id, title=p.title, text=p.text, type=p.type, colour=p.colour, size=p.size, image=p.image,
+                attributes=p.attributes or {}, categories=keys, content_hash=p.content_hash,
+            )
+
+    @app.get("/v1/categories", response_model=list[CategoryOut], summary="The category tree")
+    def get_categories(eng: EngineDep) -> list[CategoryOut]:
+        """Every class and type, classes first, then by product count."""
+        cats = sorted(eng.taxonomy().categories.values(), key=lambda c: (c.level != "class", -c.products, c.key))
+        return [CategoryOut(**c.__dict__) for c in cats]
+
+    @app.get("/healthz", summary="Liveness and index counts")
+    def healthz(eng: EngineDep) -> dict[str, Any]:
+        """``status`` plus catalog, BM25 and vector counts."""
+        with eng.sessions() as session:
+            products = session.execute(select(func.count()).select_from(Product)).scalar_one()
+        store = eng.vector_store()
+        return {
+            "status": "ok",
+            "products": products,
+            "bm25_docs": eng.lexical.count(),
+            "vectors": store.count() if store is not None else 0,
+            "critic": eng.critic.name if eng.critic else "none",
+        }
+
+    return app

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from ingestion.images import ImageRejected, decode_image, read_image_bytes
+from ingestion.readers import open_source, parse_mapping
+from ingestion.records import ProductRecord, content_hash
+from pydantic import ValidationError
+
+
+def _png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), "white").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_record_validation():
+    ok = ProductRecord.model_validate({"id": "1", "title": " A ", "type": "Chair"})
+    assert ok.title == "A" and ok.image is None
+    for bad in ({"title": "no id"}, {"id": ""}, {"id": 5}, {"id": "1", "title": 3}, {"id": "a/b"}, {"id": "1", "x": 1}):
+        with pytest.raises(ValidationError):
+            ProductRecord.model_validate(bad)
+
+
+def test_content_hash_tracks_fields_and_image_bytes():
+    r = ProductRecord(id="1", title="A")
+    assert content_hash(r, b"x") == content_hash(ProductRecord(id="1", title="A"), b"x")
+    assert content_hash(r, b"x") != content_hash(r, b"y")
+    assert content_hash(r, None) != content_hash(ProductRecord(id="1", title="B"), None)
+
+
+def test_image_limits(tmp_path):
+    assert decode_image(_png(10, 10), max_pixels=100).size == (10, 10)
+    with pytest.raises(ImageRejected, match="over the limit"):
+        decode_image(_png(20, 20), max_pixels=399)
+    with pytest.raises(ImageRejected, match="not a readable image"):
+        decode_image(b"this is text, not a picture", max_pixels=10**6)
+    with pytest.raises(ImageRejected, match="not a readable image"):
+        decode_image(_png(50, 50)[:60], max_pixels=10**6)  # truncated
+    with pytest.raises(ImageRejected, match="does not exist"):
+        read_image_bytes(tmp_path / "missing.jpg", max_bytes=10)
+    (tmp_path / "big.bin").write_bytes(b"0" * 100)
+    with pytest.raises(ImageRejected, match="bytes, over the limit"):
+        read_image_bytes(tmp_path / "big.bin", max_bytes=99)
+
+
+def test_readers_jsonl_csv_and_beir(tmp_path):
+    (tmp_path / "img.png").write_bytes(_png(4, 4))
+    jsonl = tmp_path / "items.jsonl"
+    jsonl.write_text(json.dumps({"sku": "1", "name": "A", "img": "img.png", "brand": "X"}) + "\n{not json\n[1]\n")
+    rows = list(open_source(jsonl, parse_mapping(["id=sku", "title=name", "image=img"])))
+    assert rows[0].data == {"id": "1", "title": "A", "image": str(tmp_path / "img.png"), "attributes": {"brand": "X"}}
+    assert rows[1].error.startswith("invalid JSON") and rows[1].position == 2
+    assert rows[2].error == "a record must be a JSON object"
+
+    csv_path = tmp_path / "items.csv"
+    csv_path.write_text("id,title,color\n7,Lamp,white\n8,,\n")
+    rows = list(open_source(csv_path, parse_mapping(["colour=color"])))
+    assert rows[0].data == {"id": "7", "title": "Lamp", "colour": "white"} and rows[1].data == {"id": "8"}
+
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    (beir / "corpus.jsonl").write_text(json.dumps({"_id": "9", "title": "T", "color": "red", "image": None}) + "\n")
+    assert list(open_source(beir))[0].data == {"id": "9", "title": "T", "colour": "red", "image": None}
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        open_source(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError, match="corpus.jsonl"):
+        open_source(tmp_path)
+    (tmp_path / "x.xml").write_text("<a/>")
+    with pytest.raises(ValueError, match="unsupported"):
+        open_source(tmp_path / "x.xml")
+    for bad in (["id"], ["nofield=x"], ["id="]):
+        with pytest.raises(ValueError):
+            parse_mapping(bad)
