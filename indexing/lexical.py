@@ -119,9 +119,9 @@ class TantivyIndex:
     def search(self, text: str, limit: int, category_ids: Sequence[str] | None = None) -> list[LexicalHit]:
         """BM25 top ``limit`` for ``text`` within ``category_ids``; empty text gives no hits.
 
-        The text is reduced to its words, so no query-language character can raise.
+        The text is reduced to lower-case words, so no query-language syntax can raise.
         """
-        words = _QUERY_CHARS.sub(" ", text).strip()
+        words = _QUERY_CHARS.sub(" ", text).strip().lower()  # lower case: AND/OR/NOT are operators
         if not words or limit <= 0:
             return []
         query = self.index.parse_query(words, list(TEXT_FIELDS), field_boosts=self.boosts)

@@ -1,0 +1,110 @@
+"""Contract suite for every VectorStore: Qdrant Edge and the exact FAISS reference must agree."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexing.vectors import FaissFlatStore, QdrantEdgeStore, VectorPoint, VectorStore
+
+DIMS = {"image": 16, "text": 8}
+
+
+def _unit(rng, n, d):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def points():
+    rng = np.random.default_rng(0)
+    img, txt = _unit(rng, 300, DIMS["image"]), _unit(rng, 300, DIMS["text"])
+    out = []
+    for i in range(300):
+        vectors = {"text": txt[i]}
+        if i % 10:  # every tenth product has no photo
+            vectors["image"] = img[i]
+        cls = f"c{i % 3}"
+        out.append(VectorPoint(f"p{i:03d}", vectors, [cls, f"{cls}/t{i % 6}"], f"t{i % 6}", "white"))
+    return out
+
+
+@pytest.fixture(params=["qdrant-edge", "faiss"])
+def store(request, tmp_path, points) -> VectorStore:
+    s = QdrantEdgeStore(tmp_path / "q", DIMS) if request.param == "qdrant-edge" else FaissFlatStore(DIMS)
+    s.upsert(points)
+    yield s
+    s.close()
+
+
+def _brute(points, name, q, k, cats=None):
+    rows = [(p.product_id, float(p.vectors[name] @ q)) for p in points
+            if name in p.vectors and (cats is None or set(cats) & set(p.category_ids))]
+    return sorted(rows, key=lambda r: (-r[1], r[0]))[:k]
+
+
+def test_protocol_count_present(store, points):
+    assert isinstance(store, VectorStore)
+    assert store.count() == 300
+    assert store.present(["p001", "p002", "nope"]) == {"p001", "p002"}
+
+
+@pytest.mark.parametrize("name", ["image", "text"])
+def test_search_equals_brute_force(store, points, name):
+    q = _unit(np.random.default_rng(1), 3, DIMS[name])
+    for row, hits in zip(q, store.search_many(name, q, 10)):
+        expected = _brute(points, name, row, 10)
+        assert [h.id for h in hits] == [e[0] for e in expected]
+        assert [h.score for h in hits] == pytest.approx([e[1] for e in expected], abs=1e-5)
+
+
+def test_filtered_search(store, points):
+    q = _unit(np.random.default_rng(2), 1, DIMS["image"])
+    hits = store.search_many("image", q, 20, ["c1/t1"])[0]
+    assert hits and [h.id for h in hits] == [e[0] for e in _brute(points, "image", q[0], 20, ["c1/t1"])]
+    assert store.search_many("image", q, 5, ["missing"])[0] == []
+
+
+def test_products_without_image_only_match_text(store):
+    q = _unit(np.random.default_rng(3), 1, DIMS["image"])
+    ids = {h.id for h in store.search_many("image", q, 300)[0]}
+    assert "p000" not in ids and len(ids) == 270
+
+
+def test_upsert_replaces_delete_removes(store, points):
+    p = points[5]
+    moved = VectorPoint(p.product_id, {"text": -p.vectors["text"]}, ["c9"], p.type, p.colour)
+    store.upsert([moved])
+    assert store.count() == 300
+    hit = store.search_many("text", -p.vectors["text"][None], 1, ["c9"])[0]
+    assert hit[0].id == p.product_id and hit[0].score == pytest.approx(1.0, abs=1e-5)
+    store.delete([p.product_id, "nope"])
+    assert store.count() == 299 and store.present([p.product_id]) == set()
+
+
+def test_bad_queries(store):
+    with pytest.raises(KeyError):
+        store.search_many("audio", np.zeros((1, 4), np.float32), 3)
+    with pytest.raises(ValueError):
+        store.search_many("text", np.zeros((1, 3), np.float32), 3)
+
+
+def test_faiss_reference_built_from_qdrant(tmp_path, points):
+    q = QdrantEdgeStore(tmp_path / "q", DIMS)
+    q.upsert(points)
+    ref = FaissFlatStore.from_store(q)
+    assert ref.count() == q.count() == 300
+    query = _unit(np.random.default_rng(4), 2, DIMS["text"])
+    assert [[h.id for h in r] for r in ref.search_many("text", query, 15, ["c2"])] == [
+        [h.id for h in r] for r in q.search_many("text", query, 15, ["c2"])
+    ]
+    q.close()
+
+
+def test_qdrant_store_is_owned_by_one_opener(tmp_path):
+    a = QdrantEdgeStore(tmp_path / "q", DIMS)
+    with pytest.raises(ValueError, match="cannot open"):
+        QdrantEdgeStore(tmp_path / "q", DIMS)
+    a.close()
+    with pytest.raises(ValueError, match="cannot open"):
+        QdrantEdgeStore(tmp_path / "q", {"image": 4, "text": 8})
