@@ -61,6 +61,13 @@ class CategoryOut(BaseModel):
     products: int
 
 
+def get_engine(request: Request) -> Engine:
+    """The engine owned by the running app (replaceable in tests via ``create_app(engine=...)``)."""
+    return request.app.state.engine
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
 _MULTIPART_SCHEMA = {
     "type": "object",
     "properties": {
@@ -92,11 +99,6 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
         description="Multimodal Agentic Room Search: hybrid BM25 + vector product search with a category lock.",
         lifespan=lifespan,
     )
-
-    def get_engine(request: Request) -> Engine:
-        return request.app.state.engine
-
-    EngineDep = Annotated[Engine, Depends(get_engine)]
 
     def room_image(data: bytes, eng: Engine):  # noqa: ANN202
         if len(data) > eng.settings.max_image_bytes:

@@ -1,0 +1,71 @@
+"""API tests through FastAPI's TestClient on a real slice."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ingestion.readers import open_source
+from query.api import create_app
+
+
+@pytest.fixture(scope="module")
+def client(ikea_slice, encoders, tmp_path_factory):
+    from mars.engine import Engine
+    from mars.settings import Settings
+
+    engine = Engine(Settings(home=tmp_path_factory.mktemp("api") / "mars", max_image_pixels=2_000_000), encoders=encoders)
+    engine.ingest(open_source(ikea_slice["corpus"]), "slice")
+    with TestClient(create_app(engine=engine)) as c:
+        c.engine = engine
+        yield c
+    engine.close()
+
+
+def test_health_categories_items(client, ikea_slice):
+    health = client.get("/healthz").json()
+    n = len(ikea_slice["records"])
+    assert health["status"] == "ok" and health["products"] == health["bm25_docs"] == health["vectors"] == n
+    cats = client.get("/v1/categories").json()
+    assert cats[0]["level"] == "class" and sum(c["products"] for c in cats if c["level"] == "class") == n
+    pid = ikea_slice["records"][0]["_id"]
+    item = client.get(f"/v1/items/{pid}").json()
+    assert item["id"] == pid and len(item["categories"]) == 2
+    assert client.get("/v1/items/does-not-exist").status_code == 404
+    assert client.get("/openapi.json").status_code == 200 and client.get("/docs").status_code == 200
+
+
+def test_search_json_and_multipart(client, ikea_slice):
+    room = ikea_slice["room"].read_bytes()
+    r = client.post("/v1/search", json={"text": "a lamp for this bedroom", "image_base64": base64.b64encode(room).decode()})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["lock"]["key"] == "lamp" and body["has_image"] and body["critic"]["status"] == "skipped"
+    assert body["items"][0]["provenance"]["fused"]["rank"] == 1
+    m = client.post(
+        "/v1/search", data={"text": "a lamp for this bedroom", "top_k": "5"}, files={"image": ("room.jpg", room, "image/jpeg")}
+    )
+    assert m.status_code == 200, m.text
+    assert [i["id"] for i in m.json()["items"]] == [i["id"] for i in body["items"]][:5]
+
+
+def test_bad_uploads_are_clear_4xx_and_store_nothing(client):
+    before = client.get("/healthz").json()
+    not_image = client.post("/v1/search", data={"text": "lamp"}, files={"image": ("x.jpg", b"GIF89a-not-really", "image/jpeg")})
+    assert not_image.status_code == 422 and "not a readable image" in not_image.json()["detail"]
+    from io import BytesIO
+
+    from PIL import Image
+
+    buf = BytesIO()
+    Image.new("RGB", (2000, 1500)).save(buf, "PNG")  # 3 Mpx, over this app's 2 Mpx limit
+    huge = client.post("/v1/search", data={"text": "lamp"}, files={"image": ("big.png", buf.getvalue(), "image/png")})
+    assert huge.status_code == 422 and "over the limit" in huge.json()["detail"]
+    assert client.post("/v1/search", json={"text": "lamp", "image_base64": "%%%"}).status_code == 422
+    assert client.post("/v1/search", json={"image_base64": None}).status_code == 422  # nothing to search with
+    assert client.post("/v1/search", json={"text": "lamp", "mode": "psychic"}).status_code == 422
+    assert client.post("/v1/search", json={"text": "lamp", "unknown": 1}).status_code == 422
+    assert client.post("/v1/search", content=b"text", headers={"content-type": "text/plain"}).status_code == 415
+    assert client.get("/healthz").json() == before
