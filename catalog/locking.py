@@ -4,9 +4,10 @@ A lock comes from an explicit category in the request (a key, name or synonym) o
 resolved from the query text: the longest category phrase that appears before the first
 preposition or relative pronoun ("a chair *for* this yard": "chair" is the head noun,
 "yard" only says where it goes). When one phrase names both a class and a type ("chair"
-is the class and also the type "Chair"), the class wins: the wider lock never drops a
-relevant item of a sibling type. An unknown category, or one with no products, gives no
-lock, never an empty result.
+is the class and also the type "Chair"), an indefinite article or a plural asks for the
+class ("a chair", "chairs": any chair), while the bare catalog type name asks for that
+type ("chair", as the catalog lists it); the reason says so, so the user can rephrase.
+An unknown category, or one with no products, gives no lock, never an empty result.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from catalog.models import Category, CategorySynonym, ProductCategory
 from catalog.taxonomy import normalize
 
 #: Words after which a mention describes the setting, not the thing asked for.
+#: Words before a noun that ask for any member of a class.
+INDEFINITE_WORDS = frozenset({"a", "an", "any", "some"})
+
 BOUNDARY_WORDS = frozenset(
     {"for", "in", "to", "by", "on", "at", "from", "that", "which", "who", "near", "under", "beside", "into", "inside"}
 )
@@ -111,12 +115,12 @@ class Taxonomy:
             keys.append(key)
         self.max_phrase_words = max(self.max_phrase_words, len(phrase.split()))
 
-    def _pick(self, keys: list[str]) -> CategoryInfo | None:
-        """Prefer a class over a same-named type, then the category with more products."""
+    def _pick(self, keys: list[str], prefer: str = "class") -> CategoryInfo | None:
+        """Among categories sharing a phrase, prefer the ``prefer`` level, then more products."""
         infos = [self.categories[k] for k in keys if self.categories[k].products > 0]
         if not infos:
             return None
-        return sorted(infos, key=lambda c: (c.level != "class", -c.products, c.key))[0]
+        return sorted(infos, key=lambda c: (c.level != prefer, -c.products, c.key))[0]
 
     def find(self, category: str) -> CategoryInfo | None:
         """A category by key, name or synonym (case-insensitive); None if unknown or empty."""
@@ -155,7 +159,16 @@ class Taxonomy:
                 break  # mentions after "for", "in", ... describe the setting
         if best is None:
             return CategoryLock(False, "text", "no category named before the first preposition: no lock applied")
-        _, _, phrase, info = best
-        return CategoryLock(
-            True, "text", f"{phrase!r} in the query names the {info.level} {info.name!r}", info.key, info.name, info.level
-        )
+        neg_length, start, phrase, info = best
+        reason = f"{phrase!r} in the query names the {info.level} {info.name!r}"
+        levels = {self.categories[k].level for k in self.phrases[phrase] if self.categories[k].products > 0}
+        if levels == {"class", "type"}:
+            plural = phrase not in {normalize(self.categories[k].name) for k in self.phrases[phrase]}
+            indefinite = start > 0 and words[start - 1] in INDEFINITE_WORDS
+            if not (plural or indefinite):
+                info = self._pick(self.phrases[phrase], prefer="type")
+                reason = (f"{phrase!r} is the catalog name of the type {info.name!r} (say 'a {phrase}' or the "
+                          "plural for the whole class)")
+            else:
+                reason += f" ({'plural' if plural else 'indefinite article'}: the whole class, not only the type)"
+        return CategoryLock(True, "text", reason, info.key, info.name, info.level)

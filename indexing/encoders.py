@@ -15,6 +15,8 @@ either side; ``st:<dir>`` loads a sentence-transformers model from a local direc
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -67,9 +69,10 @@ class EfficientNetLite0Encoder:
         from efficientnet_lite_pytorch import EfficientNet
 
         self.batch_size = batch_size
-        self.model = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-        ).eval()
+        with contextlib.redirect_stdout(sys.stderr):  # the package prints a banner on stdout
+            self.model = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+            ).eval()
 
     def _tensor(self, images: Sequence[Image.Image]) -> torch.Tensor:
         arrays = [

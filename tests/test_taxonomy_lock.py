@@ -81,14 +81,17 @@ def taxonomy(tmp_path) -> Taxonomy:
 @pytest.mark.parametrize(
     "text, key",
     [
-        ("a chair for this yard", "chair"),  # class wins over the same-named type "Chair"
-        ("chairs for the garden", "chair"),
+        ("a chair for this yard", "chair"),  # indefinite article: the class
+        ("chairs for the garden", "chair"),  # plural: the class
+        ("chair for this kitchen", "chair/chair"),  # bare catalog type name: the type
+        ("white sofa", "sofa/sofa"),
         ("rug, flatwoven for this bedroom", "rug/rug-flatwoven"),
         ("a lamp shade for this bedroom", "lamp-shade"),
         ("pendant lamp shade for this kitchen", "lamp-shade/pendant-lamp-shade"),
         ("a lamp for this bedroom", "lamp"),
         ("holder for containers for this kitchen", "holder/holder-for-containers"),
-        ("white and pine bed frame", "bed-frame"),
+        ("white and pine bed frame", "bed-frame/bed-frame"),
+        ("a bed frame in white", "bed-frame"),
     ],
 )
 def test_lock_from_text(taxonomy, text, key):
@@ -101,6 +104,7 @@ def test_mentions_after_a_preposition_do_not_lock(taxonomy):
     lock = taxonomy.resolve("a cosy space for coffee and conversation")
     assert not lock.applied and "no category" in lock.reason
     assert taxonomy.resolve("a sofa for this room with a rug").key == "sofa"
+    assert "catalog name of the type" in taxonomy.resolve("chair for this kitchen").reason
 
 
 def test_explicit_category(taxonomy):
