@@ -2,8 +2,9 @@
 
 A lock comes from an explicit category in the request (a key, name or synonym) or is
 resolved from the query text: the longest category phrase that appears before the first
-preposition or relative pronoun ("a chair *for* this yard": "chair" is the head noun,
-"yard" only says where it goes). When one phrase names both a class and a type ("chair"
+preposition or relative pronoun and ends its noun phrase ("a chair *for* this yard":
+"chair" is the head noun, "yard" only says where it goes; in "a cosy base camp" the
+word "base" modifies "camp" and locks nothing). When one phrase names both a class and a type ("chair"
 is the class and also the type "Chair"), an indefinite article or a plural asks for the
 class ("a chair", "chairs": any chair), while the bare catalog type name asks for that
 type ("chair", as the catalog lists it); the reason says so, so the user can rephrase.
@@ -22,6 +23,9 @@ from catalog.models import Category, CategorySynonym, ProductCategory
 from catalog.taxonomy import normalize
 
 #: Words after which a mention describes the setting, not the thing asked for.
+#: Words that may follow the head noun of a noun phrase ("a chair *with* armrests").
+FOLLOWER_WORDS = frozenset({"with", "and", "or", "without"})
+
 #: Words before a noun that ask for any member of a class.
 INDEFINITE_WORDS = frozenset({"a", "an", "any", "some"})
 
@@ -150,7 +154,9 @@ class Taxonomy:
             for length in range(min(self.max_phrase_words, len(words) - start), 0, -1):
                 phrase = " ".join(words[start : start + length])
                 info = self._pick(self.phrases.get(phrase, []))
-                if info is not None:
+                end = start + length
+                head_final = end == len(words) or words[end] in BOUNDARY_WORDS | FOLLOWER_WORDS
+                if info is not None and head_final:
                     candidate = (-length, start, phrase, info)
                     if best is None or candidate[:2] < best[:2]:
                         best = candidate

@@ -104,6 +104,8 @@ def test_mentions_after_a_preposition_do_not_lock(taxonomy):
     lock = taxonomy.resolve("a cosy space for coffee and conversation")
     assert not lock.applied and "no category" in lock.reason
     assert taxonomy.resolve("a sofa for this room with a rug").key == "sofa"
+    assert not taxonomy.resolve("a chair cushion for the yard").applied  # "chair" only modifies "cushion"
+    assert taxonomy.resolve("a chair with armrests").key == "chair"
     assert "catalog name of the type" in taxonomy.resolve("chair for this kitchen").reason
 
 

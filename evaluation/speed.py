@@ -1,0 +1,168 @@
+"""Speed benchmark (not a test): ingest items/s and query latency p50/p95, MARS vs a naive
+seed-style baseline measured in the same run.
+
+Baseline ("as the seed projects did"): embeddings in numpy, ``rank_bm25.BM25Okapi`` over
+whitespace tokens, brute-force cosine over all items (``matrix @ q``), Python RRF, no
+category lock and no catalog. Query latencies exclude query encoding on both sides (the
+query vectors are computed once beforehand), so they compare retrieval + fusion.
+
+Usage::
+
+    python -m evaluation.speed --ikea ../shared/data/ikea [--queries 200] [--synthetic 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rank_bm25 import BM25Okapi
+
+from evaluation.beir import load_queries
+from ingestion.images import decode_image, read_image_bytes
+from ingestion.readers import RawRecord, open_source
+from ingestion.records import ProductRecord
+from mars.engine import Engine
+from mars.settings import Settings
+from query.funnel import SearchQuery, max_over_regions
+from query.fusion import weighted_rrf
+from query.regions import crop_regions
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+class NaiveIndex:
+    """The seed-style baseline: rank_bm25 + numpy brute force + Python RRF."""
+
+    def __init__(self, ids: list[str], texts: list[str], text_vecs: np.ndarray, image_vecs: dict[str, np.ndarray]):
+        self.ids = ids
+        self.bm25 = BM25Okapi([t.lower().split() for t in texts])
+        self.text = text_vecs
+        self.image_ids = list(image_vecs)
+        self.image = np.stack([image_vecs[i] for i in self.image_ids]) if image_vecs else None
+
+    def search(self, text: str | None, text_vec: np.ndarray | None, regions: np.ndarray | None, depth: int = 200) -> list[str]:
+        lists = {}
+        if text:
+            scores = self.bm25.get_scores(text.lower().split())
+            lists["bm25"] = [self.ids[i] for i in np.argsort(-scores)[:depth]]
+        if text_vec is not None:
+            lists["text"] = [self.ids[i] for i in np.argsort(-(self.text @ text_vec))[:depth]]
+        if regions is not None and self.image is not None:
+            best = (self.image @ regions.T).max(axis=1)
+            lists["image"] = [self.image_ids[i] for i in np.argsort(-best)[:depth]]
+        return [f.id for f in weighted_rrf(lists)]
+
+
+def bench_catalog(name: str, records: list[RawRecord], queries: list[dict], encoders, out: dict) -> None:
+    """Ingest ``records`` with MARS and with the baseline, then time ``queries`` on both."""
+    image_enc, text_enc = encoders
+    valid = [ProductRecord.model_validate(r.data) for r in records]
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = Engine(Settings(home=Path(tmp) / "mars"), encoders=encoders)
+        t = time.perf_counter()
+        report = engine.ingest(iter(records), name)
+        mars_ingest = len(records) / (time.perf_counter() - t)
+
+        t = time.perf_counter()
+        text_vecs = text_enc.encode_texts([r.embedding_text() for r in valid])
+        image_vecs = {}
+        with_image = [r for r in valid if r.image]
+        for start in range(0, len(with_image), 8):
+            chunk = with_image[start : start + 8]
+            imgs = [decode_image(read_image_bytes(r.image, max_bytes=10**8), max_pixels=10**8) for r in chunk]
+            for r, v in zip(chunk, image_enc.encode_images(imgs)):
+                image_vecs[r.id] = v
+        naive = NaiveIndex([r.id for r in valid], [f"{r.title} {r.type} {r.colour} {r.text}" for r in valid], text_vecs, image_vecs)
+        naive_ingest = len(records) / (time.perf_counter() - t)
+
+        prepared = []
+        for q in queries:
+            regions = image_enc.encode_images(crop_regions(q["image"], engine.funnel.config.grids)) if q.get("image") else None
+            text_vec = text_enc.encode_texts([q["text"]])[0] if q.get("text") else None
+            if q.get("image") is not None:
+                engine.funnel.region_vectors(q["image"])  # warm the cache: both sides exclude query encoding
+            if q.get("text"):
+                engine.funnel.text_vector(q["text"])
+            prepared.append((q, text_vec, regions))
+        mars_ms, naive_ms = [], []
+        for q, text_vec, regions in prepared:
+            t = time.perf_counter()
+            engine.search(SearchQuery(text=q.get("text"), image=q.get("image"), top_k=10))
+            mars_ms.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            naive.search(q.get("text"), text_vec, regions)
+            naive_ms.append((time.perf_counter() - t) * 1000)
+        engine.close()
+    row = {
+        "items": len(records),
+        "ingested": report.ingested,
+        "mars_ingest_items_per_s": round(mars_ingest, 1),
+        "naive_ingest_items_per_s": round(naive_ingest, 1),
+        "ingest_ratio": round(mars_ingest / naive_ingest, 3),
+        "queries": len(queries),
+        "mars_p50_ms": round(_pct(mars_ms, 50), 2),
+        "mars_p95_ms": round(_pct(mars_ms, 95), 2),
+        "naive_p50_ms": round(_pct(naive_ms, 50), 2),
+        "naive_p95_ms": round(_pct(naive_ms, 95), 2),
+        "p50_speedup": round(_pct(naive_ms, 50) / _pct(mars_ms, 50), 2),
+        "p95_speedup": round(_pct(naive_ms, 95) / _pct(mars_ms, 95), 2),
+    }
+    out[name] = row
+    print(json.dumps({name: row}), flush=True)
+
+
+def synthetic_records(n: int, seed: int = 0) -> list[RawRecord]:
+    """A text-only catalog of ``n`` products built from IKEA-like types, colours and words."""
+    rng = random.Random(seed)
+    types = ["Chair", "Armchair", "Table", "Rug, flatwoven", "Pendant lamp", "Sofa", "Wardrobe", "Bowl", "Vase", "Frame",
+             "Cushion cover", "Shelving unit", "Bed frame", "Stool", "Mirror", "Basket", "Box with lid", "Curtains, 1 pair"]
+    colours = ["white", "black", "birch", "oak", "grey", "beige", "blue", "green", "red", "yellow", "pine", "walnut"]
+    words = "soft durable easy clean wood steel glass cotton wool natural modern classic compact storage outdoor".split()
+    out = []
+    for i in range(n):
+        text = " ".join(rng.choice(words) for _ in range(8))
+        data = {"id": f"syn-{i:06d}", "title": f"PRODUKT{i % 997}", "type": rng.choice(types), "colour": rng.choice(colours), "text": text}
+        out.append(RawRecord("synthetic", i + 1, data, raw=data))
+    return out
+
+
+def main() -> None:
+    """Run both catalogs and print one JSON line per catalog plus a summary."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ikea", type=Path, default=Path("../shared/data/ikea"))
+    parser.add_argument("--queries", type=int, default=200, help="queries timed per catalog")
+    parser.add_argument("--synthetic", type=int, default=50_000, help="size of the synthetic text-only catalog (0 to skip)")
+    args = parser.parse_args()
+
+    from indexing.encoders import load_encoders
+
+    encoders = load_encoders("efficientnet-lite0", "all-minilm-l6-v2")
+    out: dict = {}
+    records = list(open_source(args.ikea))
+    rng = random.Random(1)
+    room_queries = [q for q in load_queries(args.ikea / "queries.jsonl") if q.task == "room-class"]
+    images: dict = {}
+    queries = []
+    for q in rng.sample(room_queries, min(args.queries, len(room_queries))):
+        if q.image not in images:
+            images[q.image] = decode_image(read_image_bytes(q.image, max_bytes=10**8), max_pixels=10**8)
+        queries.append({"text": q.text, "image": images[q.image]})
+    bench_catalog("ikea", records, queries, encoders, out)
+    if args.synthetic:
+        syn = synthetic_records(args.synthetic)
+        texts = ["a white chair for this kitchen", "oak table", "blue rug, flatwoven", "soft cotton cushion cover", "grey sofa"]
+        bench_catalog("synthetic", syn, [{"text": rng.choice(texts) + f" {rng.choice(['modern', 'classic', 'outdoor'])}"} for _ in range(args.queries)], encoders, out)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
