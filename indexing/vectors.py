@@ -172,7 +172,7 @@ class QdrantEdgeStore:
             )
             for row in q
         ]
-        results = self.shard.query_batch(qe.QueryBatchRequest(requests)) if len(requests) > 1 else [self.shard.query(requests[0])]
+        results = self.shard.query_batch(qe.QueryBatchRequest(requests))
         return [_sorted_hits([VectorHit(p.payload["product_id"], float(p.score)) for p in res]) for res in results]
 
     def present(self, product_ids: Sequence[str]) -> set[str]:

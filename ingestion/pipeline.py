@@ -209,7 +209,8 @@ def _ingest_batch(chunk: list[RawRecord], targets: IngestTargets, report: Ingest
 
     with targets.sessions() as session:
         ids = [p.record.id for p in prepared]
-        stored = dict(session.execute(select(Product.id, Product.content_hash).where(Product.id.in_(ids))).all())
+        existing = {row.id: row for row in session.execute(select(Product).where(Product.id.in_(ids))).scalars()}
+        stored = {pid: row.content_hash for pid, row in existing.items()}
         same = [p.record.id for p in prepared if stored.get(p.record.id) == p.hash]
         store = targets.existing_vectors()
         indexed = store.present(same) if (store is not None and same) else set()
@@ -255,16 +256,17 @@ def _ingest_batch(chunk: list[RawRecord], targets: IngestTargets, report: Ingest
             targets.vectors().upsert(points)
             targets.lexical.upsert(docs)
 
+            session.execute(delete(ProductCategory).where(ProductCategory.product_id.in_([p.record.id for p in ready])))
             for p in ready:
                 r = p.record
-                product = session.get(Product, r.id) or Product(id=r.id)
+                product = existing.get(r.id) or Product(id=r.id)
                 product.title, product.text, product.type, product.colour = r.title, r.text, r.type, r.colour
                 product.size, product.image, product.attributes, product.content_hash = r.size, r.image, r.attributes, p.hash
                 session.add(product)
-                session.flush()
-                session.execute(delete(ProductCategory).where(ProductCategory.product_id == r.id))
-                if leaves[r.id] is not None:
-                    session.add(ProductCategory(product_id=r.id, category_id=leaves[r.id].id))
+            session.flush()  # products exist before their category links reference them
+            session.add_all(
+                ProductCategory(product_id=pid, category_id=leaf.id) for pid, leaf in leaves.items() if leaf is not None
+            )
             report.ingested += len(ready)
             report.without_image += len(ready) - len(with_image)
 

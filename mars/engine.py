@@ -144,18 +144,10 @@ class Engine:
     def search_store(self) -> VectorStore | None:
         """The store queries use: Qdrant Edge, or with ``MARS_VECTOR_BACKEND=faiss`` the exact
         FAISS ``IndexFlatIP`` reference built from the same vectors (rebuilt after each ingest).
-
-        Raises:
-            ValueError: for an unknown backend name.
-        """
+        The backend name is validated by :class:`~mars.settings.Settings`."""
         store = self.vector_store()
-        backend = self.settings.vector_backend
-        if backend == "qdrant-edge" or store is None:
-            if backend not in ("qdrant-edge", "faiss"):
-                raise ValueError(f"unknown MARS_VECTOR_BACKEND {backend!r}: use qdrant-edge or faiss")
+        if self.settings.vector_backend == "qdrant-edge" or store is None:
             return store
-        if backend != "faiss":
-            raise ValueError(f"unknown MARS_VECTOR_BACKEND {backend!r}: use qdrant-edge or faiss")
         if self._reference is None:
             self._reference = FaissFlatStore.from_store(store)
         return self._reference

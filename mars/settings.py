@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,7 +46,7 @@ class Settings(BaseSettings):
     )
     max_image_bytes: int = Field(20_000_000, ge=1, description="Image files larger than this are rejected.")
 
-    vector_backend: str = Field("qdrant-edge", description="'qdrant-edge' (default) or 'faiss' (exact reference).")
+    vector_backend: Literal["qdrant-edge", "faiss"] = Field("qdrant-edge", description="'qdrant-edge' (default) or 'faiss' (exact reference).")
     retrieval_depth: int = Field(200, ge=1, description="Candidates each stage retrieves before fusion.")
     room_grid: str = Field(
         "1,2,3",
