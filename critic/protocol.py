@@ -1,27 +1,42 @@
-"""The :class:`Critic` protocol, its :class:`Verdict`, and the "none" critic.
+"""The :class:`Critic` protocol, its input :class:`CriticPair` and its :class:`Verdict`.
 
-Later backends (Qwen2-VL, an OpenAI-compatible endpoint, a learned critic) implement the
-same protocol; the funnel only calls :meth:`Critic.score`.
+Backends (the learned critic; later Qwen2-VL and an OpenAI-compatible endpoint) implement
+the same protocol; the funnel only calls :meth:`Critic.score`. :mod:`critic.registry`
+builds the one the settings name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 from PIL import Image
 
 
 @dataclass(frozen=True)
 class CriticPair:
-    """One pair to judge: the query text, the room photo (either may be None) and the product."""
+    """One pair to judge: the query text, the room photo (either may be None) and the product.
+
+    VLM critics read the images and texts. The funnel also passes what it has already
+    computed, for critics that work on features: ``product_class`` (taxonomy class key),
+    ``fused_rank`` (1-based rank in the fused list), ``room_regions`` (float32 (R, D) unit
+    image-encoder vectors of the photo's grid regions, row 0 the whole photo),
+    ``query_vector`` (float32 (D,) unit text vector) and ``product_vectors`` (the product's
+    stored named vectors, e.g. ``image``, ``text``).
+    """
 
     query_text: str | None
     room_image: Image.Image | None
     product_id: str
     product_text: str
     product_image: Image.Image | None
+    product_class: str | None = None
+    fused_rank: int | None = None
+    room_regions: np.ndarray | None = None
+    query_vector: np.ndarray | None = None
+    product_vectors: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -46,14 +61,3 @@ class Critic(Protocol):
     name: str
 
     def score(self, pairs: Sequence[CriticPair]) -> list[Verdict]: ...
-
-
-def build_critic(name: str) -> Critic | None:
-    """The critic named by ``MARS_CRITIC``; "none" gives None (the funnel says so in its response).
-
-    Raises:
-        ValueError: for a name no backend answers to yet.
-    """
-    if name == "none":
-        return None
-    raise ValueError(f"unknown critic {name!r}; available: none")

@@ -10,9 +10,8 @@ from typing import Any
 from rich.progress import Progress
 from rich.table import Table
 
-from evaluation.beir import load_qrels, load_queries
+from evaluation.beir import QueryImages, load_qrels, load_queries
 from evaluation.metrics import METRICS, score_queries
-from ingestion.images import decode_image, read_image_bytes
 from query.funnel import SearchQuery
 
 #: Results fetched per query: enough for Recall@50.
@@ -49,23 +48,14 @@ def run_eval(
                 kept.append(q)
         queries = kept
     settings = engine.settings
-    images: dict[Path, Any] = {}
+    images = QueryImages(settings.max_image_bytes, settings.max_image_pixels)
     runs: dict[str, list[str]] = {}
     locks: dict[str, str | None] = {}
     by_task: dict[str, list[str]] = defaultdict(list)
     with Progress(disable=not progress, transient=True) as bar:
         task_id = bar.add_task(f"eval ({mode})", total=len(queries))
         for q in queries:
-            image = None
-            if q.image is not None:
-                if q.image not in images:
-                    images[q.image] = decode_image(
-                        read_image_bytes(q.image, max_bytes=settings.max_image_bytes),
-                        max_pixels=settings.max_image_pixels,
-                        what=str(q.image),
-                    )
-                image = images[q.image]
-            response = engine.search(SearchQuery(text=q.text, image=image, top_k=EVAL_DEPTH, mode=mode))
+            response = engine.search(SearchQuery(text=q.text, image=images(q), top_k=EVAL_DEPTH, mode=mode))
             runs[q.id] = [item.id for item in response.items]
             locks[q.id] = response.lock.key if response.lock.applied else None
             by_task[q.task].append(q.id)

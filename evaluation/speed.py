@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from rank_bm25 import BM25Okapi
 
-from evaluation.beir import load_queries
+from evaluation.beir import QueryImages, load_queries
 from ingestion.images import decode_image, read_image_bytes
 from ingestion.readers import RawRecord, open_source
 from ingestion.records import ProductRecord
@@ -150,12 +150,8 @@ def main() -> None:
     records = list(open_source(args.ikea))
     rng = random.Random(1)
     room_queries = [q for q in load_queries(args.ikea / "queries.jsonl") if q.task == "room-class"]
-    images: dict = {}
-    queries = []
-    for q in rng.sample(room_queries, min(args.queries, len(room_queries))):
-        if q.image not in images:
-            images[q.image] = decode_image(read_image_bytes(q.image, max_bytes=10**8), max_pixels=10**8)
-        queries.append({"text": q.text, "image": images[q.image]})
+    images = QueryImages(max_bytes=10**8, max_pixels=10**8)
+    queries = [{"text": q.text, "image": images(q)} for q in rng.sample(room_queries, min(args.queries, len(room_queries)))]
     bench_catalog("ikea", records, queries, encoders, out)
     if args.synthetic:
         syn = synthetic_records(args.synthetic)

@@ -78,6 +78,9 @@ class VectorStore(Protocol):
     def present(self, product_ids: Sequence[str]) -> set[str]:
         """The subset of ``product_ids`` that has a point."""
 
+    def fetch(self, product_ids: Sequence[str]) -> dict[str, VectorPoint]:
+        """The stored points of ``product_ids`` by product id (ids without a point are absent)."""
+
     def count(self) -> int:
         """Number of points."""
 
@@ -182,6 +185,14 @@ class QdrantEdgeStore:
         records = self.shard.retrieve([point_id(pid) for pid in product_ids], ["product_id"], False)
         return {r.payload["product_id"] for r in records}
 
+    def fetch(self, product_ids: Sequence[str]) -> dict[str, VectorPoint]:
+        """Points of ``product_ids`` with vectors and payload (one ``retrieve`` call)."""
+        if not product_ids:
+            return {}
+        records = self.shard.retrieve([point_id(pid) for pid in product_ids], True, True)
+        points = (_to_point(r) for r in records)
+        return {p.product_id: p for p in points}
+
     def count(self) -> int:
         """Exact number of points."""
         return int(self.shard.count(qe.CountRequest(exact=True)))
@@ -193,15 +204,7 @@ class QdrantEdgeStore:
             records, offset = self.shard.scroll(
                 qe.ScrollRequest(offset=offset, limit=256, with_payload=True, with_vector=True)
             )
-            for r in records:
-                vectors = r.vector if isinstance(r.vector, dict) else {}
-                yield VectorPoint(
-                    product_id=r.payload["product_id"],
-                    vectors={k: np.asarray(v, dtype=np.float32) for k, v in vectors.items()},
-                    category_ids=list(r.payload.get("category_ids", [])),
-                    type=r.payload.get("type", ""),
-                    colour=r.payload.get("colour", ""),
-                )
+            yield from (_to_point(r) for r in records)
             if offset is None:
                 return
 
@@ -213,6 +216,18 @@ class QdrantEdgeStore:
         """Flush and close the shard (releases its lock)."""
         self.shard.flush()
         self.shard.close()
+
+
+def _to_point(record) -> VectorPoint:
+    """A Qdrant Edge record (payload + named vectors) as a :class:`VectorPoint`."""
+    vectors = record.vector if isinstance(record.vector, dict) else {}
+    return VectorPoint(
+        product_id=record.payload["product_id"],
+        vectors={k: np.asarray(v, dtype=np.float32) for k, v in vectors.items()},
+        category_ids=list(record.payload.get("category_ids", [])),
+        type=record.payload.get("type", ""),
+        colour=record.payload.get("colour", ""),
+    )
 
 
 class FaissFlatStore:
@@ -304,6 +319,10 @@ class FaissFlatStore:
     def present(self, product_ids: Sequence[str]) -> set[str]:
         """Product ids among ``product_ids`` that have a point."""
         return {pid for pid in product_ids if pid in self._points}
+
+    def fetch(self, product_ids: Sequence[str]) -> dict[str, VectorPoint]:
+        """Stored points of ``product_ids``."""
+        return {pid: self._points[pid] for pid in product_ids if pid in self._points}
 
     def count(self) -> int:
         """Number of points."""

@@ -14,7 +14,7 @@ from filelock import FileLock, Timeout
 
 from catalog.db import make_engine, session_factory, upgrade_to_head
 from catalog.locking import Taxonomy
-from critic.protocol import build_critic
+from critic.registry import build_critic
 from indexing.encoders import ImageEncoder, TextEncoder, load_encoders
 from indexing.lexical import TantivyIndex
 from indexing.vectors import FaissFlatStore, QdrantEdgeStore, VectorStore
@@ -90,7 +90,7 @@ class Engine:
         self._store: QdrantEdgeStore | None = None
         self._reference: FaissFlatStore | None = None
         self._taxonomy: Taxonomy | None = None
-        self.critic = build_critic(settings.critic)
+        self.critic, critic_detail = build_critic(settings.critic, settings.critic_path)
         self.funnel = Funnel(
             self.sessions,
             self.taxonomy,
@@ -104,6 +104,7 @@ class Engine:
                 weights={"bm25": settings.weight_bm25, "image": settings.weight_image, "text": settings.weight_text},
                 grids=tuple(settings.grid_sizes),
                 critic_top_n=settings.critic_top_n,
+                critic_detail=critic_detail,
             ),
         )
 

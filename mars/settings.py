@@ -63,13 +63,24 @@ class Settings(BaseSettings):
     boost_colour: float = Field(1.5, ge=0, description="BM25 field boost of the colour.")
     boost_text: float = Field(1.0, ge=0, description="BM25 field boost of the description.")
 
-    critic: str = Field("none", description="Critic backend for --mode full; 'none' until a critic is configured.")
+    critic: Literal["none", "learned"] = Field(
+        "learned",
+        description="Critic for --mode full: 'learned' (offline default; trained by `mars train critic`) or 'none'.",
+    )
+    critic_checkpoint: Path | None = Field(
+        None, description="Learned-critic checkpoint (safetensors); default <home>/critic/learned.safetensors."
+    )
     critic_top_n: int = Field(20, ge=1, description="How many fused results the critic re-scores.")
 
     @property
     def catalog_url(self) -> str:
         """The catalog's SQLAlchemy URL (``database_url`` or the SQLite file under ``home``)."""
         return self.database_url or f"sqlite:///{(self.home / 'catalog.db').resolve()}"
+
+    @property
+    def critic_path(self) -> Path:
+        """Where the learned critic's checkpoint is read and written."""
+        return self.critic_checkpoint or self.home / "critic" / "learned.safetensors"
 
     @property
     def grid_sizes(self) -> list[int]:

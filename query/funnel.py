@@ -21,13 +21,13 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from catalog.locking import Taxonomy
+from catalog.locking import CategoryLock, Taxonomy
 from catalog.models import Product
 from critic.protocol import Critic, CriticPair
 from indexing.encoders import ImageEncoder, TextEncoder
 from indexing.lexical import LexicalIndex
 from indexing.vectors import VectorHit, VectorStore
-from query.fusion import weighted_rrf
+from query.fusion import Fused, weighted_rrf
 from query.regions import crop_regions
 from query.schemas import (
     CriticResult,
@@ -69,7 +69,21 @@ class FunnelConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"bm25": 1.0, "image": 1.0, "text": 1.0})
     grids: tuple[int, ...] = (1, 2, 3)
     critic_top_n: int = 20
+    critic_detail: str = ""
     cache_size: int = 512
+
+
+@dataclass
+class Retrieval:
+    """Stages 1-2 and fusion for one query: the lock, each stage's hits, the fused list,
+    the RRF weights used and per-stage timings in ms."""
+
+    text: str | None
+    lock: CategoryLock
+    lists: dict[str, list]
+    fused: list[Fused]
+    weights: dict[str, float]
+    timings: dict[str, float]
 
 
 def max_over_regions(per_region: Sequence[Sequence[VectorHit]], limit: int) -> list[VectorHit]:
@@ -136,24 +150,14 @@ class Funnel:
         """Embedding of the query text, float32 (1, dim), cached by text."""
         return self._cached(self._text_cache, text, lambda: self.encoders()[1].encode_texts([text]))
 
-    def search(self, query: SearchQuery) -> SearchResponse:
-        """Run one query through the funnel.
+    def retrieve(self, query: SearchQuery, text: str | None) -> Retrieval:
+        """Plan (category lock), BM25 and vector search within the lock, weighted RRF.
 
-        Raises:
-            QueryError: unknown mode, no text and no image, BM25 without text, or top_k < 1.
+        ``text`` is the query's stripped text or None. BM25 hits carry BM25 scores, vector
+        hits cosine similarities (the image list keeps each product's best region).
         """
-        if query.mode not in MODES:
-            raise QueryError(f"unknown mode {query.mode!r}; use one of {', '.join(MODES)}")
-        text = (query.text or "").strip() or None
-        if text is None and query.image is None:
-            raise QueryError("a query needs text, a room photo, or both")
-        if query.mode == "bm25" and text is None:
-            raise QueryError("mode bm25 needs query text")
-        if query.top_k < 1:
-            raise QueryError("top_k must be at least 1")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-
         lock = self.taxonomy().resolve(text, query.category)
         cats = [lock.key] if lock.applied and lock.key else None
         timings["plan"] = (time.perf_counter() - t0) * 1000
@@ -179,27 +183,77 @@ class Funnel:
         used = {name: weights.get(name, 1.0) for name in lists}
         fused = weighted_rrf({name: [h.id for h in hits] for name, hits in lists.items()}, used, self.config.rrf_k)
         timings["fuse"] = (time.perf_counter() - t) * 1000
+        return Retrieval(text, lock, lists, fused, used, timings)
 
-        keep = fused[: max(query.top_k, self.config.critic_top_n if query.mode == "full" else 0)]
+    def critic_pairs(
+        self, query: SearchQuery, text: str | None, head: Sequence[Fused], products: dict[str, Product]
+    ) -> list[CriticPair]:
+        """The critic's input for the fused ``head``: texts, images and the vectors already at hand
+        (room regions, query text vector, each product's stored vectors and taxonomy class).
+        Products missing from ``products`` (deleted meanwhile) are skipped."""
+        head = [f for f in head if f.id in products]
+        store = self.vectors()
+        stored = store.fetch([f.id for f in head]) if store is not None else {}
+        regions = self.region_vectors(query.image) if query.image is not None and store is not None and "image" in store.dims else None
+        qvec = self.text_vector(text)[0] if text and store is not None and "text" in store.dims else None
+        categories = self.taxonomy().categories
+        pairs = []
+        for f in head:
+            point = stored.get(f.id)
+            classes = [c for c in (point.category_ids if point else []) if c in categories and categories[c].level == "class"]
+            pairs.append(
+                CriticPair(
+                    query_text=text,
+                    room_image=query.image,
+                    product_id=f.id,
+                    product_text=_product_text(products[f.id]),
+                    product_image=None,
+                    product_class=classes[0] if classes else None,
+                    fused_rank=f.rank,
+                    room_regions=regions,
+                    query_vector=qvec,
+                    product_vectors=point.vectors if point else {},
+                )
+            )
+        return pairs
+
+    def search(self, query: SearchQuery) -> SearchResponse:
+        """Run one query through the funnel.
+
+        Raises:
+            QueryError: unknown mode, no text and no image, BM25 without text, or top_k < 1.
+        """
+        if query.mode not in MODES:
+            raise QueryError(f"unknown mode {query.mode!r}; use one of {', '.join(MODES)}")
+        text = (query.text or "").strip() or None
+        if text is None and query.image is None:
+            raise QueryError("a query needs text, a room photo, or both")
+        if query.mode == "bm25" and text is None:
+            raise QueryError("mode bm25 needs query text")
+        if query.top_k < 1:
+            raise QueryError("top_k must be at least 1")
+        t0 = time.perf_counter()
+        r = self.retrieve(query, text)
+
+        keep = r.fused[: max(query.top_k, self.config.critic_top_n if query.mode == "full" else 0)]
         products = self._products([f.id for f in keep])
         verdicts: dict[str, CriticResult] = {}
         if query.mode != "full":
-            critic_status = CriticStatus(backend=self.critic.name if self.critic else "none", status="skipped")
+            critic_status = CriticStatus(backend=self.critic.name if self.critic else "none", status="skipped",
+                                         detail=self.config.critic_detail)
         elif self.critic is None:
-            critic_status = CriticStatus(backend="none", status="not configured")
+            critic_status = CriticStatus(backend="none", status="not configured", detail=self.config.critic_detail)
         else:
             t = time.perf_counter()
-            head = [f for f in keep[: self.config.critic_top_n] if f.id in products]
-            pairs = [
-                CriticPair(text, query.image, f.id, _product_text(products[f.id]), None) for f in head
-            ]
-            for f, verdict in zip(head, self.critic.score(pairs)):
-                verdicts[f.id] = CriticResult(score=verdict.score, rationale=verdict.rationale)
-            critic_status = CriticStatus(backend=self.critic.name, status="scored", scored=len(verdicts))
+            pairs = self.critic_pairs(query, text, keep[: self.config.critic_top_n], products)
+            for pair, verdict in zip(pairs, self.critic.score(pairs)):
+                verdicts[pair.product_id] = CriticResult(score=verdict.score, rationale=verdict.rationale)
+            critic_status = CriticStatus(backend=self.critic.name, status="scored", scored=len(verdicts),
+                                         detail=self.config.critic_detail)
             keep = sorted(keep, key=lambda f: (f.id not in verdicts, -verdicts[f.id].score if f.id in verdicts else 0.0, f.rank))
-            timings["critic"] = (time.perf_counter() - t) * 1000
+            r.timings["critic"] = (time.perf_counter() - t) * 1000
 
-        stage = {name: {h.id: (rank, h.score) for rank, h in enumerate(hits, start=1)} for name, hits in lists.items()}
+        stage = {name: {h.id: (rank, h.score) for rank, h in enumerate(hits, start=1)} for name, hits in r.lists.items()}
         items: list[ResultItem] = []
         for f in keep:
             p = products.get(f.id)
@@ -224,15 +278,15 @@ class Funnel:
             )
             if len(items) == query.top_k:
                 break
-        timings["total"] = (time.perf_counter() - t0) * 1000
+        r.timings["total"] = (time.perf_counter() - t0) * 1000
         return SearchResponse(
             mode=query.mode,
             text=text,
             has_image=query.image is not None,
-            lock=LockInfo(**lock.as_dict()),
+            lock=LockInfo(**r.lock.as_dict()),
             critic=critic_status,
-            fusion={"k": self.config.rrf_k, **used},
-            timings_ms={k: round(v, 3) for k, v in timings.items()},
+            fusion={"k": self.config.rrf_k, **r.weights},
+            timings_ms={k: round(v, 3) for k, v in r.timings.items()},
             items=items,
         )
 

@@ -65,6 +65,7 @@ class CriticStatus(BaseModel):
     backend: str
     status: str
     scored: int = 0
+    detail: str = ""
 
 
 class SearchResponse(BaseModel):

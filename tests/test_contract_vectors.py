@@ -49,6 +49,15 @@ def test_protocol_count_present(store, points):
     assert store.present(["p001", "p002", "nope"]) == {"p001", "p002"}
 
 
+def test_fetch_returns_stored_vectors_and_payload(store, points):
+    got = store.fetch(["p010", "p011", "nope"])
+    assert set(got) == {"p010", "p011"}
+    assert "image" not in got["p010"].vectors  # stored without a photo
+    np.testing.assert_allclose(got["p011"].vectors["image"], points[11].vectors["image"], atol=1e-6)
+    np.testing.assert_allclose(got["p011"].vectors["text"], points[11].vectors["text"], atol=1e-6)
+    assert set(got["p011"].category_ids) == set(points[11].category_ids) and got["p011"].type == "t5"
+
+
 @pytest.mark.parametrize("name", ["image", "text"])
 def test_search_equals_brute_force(store, points, name):
     q = _unit(np.random.default_rng(1), 3, DIMS[name])

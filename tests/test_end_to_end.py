@@ -75,6 +75,7 @@ def test_modes_and_critic_status(slice_engine, room):
     assert all(i.provenance.bm25 is None for i in vector.items)
     full = engine.search(SearchQuery(text="a lamp for this bedroom", image=room, mode="full"))
     assert full.critic.status == "not configured" and full.critic.backend == "none"
+    assert "mars train critic" in full.critic.detail  # learned is the default; no checkpoint trained here
     assert [i.id for i in full.items] == [i.id for i in engine.search(SearchQuery(text="a lamp for this bedroom", image=room)).items]
     with pytest.raises(QueryError, match="bm25 needs query text"):
         engine.search(SearchQuery(image=room, mode="bm25"))

@@ -1,0 +1,212 @@
+"""The learned critic: the offline default stage 3.
+
+A logistic model over the pair features of :mod:`critic.features` plus two class
+statistics learned from staged rooms (:class:`ClassStats`). It scores each (room, query,
+product) pair in [0, 1] and states the signals that drove the score, computed from the
+pair's own values (each feature's contribution ``w_i * z_i`` to the logit).
+
+Trained by ``mars train critic`` (:mod:`training.critic`); stored as safetensors with its
+configuration, class statistics and step counters in the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from critic.features import FEATURES, vector_feature_matrix
+from critic.protocol import CriticPair, Verdict
+
+#: Strength of the Beta prior that shrinks class and class-in-room rates toward their parent
+#: rate (additive smoothing as in Zhai & Lafferty, "A study of smoothing methods for language
+#: models", SIGIR 2001, Dirichlet prior form).
+PRIOR_STRENGTH = 10.0
+FORMAT = "mars-learned-critic/1"
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+@dataclass
+class ClassStats:
+    """How often a candidate of a product class is staged in the room, overall and per room type.
+
+    ``classes``: class key -> [positives, candidates]; ``rooms``: "class|room" -> [positives,
+    candidates]; ``room_words``: room-type names as they appear in queries (e.g. "bedroom",
+    "living room"), longest matched first.
+    """
+
+    positives: int = 0
+    candidates: int = 0
+    classes: dict[str, list[int]] = field(default_factory=dict)
+    rooms: dict[str, list[int]] = field(default_factory=dict)
+    room_words: list[str] = field(default_factory=list)
+
+    @classmethod
+    def fit(cls, product_classes: Sequence[str | None], room_types: Sequence[str | None], labels: Sequence[int]) -> "ClassStats":
+        """Count positives and candidates per class and per (class, room type)."""
+        stats = cls()
+        for c, room, y in zip(product_classes, room_types, labels):
+            stats.positives += int(y)
+            stats.candidates += 1
+            if c is None:
+                continue
+            row = stats.classes.setdefault(c, [0, 0])
+            row[0] += int(y)
+            row[1] += 1
+            if room:
+                row = stats.rooms.setdefault(f"{c}|{room}", [0, 0])
+                row[0] += int(y)
+                row[1] += 1
+        stats.room_words = sorted({r for r in room_types if r}, key=lambda r: (-len(r.split()), r))
+        return stats
+
+    def room_in(self, text: str | None) -> str | None:
+        """The room type named in the query text (longest known name, whole words), else None."""
+        if not text:
+            return None
+        padded = f" {' '.join(_words(text))} "
+        return next((r for r in self.room_words if f" {r} " in padded), None)
+
+    def rate(self, product_class: str | None, room: str | None = None) -> tuple[float, float]:
+        """(smoothed rate, parent rate): the class rate against the overall rate, or with a
+        room, the class-in-room rate against the class rate. Rates are in (0, 1)."""
+        overall = (self.positives + 1.0) / (self.candidates + 2.0)
+        c = self.classes.get(product_class or "", [0, 0])
+        class_rate = (c[0] + PRIOR_STRENGTH * overall) / (c[1] + PRIOR_STRENGTH)
+        if room is None:
+            return class_rate, overall
+        r = self.rooms.get(f"{product_class}|{room}", [0, 0])
+        return (r[0] + PRIOR_STRENGTH * class_rate) / (r[1] + PRIOR_STRENGTH), class_rate
+
+    def features(self, pairs: Sequence[CriticPair]) -> np.ndarray:
+        """float32 (n, 2): ``class_prior`` and ``class_room_fit`` log-odds lifts of each pair."""
+        out = np.zeros((len(pairs), 2), dtype=np.float32)
+        for i, p in enumerate(pairs):
+            rate, parent = self.rate(p.product_class)
+            out[i, 0] = _logit(rate) - _logit(parent)
+            room = self.room_in(p.query_text)
+            if room is not None:
+                rate, parent = self.rate(p.product_class, room)
+                out[i, 1] = _logit(rate) - _logit(parent)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({"positives": self.positives, "candidates": self.candidates, "classes": self.classes,
+                           "rooms": self.rooms, "room_words": self.room_words}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ClassStats":
+        return cls(**json.loads(text))
+
+
+def feature_matrix(pairs: Sequence[CriticPair], stats: ClassStats) -> np.ndarray:
+    """All :data:`critic.features.FEATURES` of the pairs, float32 (n, 8)."""
+    return np.concatenate([vector_feature_matrix(pairs), stats.features(pairs)], axis=1)
+
+
+@dataclass
+class LearnedCritic:
+    """Logistic critic: ``score = sigmoid(w . (x - mean) / std + b)`` over :data:`FEATURES`.
+
+    Attributes:
+        weights: float32 (8,); bias: float; mean, std: float32 (8,) feature standardisation.
+        stats: the class statistics; meta: training provenance (pairs, steps, folds ...).
+    """
+
+    weights: np.ndarray
+    bias: float
+    mean: np.ndarray
+    std: np.ndarray
+    stats: ClassStats
+    meta: dict = field(default_factory=dict)
+    name: str = "learned"
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits float64 (n,) of a feature matrix float32 (n, 8)."""
+        return ((x - self.mean) / self.std) @ self.weights.astype(np.float64) + self.bias
+
+    def score(self, pairs: Sequence[CriticPair]) -> list[Verdict]:
+        """One :class:`Verdict` per pair, in order; the rationale names the two strongest signals."""
+        t0 = time.perf_counter()
+        x = feature_matrix(pairs, self.stats)
+        z = (x - self.mean) / self.std
+        logits = self.logits(x)
+        scores = 1.0 / (1.0 + np.exp(-logits))
+        latency = time.perf_counter() - t0
+        return [
+            Verdict(float(s), self._rationale(p, row, zrow * self.weights), self.name, latency)
+            for p, row, zrow, s in zip(pairs, x, z, scores)
+        ]
+
+    def _rationale(self, pair: CriticPair, x: np.ndarray, contrib: np.ndarray) -> str:
+        f = dict(zip(FEATURES, x.tolist()))
+        cls = pair.product_class or "this class"
+        room = self.stats.room_in(pair.query_text)
+        phrases: dict[str, tuple[str, str]] = {
+            "visual_max": (f"looks like a region of the room photo (best region cos {f['visual_max']:.2f})",
+                           f"resembles nothing in the room photo (best region cos {f['visual_max']:.2f})"),
+            "visual_top3": (f"matches several regions of the photo (top-3 cos {f['visual_top3']:.2f})",
+                            f"matches few regions of the photo (top-3 cos {f['visual_top3']:.2f})"),
+            "visual_global": (f"fits the whole photo's look (cos {f['visual_global']:.2f})",
+                              f"clashes with the whole photo's look (cos {f['visual_global']:.2f})"),
+            "no_visual": ("judged without a visual comparison", "judged without a visual comparison"),
+            "text_sim": (f"its text matches the query (cos {f['text_sim']:.2f})",
+                         f"its text is far from the query (cos {f['text_sim']:.2f})"),
+            "log_rank": (f"retrieval ranked it #{pair.fused_rank or 1}", f"retrieval ranked it only #{pair.fused_rank or 1}"),
+            "class_prior": (f"{cls} items are often staged in rooms ({self.stats.rate(pair.product_class)[0]:.0%} of candidates)",
+                            f"{cls} items are rarely staged in rooms ({self.stats.rate(pair.product_class)[0]:.0%} of candidates)"),
+            "class_room_fit": (
+                f"{cls} suits a {room} ({self.stats.rate(pair.product_class, room)[0]:.0%} of {room} candidates)" if room else "",
+                f"{cls} seldom appears in a {room} ({self.stats.rate(pair.product_class, room)[0]:.0%} of {room} candidates)" if room else "",
+            ),
+        }
+        order = np.argsort(-np.abs(contrib))
+        parts = [phrases[FEATURES[i]][0 if contrib[i] > 0 else 1] for i in order if FEATURES[i] != "no_visual"]
+        return "; ".join([p for p in parts if p][:2])
+
+    def save(self, path: Path) -> None:
+        """Write the checkpoint (safetensors: tensors + JSON metadata)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"weights": self.weights.astype(np.float32), "bias": np.array([self.bias], np.float32),
+             "mean": self.mean.astype(np.float32), "std": self.std.astype(np.float32)},
+            str(path),
+            metadata={"format": FORMAT, "features": json.dumps(FEATURES), "stats": self.stats.to_json(),
+                      "meta": json.dumps(self.meta, sort_keys=True)},
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> "LearnedCritic":
+        """Read a checkpoint written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: no checkpoint at ``path`` (train one with ``mars train critic``).
+            ValueError: the file is not a learned-critic checkpoint or has other features.
+        """
+        if not path.exists():
+            raise FileNotFoundError(f"no learned-critic checkpoint at {path}; train one with `mars train critic`")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            metadata: Mapping[str, str] = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a learned-critic checkpoint (format {metadata.get('format')!r})")
+        if tuple(json.loads(metadata["features"])) != FEATURES:
+            raise ValueError(f"{path} was trained on features {metadata['features']}, this MARS computes {FEATURES}")
+        t = load_file(str(path))
+        return cls(t["weights"], float(t["bias"][0]), t["mean"], t["std"], ClassStats.from_json(metadata["stats"]),
+                   json.loads(metadata["meta"]))

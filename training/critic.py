@@ -1,0 +1,195 @@
+"""``mars train critic``: mine training pairs from staged rooms and fit the learned critic.
+
+Pairs come from room queries (room-class, room-type, room-scene) with qrels (the products
+staged in each room):
+
+* **candidates** — the hybrid funnel's top ``depth`` for the query: staged products are
+  positives, the others are hard negatives (in the lock, visually and textually close to the
+  query, yet not in the room);
+* **hard positives** — staged products the funnel ranked below ``depth`` (within its
+  retrieval depth);
+* **random controls** — ``controls`` products drawn from the rest of the fused list.
+
+Every pair keeps the reason it was picked. Features are computed by the same code the
+funnel uses at query time (:meth:`query.funnel.Funnel.critic_pairs`). Evaluation re-ranks
+the top ``critic_top_n`` of the fused list by the critic score, as ``--mode full`` does,
+and cross-validation holds out whole rooms (no room is seen in training and test).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from critic.features import FEATURES
+from critic.learned import ClassStats, LearnedCritic, feature_matrix
+from critic.protocol import CriticPair
+from evaluation.beir import BenchmarkQuery, QueryImages
+from evaluation.metrics import ndcg_at_k
+from query.funnel import SearchQuery
+
+ROOM_TASKS: tuple[str, ...] = ("room-class", "room-type", "room-scene")
+
+
+@dataclass
+class MinedQuery:
+    """One room query's candidates: the fused order (ids, best first), the critic pairs of the
+    mined products, their labels (1 = staged in the room) and why each was picked."""
+
+    query: BenchmarkQuery
+    fused: list[str]
+    pairs: list[CriticPair]
+    labels: list[int]
+    reasons: list[str]
+    relevant: set[str]
+
+
+def mine(
+    engine,
+    queries: Sequence[BenchmarkQuery],
+    qrels: dict[str, set[str]],
+    *,
+    depth: int = 40,
+    controls: int = 3,
+    seed: int = 0,
+    on_query: Callable[[], None] | None = None,
+) -> list[MinedQuery]:
+    """Run each room query through the hybrid funnel of ``engine`` and collect its pairs.
+
+    Queries without qrels or outside :data:`ROOM_TASKS` are skipped.
+
+    Raises:
+        FileNotFoundError / ImageRejected: a query photo is missing or unreadable.
+    """
+    rng = random.Random(seed)
+    funnel = engine.funnel
+    images = QueryImages(engine.settings.max_image_bytes, engine.settings.max_image_pixels)
+    mined = []
+    for q in queries:
+        relevant = qrels.get(q.id, set())
+        if q.task not in ROOM_TASKS or not relevant:
+            continue
+        query = SearchQuery(text=q.text, image=images(q), mode="hybrid")
+        text = (q.text or "").strip() or None
+        r = funnel.retrieve(query, text)
+        picked: list[tuple[int, str]] = []
+        for f in r.fused:
+            if f.rank <= depth:
+                picked.append((f.rank, f"positive: staged in the room, fused rank {f.rank}" if f.id in relevant
+                               else f"hard negative: fused rank {f.rank}, not in the room"))
+            elif f.id in relevant:
+                picked.append((f.rank, f"hard positive: staged in the room but fused rank {f.rank} > {depth}"))
+        rest = [f.rank for f in r.fused[depth:] if f.id not in relevant]
+        picked += [(rank, f"random control: fused rank {rank}") for rank in rng.sample(rest, min(controls, len(rest)))]
+        head = [r.fused[rank - 1] for rank, _ in picked]
+        products = funnel._products([f.id for f in head])
+        pairs = funnel.critic_pairs(query, text, head, products)
+        by_id = {rank: reason for rank, reason in picked}
+        reasons = [by_id[next(f.rank for f in head if f.id == p.product_id)] for p in pairs]
+        mined.append(MinedQuery(q, [f.id for f in r.fused], pairs, [int(p.product_id in relevant) for p in pairs],
+                                reasons, relevant))
+        if on_query:
+            on_query()
+    return mined
+
+
+def _room_type(q: BenchmarkQuery) -> str | None:
+    return q.room_category.lower() if q.room_category else None
+
+
+def fit(mined: Sequence[MinedQuery], *, epochs: int = 300, l2: float = 1e-3, seed: int = 0) -> LearnedCritic:
+    """Fit class statistics and the logistic weights on the mined pairs (full-batch L-BFGS on
+    the mean binary cross-entropy + ``l2`` * ||w||^2, features standardised).
+
+    Raises:
+        ValueError: no pairs, or only one label class.
+    """
+    pairs = [p for m in mined for p in m.pairs]
+    labels = np.array([y for m in mined for y in m.labels], dtype=np.float32)
+    if len(pairs) == 0 or labels.min() == labels.max():
+        raise ValueError(f"need positive and negative pairs to train the critic, got {len(pairs)} pairs, {int(labels.sum())} positive")
+    stats = ClassStats.fit([p.product_class for p in pairs],
+                           [_room_type(m.query) for m in mined for _ in m.pairs], labels.astype(int).tolist())
+    x = feature_matrix(pairs, stats)
+    mean, std = x.mean(0), x.std(0)
+    std[std < 1e-6] = 1.0
+    torch.manual_seed(seed)
+    z = torch.tensor((x - mean) / std, dtype=torch.float64)
+    y = torch.tensor(labels, dtype=torch.float64)
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=epochs, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * (w @ w)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * (w @ w)
+    meta = {"pairs": len(pairs), "positives": int(labels.sum()), "queries": len(mined),
+            "rooms": len({m.query.room_id for m in mined}), "lbfgs_max_iter": epochs, "l2": l2,
+            "final_loss": round(float(loss), 6), "step": int(opt.state[w].get("n_iter", 0))}
+    return LearnedCritic(w.detach().numpy().astype(np.float32), float(b.detach()[0]), mean, std, stats, meta)
+
+
+def rerank(critic: LearnedCritic, m: MinedQuery, top_n: int) -> list[str]:
+    """The ``--mode full`` order of a mined query: the top ``top_n`` fused ids sorted by critic
+    score (ties by fused rank), then the rest in fused order."""
+    head_ids = m.fused[:top_n]
+    pairs = {p.product_id: p for p in m.pairs}
+    head = [pairs[i] for i in head_ids if i in pairs]
+    scores = {p.product_id: v.score for p, v in zip(head, critic.score(head))}
+    order = sorted(head_ids, key=lambda i: (-scores.get(i, -1.0), head_ids.index(i)))
+    return order + m.fused[top_n:]
+
+
+Rows = dict[str, list[tuple[float, float]]]
+
+
+def _score(critic: LearnedCritic, mined: Sequence[MinedQuery], top_n: int, rows: Rows) -> None:
+    for m in mined:
+        rows[m.query.task].append((ndcg_at_k(m.fused, m.relevant, 10), ndcg_at_k(rerank(critic, m, top_n), m.relevant, 10)))
+
+
+def _summary(rows: Rows) -> dict[str, dict[str, float]]:
+    return {task: {"queries": len(v), "hybrid": float(np.mean([a for a, _ in v])), "full": float(np.mean([b for _, b in v]))}
+            for task, v in sorted(rows.items())}
+
+
+def evaluate(critic: LearnedCritic, mined: Sequence[MinedQuery], top_n: int) -> dict[str, dict[str, float]]:
+    """Per task: queries, nDCG@10 of the fused order (``hybrid``) and of the re-ranked order (``full``)."""
+    rows: Rows = defaultdict(list)
+    _score(critic, mined, top_n, rows)
+    return _summary(rows)
+
+
+def cross_validate(mined: Sequence[MinedQuery], *, folds: int = 5, top_n: int = 20, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Room-grouped k-fold: train on the other folds' rooms, re-rank the held-out rooms' queries.
+
+    Returns per task the held-out ``hybrid`` and ``full`` nDCG@10 over all folds.
+
+    Raises:
+        ValueError: fewer rooms than folds.
+    """
+    rooms = sorted({m.query.room_id or m.query.id for m in mined})
+    if len(rooms) < folds:
+        raise ValueError(f"{len(rooms)} rooms cannot make {folds} folds")
+    random.Random(seed).shuffle(rooms)
+    fold_of = {room: i % folds for i, room in enumerate(rooms)}
+    rows: Rows = defaultdict(list)
+    for k in range(folds):
+        train = [m for m in mined if fold_of[m.query.room_id or m.query.id] != k]
+        test = [m for m in mined if fold_of[m.query.room_id or m.query.id] == k]
+        _score(fit(train, seed=seed), test, top_n, rows)
+    return _summary(rows)
+
+
+__all__ = ["FEATURES", "MinedQuery", "ROOM_TASKS", "cross_validate", "evaluate", "fit", "mine", "rerank"]
