@@ -236,7 +236,7 @@ class Funnel:
         r = self.retrieve(query, text)
 
         keep = r.fused[: max(query.top_k, self.config.critic_top_n if query.mode == "full" else 0)]
-        products = self._products([f.id for f in keep])
+        products = self.products([f.id for f in keep])
         verdicts: dict[str, CriticResult] = {}
         if query.mode != "full":
             critic_status = CriticStatus(backend=self.critic.name if self.critic else "none", status="skipped",
@@ -290,7 +290,8 @@ class Funnel:
             items=items,
         )
 
-    def _products(self, ids: list[str]) -> dict[str, Product]:
+    def products(self, ids: list[str]) -> dict[str, Product]:
+        """Catalog rows of ``ids`` by id (ids no longer in the catalog are absent)."""
         if not ids:
             return {}
         with self.sessions() as session:

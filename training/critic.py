@@ -87,7 +87,7 @@ def mine(
         rest = [f.rank for f in r.fused[depth:] if f.id not in relevant]
         picked += [(rank, f"random control: fused rank {rank}") for rank in rng.sample(rest, min(controls, len(rest)))]
         head = [r.fused[rank - 1] for rank, _ in picked]
-        products = funnel._products([f.id for f in head])
+        products = funnel.products([f.id for f in head])
         pairs = funnel.critic_pairs(query, text, head, products)
         by_id = {rank: reason for rank, reason in picked}
         reasons = [by_id[next(f.rank for f in head if f.id == p.product_id)] for p in pairs]
