@@ -135,48 +135,51 @@ class LearnedCritic:
     meta: dict = field(default_factory=dict)
     name: str = "learned"
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """Logits float64 (n,) of a feature matrix float32 (n, 8)."""
-        return ((x - self.mean) / self.std) @ self.weights.astype(np.float64) + self.bias
-
     def score(self, pairs: Sequence[CriticPair]) -> list[Verdict]:
         """One :class:`Verdict` per pair, in order; the rationale names the two strongest signals."""
         t0 = time.perf_counter()
         x = feature_matrix(pairs, self.stats)
-        z = (x - self.mean) / self.std
-        logits = self.logits(x)
-        scores = 1.0 / (1.0 + np.exp(-logits))
+        contributions = (x - self.mean) / self.std * self.weights  # (n, 8) terms of the logit
+        scores = 1.0 / (1.0 + np.exp(-(contributions.sum(axis=1) + self.bias)))
         latency = time.perf_counter() - t0
         return [
-            Verdict(float(s), self._rationale(p, row, zrow * self.weights), self.name, latency)
-            for p, row, zrow, s in zip(pairs, x, z, scores)
+            Verdict(float(s), self._rationale(p, row, c), self.name, latency)
+            for p, row, c, s in zip(pairs, x, contributions, scores)
         ]
 
     def _rationale(self, pair: CriticPair, x: np.ndarray, contrib: np.ndarray) -> str:
-        f = dict(zip(FEATURES, x.tolist()))
+        """The phrases of the two features with the largest |contribution|, in its direction."""
+        parts = []
+        for i in np.argsort(-np.abs(contrib)):
+            phrase = self._phrase(FEATURES[i], float(x[i]), bool(contrib[i] > 0), pair)
+            if phrase:
+                parts.append(phrase)
+            if len(parts) == 2:
+                break
+        return "; ".join(parts)
+
+    def _phrase(self, feature: str, value: float, up: bool, pair: CriticPair) -> str:
         cls = pair.product_class or "this class"
-        room = self.stats.room_in(pair.query_text)
-        phrases: dict[str, tuple[str, str]] = {
-            "visual_max": (f"looks like a region of the room photo (best region cos {f['visual_max']:.2f})",
-                           f"resembles nothing in the room photo (best region cos {f['visual_max']:.2f})"),
-            "visual_top3": (f"matches several regions of the photo (top-3 cos {f['visual_top3']:.2f})",
-                            f"matches few regions of the photo (top-3 cos {f['visual_top3']:.2f})"),
-            "visual_global": (f"fits the whole photo's look (cos {f['visual_global']:.2f})",
-                              f"clashes with the whole photo's look (cos {f['visual_global']:.2f})"),
-            "no_visual": ("judged without a visual comparison", "judged without a visual comparison"),
-            "text_sim": (f"its text matches the query (cos {f['text_sim']:.2f})",
-                         f"its text is far from the query (cos {f['text_sim']:.2f})"),
-            "log_rank": (f"retrieval ranked it #{pair.fused_rank or 1}", f"retrieval ranked it only #{pair.fused_rank or 1}"),
-            "class_prior": (f"{cls} items are often staged in rooms ({self.stats.rate(pair.product_class)[0]:.0%} of candidates)",
-                            f"{cls} items are rarely staged in rooms ({self.stats.rate(pair.product_class)[0]:.0%} of candidates)"),
-            "class_room_fit": (
-                f"{cls} suits a {room} ({self.stats.rate(pair.product_class, room)[0]:.0%} of {room} candidates)" if room else "",
-                f"{cls} seldom appears in a {room} ({self.stats.rate(pair.product_class, room)[0]:.0%} of {room} candidates)" if room else "",
-            ),
-        }
-        order = np.argsort(-np.abs(contrib))
-        parts = [phrases[FEATURES[i]][0 if contrib[i] > 0 else 1] for i in order if FEATURES[i] != "no_visual"]
-        return "; ".join([p for p in parts if p][:2])
+        if feature == "visual_max":
+            return f"{'looks like a region of' if up else 'resembles nothing in'} the room photo (best region cos {value:.2f})"
+        if feature == "visual_top3":
+            return f"matches {'several' if up else 'few'} regions of the photo (top-3 cos {value:.2f})"
+        if feature == "visual_global":
+            return f"{'fits' if up else 'clashes with'} the whole photo's look (cos {value:.2f})"
+        if feature == "text_sim":
+            return f"its text {'matches' if up else 'is far from'} the query (cos {value:.2f})"
+        if feature == "log_rank":
+            return f"retrieval ranked it {'' if up else 'only '}#{pair.fused_rank or 1}"
+        if feature == "class_prior":
+            rate = self.stats.rate(pair.product_class)[0]
+            return f"{cls} items are {'often' if up else 'rarely'} staged in rooms ({rate:.0%} of candidates)"
+        if feature == "class_room_fit":
+            room = self.stats.room_in(pair.query_text)
+            if room is None:
+                return ""
+            rate = self.stats.rate(pair.product_class, room)[0]
+            return f"{cls} {'suits' if up else 'seldom appears in'} a {room} ({rate:.0%} of {room} candidates)"
+        return ""  # no_visual says nothing about fit
 
     def save(self, path: Path) -> None:
         """Write the checkpoint (safetensors: tensors + JSON metadata)."""

@@ -13,7 +13,7 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,12 +78,22 @@ class Retrieval:
     """Stages 1-2 and fusion for one query: the lock, each stage's hits, the fused list,
     the RRF weights used and per-stage timings in ms."""
 
-    text: str | None
     lock: CategoryLock
     lists: dict[str, list]
     fused: list[Fused]
     weights: dict[str, float]
     timings: dict[str, float]
+
+
+def query_text(query: SearchQuery) -> str | None:
+    """The query's text stripped, or None when it is empty."""
+    return (query.text or "").strip() or None
+
+
+def critic_order(ids: Sequence[str], scores: Mapping[str, float]) -> list[str]:
+    """``ids`` (fused order) re-ordered for ``--mode full``: ids with a critic score first,
+    highest score first, then the unscored ones; ties keep their fused order (stable sort)."""
+    return sorted(ids, key=lambda i: (i not in scores, -scores.get(i, 0.0)))
 
 
 def max_over_regions(per_region: Sequence[Sequence[VectorHit]], limit: int) -> list[VectorHit]:
@@ -150,12 +160,13 @@ class Funnel:
         """Embedding of the query text, float32 (1, dim), cached by text."""
         return self._cached(self._text_cache, text, lambda: self.encoders()[1].encode_texts([text]))
 
-    def retrieve(self, query: SearchQuery, text: str | None) -> Retrieval:
+    def retrieve(self, query: SearchQuery) -> Retrieval:
         """Plan (category lock), BM25 and vector search within the lock, weighted RRF.
 
-        ``text`` is the query's stripped text or None. BM25 hits carry BM25 scores, vector
-        hits cosine similarities (the image list keeps each product's best region).
+        BM25 hits carry BM25 scores, vector hits cosine similarities (the image list keeps
+        each product's best region).
         """
+        text = query_text(query)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         lock = self.taxonomy().resolve(text, query.category)
@@ -183,14 +194,13 @@ class Funnel:
         used = {name: weights.get(name, 1.0) for name in lists}
         fused = weighted_rrf({name: [h.id for h in hits] for name, hits in lists.items()}, used, self.config.rrf_k)
         timings["fuse"] = (time.perf_counter() - t) * 1000
-        return Retrieval(text, lock, lists, fused, used, timings)
+        return Retrieval(lock, lists, fused, used, timings)
 
-    def critic_pairs(
-        self, query: SearchQuery, text: str | None, head: Sequence[Fused], products: dict[str, Product]
-    ) -> list[CriticPair]:
+    def critic_pairs(self, query: SearchQuery, head: Sequence[Fused], products: dict[str, Product]) -> list[CriticPair]:
         """The critic's input for the fused ``head``: texts, images and the vectors already at hand
         (room regions, query text vector, each product's stored vectors and taxonomy class).
         Products missing from ``products`` (deleted meanwhile) are skipped."""
+        text = query_text(query)
         head = [f for f in head if f.id in products]
         store = self.vectors()
         stored = store.fetch([f.id for f in head]) if store is not None else {}
@@ -225,7 +235,7 @@ class Funnel:
         """
         if query.mode not in MODES:
             raise QueryError(f"unknown mode {query.mode!r}; use one of {', '.join(MODES)}")
-        text = (query.text or "").strip() or None
+        text = query_text(query)
         if text is None and query.image is None:
             raise QueryError("a query needs text, a room photo, or both")
         if query.mode == "bm25" and text is None:
@@ -233,7 +243,7 @@ class Funnel:
         if query.top_k < 1:
             raise QueryError("top_k must be at least 1")
         t0 = time.perf_counter()
-        r = self.retrieve(query, text)
+        r = self.retrieve(query)
 
         keep = r.fused[: max(query.top_k, self.config.critic_top_n if query.mode == "full" else 0)]
         products = self.products([f.id for f in keep])
@@ -245,12 +255,13 @@ class Funnel:
             critic_status = CriticStatus(backend="none", status="not configured", detail=self.config.critic_detail)
         else:
             t = time.perf_counter()
-            pairs = self.critic_pairs(query, text, keep[: self.config.critic_top_n], products)
+            pairs = self.critic_pairs(query, keep[: self.config.critic_top_n], products)
             for pair, verdict in zip(pairs, self.critic.score(pairs)):
                 verdicts[pair.product_id] = CriticResult(score=verdict.score, rationale=verdict.rationale)
             critic_status = CriticStatus(backend=self.critic.name, status="scored", scored=len(verdicts),
                                          detail=self.config.critic_detail)
-            keep = sorted(keep, key=lambda f: (f.id not in verdicts, -verdicts[f.id].score if f.id in verdicts else 0.0, f.rank))
+            by_id = {f.id: f for f in keep}
+            keep = [by_id[i] for i in critic_order(list(by_id), {i: v.score for i, v in verdicts.items()})]
             r.timings["critic"] = (time.perf_counter() - t) * 1000
 
         stage = {name: {h.id: (rank, h.score) for rank, h in enumerate(hits, start=1)} for name, hits in r.lists.items()}

@@ -31,7 +31,7 @@ from critic.learned import ClassStats, LearnedCritic, feature_matrix
 from critic.protocol import CriticPair
 from evaluation.beir import BenchmarkQuery, QueryImages
 from evaluation.metrics import ndcg_at_k
-from query.funnel import SearchQuery
+from query.funnel import SearchQuery, critic_order
 
 ROOM_TASKS: tuple[str, ...] = ("room-class", "room-type", "room-scene")
 
@@ -75,8 +75,7 @@ def mine(
         if q.task not in ROOM_TASKS or not relevant:
             continue
         query = SearchQuery(text=q.text, image=images(q), mode="hybrid")
-        text = (q.text or "").strip() or None
-        r = funnel.retrieve(query, text)
+        r = funnel.retrieve(query)
         picked: list[tuple[int, str]] = []
         for f in r.fused:
             if f.rank <= depth:
@@ -87,10 +86,9 @@ def mine(
         rest = [f.rank for f in r.fused[depth:] if f.id not in relevant]
         picked += [(rank, f"random control: fused rank {rank}") for rank in rng.sample(rest, min(controls, len(rest)))]
         head = [r.fused[rank - 1] for rank, _ in picked]
-        products = funnel.products([f.id for f in head])
-        pairs = funnel.critic_pairs(query, text, head, products)
-        by_id = {rank: reason for rank, reason in picked}
-        reasons = [by_id[next(f.rank for f in head if f.id == p.product_id)] for p in pairs]
+        reason_of = {f.id: reason for f, (_, reason) in zip(head, picked)}
+        pairs = funnel.critic_pairs(query, head, funnel.products([f.id for f in head]))
+        reasons = [reason_of[p.product_id] for p in pairs]
         mined.append(MinedQuery(q, [f.id for f in r.fused], pairs, [int(p.product_id in relevant) for p in pairs],
                                 reasons, relevant))
         if on_query:
@@ -143,12 +141,10 @@ def fit(mined: Sequence[MinedQuery], *, epochs: int = 300, l2: float = 1e-3, see
 def rerank(critic: LearnedCritic, m: MinedQuery, top_n: int) -> list[str]:
     """The ``--mode full`` order of a mined query: the top ``top_n`` fused ids sorted by critic
     score (ties by fused rank), then the rest in fused order."""
-    head_ids = m.fused[:top_n]
-    pairs = {p.product_id: p for p in m.pairs}
-    head = [pairs[i] for i in head_ids if i in pairs]
+    head_ids = set(m.fused[:top_n])
+    head = [p for p in m.pairs if p.product_id in head_ids]
     scores = {p.product_id: v.score for p, v in zip(head, critic.score(head))}
-    order = sorted(head_ids, key=lambda i: (-scores.get(i, -1.0), head_ids.index(i)))
-    return order + m.fused[top_n:]
+    return critic_order(m.fused[:top_n], scores) + m.fused[top_n:]
 
 
 Rows = dict[str, list[tuple[float, float]]]
@@ -179,15 +175,18 @@ def cross_validate(mined: Sequence[MinedQuery], *, folds: int = 5, top_n: int = 
     Raises:
         ValueError: fewer rooms than folds.
     """
-    rooms = sorted({m.query.room_id or m.query.id for m in mined})
+    def room(m: MinedQuery) -> str:
+        return m.query.room_id or m.query.id
+
+    rooms = sorted({room(m) for m in mined})
     if len(rooms) < folds:
         raise ValueError(f"{len(rooms)} rooms cannot make {folds} folds")
     random.Random(seed).shuffle(rooms)
     fold_of = {room: i % folds for i, room in enumerate(rooms)}
     rows: Rows = defaultdict(list)
     for k in range(folds):
-        train = [m for m in mined if fold_of[m.query.room_id or m.query.id] != k]
-        test = [m for m in mined if fold_of[m.query.room_id or m.query.id] == k]
+        train = [m for m in mined if fold_of[room(m)] != k]
+        test = [m for m in mined if fold_of[room(m)] == k]
         _score(fit(train, seed=seed), test, top_n, rows)
     return _summary(rows)
 
