@@ -132,12 +132,15 @@ class Taxonomy:
             return self._pick([category])
         return self._pick(self.phrases.get(normalize(category), []))
 
-    def resolve(self, text: str | None, category: str | None = None) -> CategoryLock:
+    def resolve(self, text: str | None, category: str | None = None, from_text: bool = True) -> CategoryLock:
         """The lock for a query (see the module docstring for the rules).
 
         Args:
             text: the query text, or None.
             category: an explicit category key, name or synonym from the request, or None.
+            from_text: resolve a lock from the text when no category is given; False for
+                queries that describe a whole room rather than ask for one kind of product
+                ("storage that makes room for living": every product of such a room fits).
         """
         if category:
             info = self.find(category)
@@ -146,6 +149,8 @@ class Taxonomy:
             return CategoryLock(
                 True, "request", f"category {category!r} given in the request", info.key, info.name, info.level
             )
+        if not from_text:
+            return CategoryLock(False, "none", "locking from the text is off for this query and no category was given")
         if not text:
             return CategoryLock(False, "none", "no query text and no category: no lock applied")
         words = normalize(text).split()

@@ -3,6 +3,18 @@
 Tables: ``products``, ``categories`` (a two-level tree: a coarse *class* parent such as
 "rug" over fine-grained *type* leaves such as "Rug, flatwoven"), ``category_synonyms``,
 ``product_categories``, ``ingest_jobs`` and ``rejected_records``.
+
+The same models and migrations serve SQLite (embedded mode) and PostgreSQL (server mode,
+``postgresql+psycopg://``); the differences between the two are handled here:
+
+- timestamps use :class:`UTCDateTime`, so both return timezone-aware UTC datetimes (SQLite
+  drops the offset, PostgreSQL returns the session's time zone);
+- ``sa.JSON`` is ``json`` on PostgreSQL (not ``jsonb``: it keeps a rejected record's raw
+  input verbatim, ``\u0000`` escapes included, which ``jsonb`` refuses);
+- PostgreSQL enforces ``VARCHAR(n)`` lengths and refuses NUL characters in text, SQLite does
+  neither: the diagnostic fields of :class:`RejectedRecord` and :class:`IngestJob` are
+  made storable on both (see :func:`storable_text`); product fields are bounded by the
+  ingestion validation (``ingestion.records.ProductRecord``).
 """
 
 from __future__ import annotations
@@ -10,13 +22,59 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy import JSON, DateTime, Dialect, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
+from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> datetime:
     """Timezone-aware current UTC time (stored by every timestamp column)."""
     return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """``DateTime(timezone=True)`` that stores UTC and always reads back aware UTC datetimes.
+
+    SQLite keeps no offset (it would store an aware value's local wall time and read it back
+    naive); PostgreSQL's ``timestamptz`` reads back in the session's ``TimeZone``. Values are
+    converted to UTC before they are written, and tagged/converted to UTC when read, so the
+    two dialects agree. A naive datetime is taken to be UTC already.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Convert ``value`` to aware UTC before it is written."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Return the stored value as an aware UTC datetime."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def storable_text(value: str | None, max_length: int | None = None) -> str | None:
+    """``value`` made storable on every catalog dialect: NUL characters written as ``\\x00``
+    (PostgreSQL refuses them in text) and, with ``max_length``, clipped to the column's length
+    with a trailing ``…`` (PostgreSQL enforces ``VARCHAR(n)``, SQLite does not).
+
+    Only for diagnostic fields (why a record was rejected, where it came from), never for
+    catalog data, which must be validated instead of altered.
+    """
+    if value is None:
+        return None
+    value = value.replace("\x00", "\\x00")
+    if max_length is not None and len(value) > max_length:
+        value = value[: max_length - 1] + "…"
+    return value
 
 
 class Base(DeclarativeBase):
@@ -37,8 +95,8 @@ class Product(Base):
     image: Mapped[str | None] = mapped_column(String(2048), nullable=True)
     attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     content_hash: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
     categories: Mapped[list["Category"]] = relationship(secondary="product_categories", lazy="selectin")
 
@@ -101,8 +159,12 @@ class IngestJob(Base):
     without_image: Mapped[int] = mapped_column(Integer, default=0)
     items_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    @validates("error")
+    def _storable_error(self, _key: str, value: str | None) -> str | None:
+        return storable_text(value)
 
 
 class RejectedRecord(Base):
@@ -117,4 +179,10 @@ class RejectedRecord(Base):
     record_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     reason: Mapped[str] = mapped_column(Text)
     raw: Mapped[Any] = mapped_column(JSON, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    @validates("source", "record_id", "reason")
+    def _storable_diagnostics(self, key: str, value: str | None) -> str | None:
+        # the id of a rejected record is untrusted input: it may be longer than any valid id
+        length = getattr(self.__table__.c[key].type, "length", None)
+        return storable_text(value, length)

@@ -17,6 +17,12 @@ from query.funnel import SearchQuery
 #: Results fetched per query: enough for Recall@50.
 EVAL_DEPTH = 100
 
+#: Tasks whose query describes a whole room and whose relevant set is every product shown in
+#: it (the dataset README's task table): they run without a lock resolved from the text, as
+#: a merchandiser looking for a room's look would (`--no-lock`). Product-request tasks
+#: (room-class, room-type, text-to-image) keep the automatic lock.
+ROOM_LEVEL_TASKS = frozenset({"room-scene", "room-title"})
+
 
 def run_eval(
     engine: Any,
@@ -32,6 +38,8 @@ def run_eval(
 
     Returns a JSON-ready dict: ``mode``, ``tasks`` (task -> {"queries": n, metric: mean}),
     ``per_query`` (query id -> metric values) and ``locks`` (query id -> lock key or None).
+    Each query passes its room type (``room_category``) as the search's room context;
+    :data:`ROOM_LEVEL_TASKS` run without an automatic lock.
 
     Raises:
         FileNotFoundError: a queries/qrels file or a query image is missing.
@@ -55,7 +63,14 @@ def run_eval(
     with Progress(disable=not progress, transient=True) as bar:
         task_id = bar.add_task(f"eval ({mode})", total=len(queries))
         for q in queries:
-            response = engine.search(SearchQuery(text=q.text, image=images(q), top_k=EVAL_DEPTH, mode=mode))
+            response = engine.search(SearchQuery(
+                    text=q.text,
+                    image=images(q),
+                    room=q.room_category,
+                    auto_lock=q.task not in ROOM_LEVEL_TASKS,
+                    top_k=EVAL_DEPTH,
+                    mode=mode,
+                ))
             runs[q.id] = [item.id for item in response.items]
             locks[q.id] = response.lock.key if response.lock.applied else None
             by_task[q.task].append(q.id)

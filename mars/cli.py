@@ -118,6 +118,8 @@ def search(
     text: Annotated[Optional[str], typer.Argument(help='Query text, e.g. "a lamp for this bedroom".')] = None,
     image: Annotated[Optional[Path], typer.Option("--image", help="Room photo (JPEG/PNG).")] = None,
     category: Annotated[Optional[str], typer.Option("--category", help="Lock to this category (key, name or synonym).")] = None,
+    room: Annotated[Optional[str], typer.Option("--room", help='Room type, e.g. "Living Room": context for the text search, never a lock.')] = None,
+    auto_lock: Annotated[bool, typer.Option("--lock/--no-lock", help="Lock to a category named in the text (--no-lock for a whole-room query).")] = True,
     top_k: Annotated[int, typer.Option("--top-k", min=1, max=1000, help="Results to show.")] = 10,
     mode: ModeOpt = "hybrid",
     as_json: Annotated[bool, typer.Option("--json", help="Print the full response as JSON.")] = False,
@@ -127,16 +129,18 @@ def search(
     from query.funnel import QueryError, SearchQuery
 
     settings = get_settings()
-    room = None
+    photo = None
     if image is not None:
         try:
-            room = decode_image(read_image_bytes(image, max_bytes=settings.max_image_bytes), max_pixels=settings.max_image_pixels, what=str(image))
+            photo = decode_image(read_image_bytes(image, max_bytes=settings.max_image_bytes), max_pixels=settings.max_image_pixels, what=str(image))
         except ImageRejected as exc:
             err.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc
     engine = _engine()
     try:
-        response = engine.search(SearchQuery(text=text, image=room, category=category, top_k=top_k, mode=mode))  # type: ignore[arg-type]
+        response = engine.search(
+            SearchQuery(text=text, image=photo, category=category, room=room, auto_lock=auto_lock, top_k=top_k, mode=mode)  # type: ignore[arg-type]
+        )
     except QueryError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc

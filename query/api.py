@@ -31,6 +31,10 @@ class SearchBody(BaseModel):
     text: str | None = Field(None, max_length=1000, examples=["a lamp for this bedroom"])
     image_base64: str | None = Field(None, description="Room photo (JPEG/PNG), base64-encoded.")
     category: str | None = Field(None, max_length=256, description="Explicit category lock (key, name or synonym).")
+    room: str | None = Field(
+        None, max_length=100, examples=["Bedroom"], description="Room type: context for the text-side lists, never a lock."
+    )
+    auto_lock: bool = Field(True, description="Resolve a category lock from the text; false for a whole-room query.")
     top_k: int = Field(10, ge=1, le=1000)
     mode: Mode = "hybrid"
     weights: dict[str, float] = Field(default_factory=dict, description="RRF weight overrides: bm25, image, text.")
@@ -150,7 +154,14 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
         else:
             raise HTTPException(415, "send application/json or multipart/form-data")
         query = SearchQuery(
-            text=body.text, image=image, category=body.category, top_k=body.top_k, mode=body.mode, weights=body.weights
+            text=body.text,
+            image=image,
+            category=body.category,
+            room=body.room,
+            auto_lock=body.auto_lock,
+            top_k=body.top_k,
+            mode=body.mode,
+            weights=body.weights,
         )
         try:
             return eng.search(query)

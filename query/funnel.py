@@ -49,12 +49,17 @@ class QueryError(ValueError):
 
 @dataclass
 class SearchQuery:
-    """One query: text and/or a room photo, an optional explicit category, how many results,
-    the mode, and optional per-list RRF weight overrides (``bm25``, ``image``, ``text``)."""
+    """One query: text and/or a room photo, an optional explicit category, an optional room
+    type (``room``, e.g. "Bedroom": context for the text-side lists, see :func:`search_text`),
+    whether a category lock may be resolved from the text (``auto_lock``; False for a query
+    that describes a whole room, such as a room's title), how many results, the mode, and optional per-list RRF weight overrides (``bm25``,
+    ``image``, ``text``)."""
 
     text: str | None = None
     image: Image.Image | None = None
     category: str | None = None
+    room: str | None = None
+    auto_lock: bool = True
     top_k: int = 10
     mode: Mode = "hybrid"
     weights: dict[str, float] = field(default_factory=dict)
@@ -88,6 +93,19 @@ class Retrieval:
 def query_text(query: SearchQuery) -> str | None:
     """The query's text stripped, or None when it is empty."""
     return (query.text or "").strip() or None
+
+
+def search_text(query: SearchQuery) -> str | None:
+    """The text the BM25 and text-vector lists search with: the query text plus the room type
+    when one is given and the text does not already name it ("a cosy space for coffee" +
+    "Living Room" → "a cosy space for coffee living room"); the room type alone when there is
+    no text; None when there is neither. The category lock reads the query text only, so a
+    room type never locks ("kitchen" says where the product goes, not what it is)."""
+    text = query_text(query)
+    room = (query.room or "").strip().lower() or None
+    if room is None or (text is not None and all(w in text.lower().split() for w in room.split())):
+        return text
+    return f"{text} {room}" if text else room
 
 
 def critic_order(ids: Sequence[str], scores: Mapping[str, float]) -> list[str]:
@@ -166,10 +184,10 @@ class Funnel:
         BM25 hits carry BM25 scores, vector hits cosine similarities (the image list keeps
         each product's best region).
         """
-        text = query_text(query)
+        text = search_text(query)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        lock = self.taxonomy().resolve(text, query.category)
+        lock = self.taxonomy().resolve(query_text(query), query.category, from_text=query.auto_lock)
         cats = [lock.key] if lock.applied and lock.key else None
         timings["plan"] = (time.perf_counter() - t0) * 1000
 

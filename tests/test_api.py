@@ -49,6 +49,9 @@ def test_search_json_and_multipart(client, ikea_slice):
     )
     assert m.status_code == 200, m.text
     assert [i["id"] for i in m.json()["items"]] == [i["id"] for i in body["items"]][:5]
+    whole_room = client.post("/v1/search", json={"text": "a lamp for reading", "room": "Bedroom", "auto_lock": False})
+    assert whole_room.status_code == 200, whole_room.text
+    assert not whole_room.json()["lock"]["applied"] and "off" in whole_room.json()["lock"]["reason"]
 
 
 def test_bad_uploads_are_clear_4xx_and_store_nothing(client):

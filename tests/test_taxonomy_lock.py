@@ -109,6 +109,12 @@ def test_mentions_after_a_preposition_do_not_lock(taxonomy):
     assert "catalog name of the type" in taxonomy.resolve("chair for this kitchen").reason
 
 
+def test_whole_room_queries_can_turn_the_text_lock_off(taxonomy):
+    lock = taxonomy.resolve("a chair with armrests", from_text=False)
+    assert not lock.applied and "off" in lock.reason
+    assert taxonomy.resolve("a chair with armrests", "rugs", from_text=False).key == "rug"  # a request still locks
+
+
 def test_explicit_category(taxonomy):
     assert taxonomy.resolve("anything", "rugs").key == "rug"
     assert taxonomy.resolve(None, "chair/chair-outdoor").key == "chair/chair-outdoor"
