@@ -1,10 +1,15 @@
-"""Contract suite for every VectorStore: Qdrant Edge and the exact FAISS reference must agree."""
+"""Contract suite for every VectorStore: Qdrant Edge, the exact FAISS reference and the Qdrant
+server store (qdrant-client local mode; a live server when QDRANT_URL is set) must agree."""
 
 from __future__ import annotations
+
+import os
+import uuid
 
 import numpy as np
 import pytest
 
+from indexing.qdrant_server import QdrantServerStore
 from indexing.vectors import FaissFlatStore, QdrantEdgeStore, VectorPoint, VectorStore
 
 DIMS = {"image": 16, "text": 8}
@@ -29,11 +34,26 @@ def points():
     return out
 
 
-@pytest.fixture(params=["qdrant-edge", "faiss"])
+def _make_store(kind: str, tmp_path) -> VectorStore:
+    if kind == "qdrant-edge":
+        return QdrantEdgeStore(tmp_path / "q", DIMS)
+    if kind == "faiss":
+        return FaissFlatStore(DIMS)
+    if kind == "qdrant-server-local":  # qdrant-client local mode: the server's API in pure Python
+        return QdrantServerStore(DIMS, path=":memory:", name="contract")
+    if not os.environ.get("QDRANT_URL"):
+        pytest.skip("QDRANT_URL not set (live Qdrant server)")
+    name = f"mars_contract_{uuid.uuid4().hex[:8]}"
+    return QdrantServerStore(DIMS, url=os.environ["QDRANT_URL"], name=name, exact=True)
+
+
+@pytest.fixture(params=["qdrant-edge", "faiss", "qdrant-server-local", "qdrant-server-live"])
 def store(request, tmp_path, points) -> VectorStore:
-    s = QdrantEdgeStore(tmp_path / "q", DIMS) if request.param == "qdrant-edge" else FaissFlatStore(DIMS)
+    s = _make_store(request.param, tmp_path)
     s.upsert(points)
     yield s
+    if request.param == "qdrant-server-live":
+        s.drop()
     s.close()
 
 
