@@ -134,6 +134,7 @@ class LearnedCritic:
     stats: ClassStats
     meta: dict = field(default_factory=dict)
     name: str = "learned"
+    uses_images: bool = False
 
     def score(self, pairs: Sequence[CriticPair]) -> list[Verdict]:
         """One :class:`Verdict` per pair, in order; the rationale names the two strongest signals."""

@@ -56,8 +56,13 @@ class Verdict:
 
 @runtime_checkable
 class Critic(Protocol):
-    """Scores a batch of pairs; returns one :class:`Verdict` per pair, in order."""
+    """Scores a batch of pairs; returns one :class:`Verdict` per pair, in order.
+
+    ``uses_images`` tells the funnel whether to decode the product photos into
+    ``CriticPair.product_image`` (a VLM reads them; the learned critic uses stored vectors).
+    """
 
     name: str
+    uses_images: bool
 
     def score(self, pairs: Sequence[CriticPair]) -> list[Verdict]: ...

@@ -2,29 +2,52 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from critic.learned import LearnedCritic
 from critic.protocol import Critic
 
-CRITICS: tuple[str, ...] = ("none", "learned")
+if TYPE_CHECKING:
+    from mars.settings import Settings
+
+CRITICS: tuple[str, ...] = ("none", "learned", "vlm")
 
 
-def build_critic(name: str, checkpoint: Path) -> tuple[Critic | None, str]:
-    """The critic named ``name`` and a one-line note for responses.
+def build_critic(settings: "Settings") -> tuple[Critic | None, str]:
+    """The critic ``settings.critic`` names and a one-line note for responses.
 
-    ``"none"`` gives ``(None, "MARS_CRITIC=none")``; ``"learned"`` loads ``checkpoint`` and,
-    when it does not exist yet, gives ``(None, "<how to train one>")`` so search keeps working
-    and ``--mode full`` says why nothing was re-scored.
+    ``"none"`` gives ``(None, "MARS_CRITIC=none")``. ``"learned"`` loads
+    ``settings.critic_path`` and, when it does not exist yet, gives ``(None, "<how to train
+    one>")`` so search keeps working and ``--mode full`` says why nothing was re-scored.
+    ``"vlm"`` builds a :class:`critic.vlm.QwenVLCritic` from ``MARS_CRITIC_MODEL`` (weights
+    load on first use, not here).
 
     Raises:
-        ValueError: an unknown name, or a file that is not a learned-critic checkpoint.
+        ValueError: an unknown name, ``vlm`` without ``MARS_CRITIC_MODEL``, or a file that
+            is not a learned-critic checkpoint.
+        RuntimeError: ``MARS_CRITIC_4BIT`` without CUDA or bitsandbytes.
     """
+    name = settings.critic
     if name == "none":
         return None, "MARS_CRITIC=none"
     if name == "learned":
+        checkpoint = settings.critic_path
         if not checkpoint.exists():
             return None, f"no learned-critic checkpoint at {checkpoint}; train one with `mars train critic`"
         critic = LearnedCritic.load(checkpoint)
         return critic, f"learned critic from {checkpoint} ({critic.meta.get('pairs', '?')} training pairs)"
+    if name == "vlm":
+        if not settings.critic_model:
+            raise ValueError("MARS_CRITIC=vlm needs MARS_CRITIC_MODEL (a local Qwen2-VL directory)")
+        from critic.vlm import QwenVLCritic  # torch-heavy; only when asked for
+
+        vlm = QwenVLCritic(
+            settings.critic_model,
+            adapter=settings.critic_adapter,
+            load_in_4bit=settings.critic_4bit,
+            batch_size=settings.critic_batch_size,
+            rationale_top_k=settings.critic_rationale_top_k,
+        )
+        adapter = f" + LoRA {settings.critic_adapter}" if settings.critic_adapter else ""
+        return vlm, f"Qwen2-VL critic from {settings.critic_model}{adapter}"
     raise ValueError(f"unknown critic {name!r}; available: {', '.join(CRITICS)}")

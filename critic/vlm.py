@@ -59,6 +59,7 @@ class QwenVLCritic:
     """
 
     name = "qwen2-vl"
+    uses_images = True
 
     def __init__(
         self,

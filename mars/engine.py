@@ -90,7 +90,7 @@ class Engine:
         self._store: QdrantEdgeStore | None = None
         self._reference: FaissFlatStore | None = None
         self._taxonomy: Taxonomy | None = None
-        self.critic, critic_detail = build_critic(settings.critic, settings.critic_path)
+        self.critic, critic_detail = build_critic(settings)
         self.funnel = Funnel(
             self.sessions,
             self.taxonomy,

@@ -63,9 +63,19 @@ class Settings(BaseSettings):
     boost_colour: float = Field(1.5, ge=0, description="BM25 field boost of the colour.")
     boost_text: float = Field(1.0, ge=0, description="BM25 field boost of the description.")
 
-    critic: Literal["none", "learned"] = Field(
+    critic: Literal["none", "learned", "vlm"] = Field(
         "learned",
-        description="Critic for --mode full: 'learned' (offline default; trained by `mars train critic`) or 'none'.",
+        description="Critic for --mode full: 'learned' (offline default; trained by `mars train critic`), "
+        "'vlm' (Qwen2-VL from MARS_CRITIC_MODEL) or 'none'.",
+    )
+    critic_model: str | None = Field(
+        None, description="Qwen2-VL directory (or an id already in the local HF cache) for MARS_CRITIC=vlm."
+    )
+    critic_adapter: Path | None = Field(None, description="LoRA adapter directory for the Qwen2-VL critic.")
+    critic_4bit: bool = Field(False, description="Load the Qwen2-VL critic in 4-bit NF4 (needs CUDA + bitsandbytes).")
+    critic_batch_size: int = Field(4, ge=1, description="Pairs per Qwen2-VL forward/generate call.")
+    critic_rationale_top_k: int = Field(
+        5, ge=0, description="How many of the critic's pairs get a generated rationale (the rest: fast score)."
     )
     critic_checkpoint: Path | None = Field(
         None, description="Learned-critic checkpoint (safetensors); default <home>/critic/learned.safetensors."

@@ -225,6 +225,7 @@ class Funnel:
         regions = self.region_vectors(query.image) if query.image is not None and store is not None and "image" in store.dims else None
         qvec = self.text_vector(text)[0] if text and store is not None and "text" in store.dims else None
         categories = self.taxonomy().categories
+        photos = {f.id: _product_photo(products[f.id]) for f in head} if getattr(self.critic, "uses_images", False) else {}
         pairs = []
         for f in head:
             point = stored.get(f.id)
@@ -235,7 +236,7 @@ class Funnel:
                     room_image=query.image,
                     product_id=f.id,
                     product_text=_product_text(products[f.id]),
-                    product_image=None,
+                    product_image=photos.get(f.id),
                     product_class=classes[0] if classes else None,
                     fused_rank=f.rank,
                     room_regions=regions,
@@ -326,6 +327,15 @@ class Funnel:
         with self.sessions() as session:
             rows = session.execute(select(Product).where(Product.id.in_(ids))).scalars().all()
             return {p.id: p for p in rows}
+
+
+def _product_photo(p: Product) -> Image.Image | None:
+    """The product's stored photo for an image-reading critic; None when it has none or it is
+    a URL (the query path never downloads). A local file that no longer decodes raises."""
+    if not p.image or p.image.startswith(("http://", "https://")):
+        return None
+    with Image.open(p.image) as img:
+        return img.convert("RGB")
 
 
 def _product_text(p: Product) -> str:

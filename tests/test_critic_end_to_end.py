@@ -70,3 +70,21 @@ def test_cli_train_critic_writes_a_checkpoint(ikea, ikea_slice, make_engine, tmp
     assert result.exit_code == 0, result.output
     assert (home / "critic" / "learned.safetensors").exists()
     assert '"in_sample"' in result.output and '"room-class"' in result.output
+
+
+def test_vlm_critic_through_the_engine_reads_room_and_product_photos(ikea, ikea_slice, make_engine, tmp_path):
+    from tiny_qwen2vl import save_tiny_qwen2vl
+
+    model = save_tiny_qwen2vl(tmp_path / "tiny-qwen2vl")
+    engine = make_engine(tmp_path / "vlm-mars", critic="vlm", critic_model=str(model), critic_rationale_top_k=0)
+    engine.ingest(open_source(ikea_slice["corpus"]), "slice")
+    seen = []
+    score = engine.critic.score
+    engine.critic.score = lambda pairs: seen.extend(pairs) or score(pairs)
+    room = QueryImages(10**8, 10**8)(next(q for q in load_queries(ikea / "queries.jsonl") if q.task == "room-class"
+                                          and q.room_id == ikea_slice["room"].stem))
+    full = engine.search(SearchQuery(text="a lamp for this bedroom", image=room, mode="full", top_k=5))
+    assert full.critic.backend == "qwen2-vl" and full.critic.status == "scored" and "Qwen2-VL" in full.critic.detail
+    assert seen and all(p.room_image is room and p.product_image is not None for p in seen)
+    assert all(0.0 <= i.provenance.critic.score <= 1.0 and "P(yes)=" in i.provenance.critic.rationale
+               for i in full.items if i.provenance.critic)

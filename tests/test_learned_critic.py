@@ -6,11 +6,13 @@ import math
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from critic.features import FEATURES, vector_features
 from critic.learned import PRIOR_STRENGTH, ClassStats, LearnedCritic
 from critic.protocol import CriticPair
 from critic.registry import build_critic
+from mars.settings import Settings
 from evaluation.beir import BenchmarkQuery
 from training.critic import MinedQuery, cross_validate, evaluate, fit, rerank
 
@@ -98,7 +100,7 @@ def test_checkpoint_round_trip_and_rationale(tmp_path):
     critic = fit(_mined(rng))
     path = tmp_path / "critic" / "learned.safetensors"
     critic.save(path)
-    loaded, detail = build_critic("learned", path)
+    loaded, detail = build_critic(Settings(home=tmp_path, critic="learned", critic_checkpoint=path))
     assert isinstance(loaded, LearnedCritic) and "training pairs" in detail
     pairs = _mined(rng, n_queries=1)[0].pairs
     a, b = critic.score(pairs), loaded.score(pairs)
@@ -110,13 +112,15 @@ def test_checkpoint_round_trip_and_rationale(tmp_path):
 
 
 def test_registry_without_checkpoint_and_bad_files(tmp_path):
-    critic, detail = build_critic("learned", tmp_path / "missing.safetensors")
-    assert critic is None and "mars train critic" in detail
-    assert build_critic("none", tmp_path) == (None, "MARS_CRITIC=none")
-    with pytest.raises(ValueError, match="unknown critic"):
-        build_critic("oracle", tmp_path)
+    critic, detail = build_critic(Settings(home=tmp_path, critic="learned"))
+    assert critic is None and "mars train critic" in detail and str(tmp_path) in detail
+    assert build_critic(Settings(home=tmp_path, critic="none")) == (None, "MARS_CRITIC=none")
+    with pytest.raises(ValidationError, match="critic"):
+        Settings(home=tmp_path, critic="oracle")
+    with pytest.raises(ValueError, match="MARS_CRITIC_MODEL"):
+        build_critic(Settings(home=tmp_path, critic="vlm"))
     from safetensors.numpy import save_file
 
     save_file({"x": np.zeros(1, np.float32)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a learned-critic checkpoint"):
-        build_critic("learned", tmp_path / "other.safetensors")
+        build_critic(Settings(home=tmp_path, critic="learned", critic_checkpoint=tmp_path / "other.safetensors"))
