@@ -32,7 +32,10 @@ class IngestTargets:
     """Where the pipeline writes: the catalog, the BM25 index, the vector store and the encoders.
 
     ``vectors`` and ``encoders`` are callables so the models load and the store is created
-    only when something actually needs embedding.
+    only when something actually needs embedding. ``fetch_image`` downloads an http(s)
+    image (e.g. :meth:`ingestion.remote.RemoteImageFetcher.fetch`) and raises
+    ``ImageRejected`` on failure; without it, URL images are not fetched. Either way an item
+    whose URL image is not used is indexed by text, with a warning saying why.
     """
 
     sessions: sessionmaker[Session]
@@ -42,6 +45,7 @@ class IngestTargets:
     encoders: Callable[[], tuple[ImageEncoder, TextEncoder]]
     max_image_pixels: int
     max_image_bytes: int
+    fetch_image: Callable[[str], bytes] | None = None
 
 
 @dataclass
@@ -96,6 +100,7 @@ class _Prepared:
     record: ProductRecord
     image_bytes: bytes | None
     hash: str
+    image_note: str | None = None  # why a URL image is not used
 
 
 def _batched(items: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]:
@@ -149,8 +154,9 @@ def run_ingest(
 
     A malformed record (bad JSON, missing id, wrong types, duplicate id, unreadable,
     non-image or oversized image) is rejected with its reason into ``rejected_records`` and
-    the report; the rest goes through. A record without an image is indexed by text and
-    counted in ``without_image``.
+    the report; the rest goes through. A record without an image, or whose URL image
+    cannot be fetched or decoded, is indexed by text, counted in ``without_image`` and
+    warned about.
     """
     started = time.perf_counter()
     with targets.sessions() as session:
@@ -198,14 +204,19 @@ def _ingest_batch(chunk: list[RawRecord], targets: IngestTargets, report: Ingest
             rejected.append((raw, record.id, f"duplicate id {record.id!r} (first at record {seen[record.id]})"))
             continue
         seen[record.id] = raw.position
-        image_bytes = None
+        image_bytes, image_note = None, None
         if record.image and not record.image.startswith(("http://", "https://")):
             try:
                 image_bytes = read_image_bytes(record.image, max_bytes=targets.max_image_bytes)
             except ImageRejected as exc:
                 rejected.append((raw, record.id, str(exc)))
                 continue
-        prepared.append(_Prepared(raw, record, image_bytes, content_hash(record, image_bytes)))
+        elif record.image and targets.fetch_image is not None:
+            try:
+                image_bytes = targets.fetch_image(record.image)
+            except ImageRejected as exc:
+                image_note = f"{record.id}: {exc}; indexed by text"
+        prepared.append(_Prepared(raw, record, image_bytes, content_hash(record, image_bytes), image_note))
 
     with targets.sessions() as session:
         ids = [p.record.id for p in prepared]
@@ -226,8 +237,12 @@ def _ingest_batch(chunk: list[RawRecord], targets: IngestTargets, report: Ingest
                         p.image_bytes, max_pixels=targets.max_image_pixels, what=f"image {p.record.image}"
                     )
                 except ImageRejected as exc:
-                    rejected.append((p.raw, p.record.id, str(exc)))
-                    continue
+                    if not p.record.image.startswith(("http://", "https://")):
+                        rejected.append((p.raw, p.record.id, str(exc)))
+                        continue
+                    report.warnings.append(f"{p.record.id}: {exc}; indexed by text")
+            elif p.image_note:
+                report.warnings.append(p.image_note)
             elif p.record.image:
                 report.warnings.append(f"{p.record.id}: remote image {p.record.image} not fetched; indexed by text")
             else:

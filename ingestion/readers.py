@@ -118,6 +118,9 @@ def open_source(path: Path, mapping: Mapping[str, str] | None = None) -> Iterato
     """
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    from ingestion.abo import is_abo_source, read_abo  # here: ingestion.abo imports RawRecord from this module
+    if is_abo_source(path):
+        return read_abo(path)
     if path.is_dir():
         corpus = path / "corpus.jsonl"
         if not corpus.exists():

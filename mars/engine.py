@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 from filelock import FileLock, Timeout
 
@@ -20,6 +19,7 @@ from indexing.lexical import TantivyIndex
 from indexing.vectors import FaissFlatStore, QdrantEdgeStore, VectorStore
 from ingestion.pipeline import IngestReport, IngestTargets, run_ingest
 from ingestion.readers import RawRecord
+from ingestion.remote import RemoteImageFetcher
 from mars.settings import Settings
 from query.funnel import Funnel, FunnelConfig, SearchQuery
 from query.schemas import SearchResponse
@@ -167,7 +167,15 @@ class Engine:
         total_hint: int | None = None,
         on_progress: Callable[[int], None] | None = None,
     ) -> IngestReport:
-        """Upsert records (see :func:`ingestion.pipeline.run_ingest`) and refresh the lock snapshot."""
+        """Upsert records (see :func:`ingestion.pipeline.run_ingest`) and refresh the lock snapshot.
+        Images given by http(s) URL are downloaded with the ``MARS_IMAGE_FETCH_*`` limits."""
+        fetcher = RemoteImageFetcher(
+            max_bytes=self.settings.max_image_bytes,
+            max_pixels=self.settings.max_image_pixels,
+            connect_timeout_s=self.settings.image_fetch_timeout_s / 2,
+            read_timeout_s=self.settings.image_fetch_timeout_s,
+            retries=self.settings.image_fetch_retries,
+        )
         targets = IngestTargets(
             sessions=self.sessions,
             lexical=self.lexical,
@@ -176,10 +184,12 @@ class Engine:
             encoders=self.encoders,
             max_image_pixels=self.settings.max_image_pixels,
             max_image_bytes=self.settings.max_image_bytes,
+            fetch_image=fetcher.fetch,
         )
         try:
             return run_ingest(records, targets, source=source, total_hint=total_hint, on_progress=on_progress)
         finally:
+            fetcher.close()
             self._taxonomy = None
             self._reference = None
 

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     )
     max_image_bytes: int = Field(20_000_000, ge=1, description="Image files larger than this are rejected.")
 
+    image_fetch_timeout_s: float = Field(
+        10.0, gt=0, description="Read timeout in seconds for an image given by http(s) URL (connect: half of it)."
+    )
+    image_fetch_retries: int = Field(2, ge=0, description="Retries of a URL image after a transient error (timeout, 429, 5xx).")
     vector_backend: Literal["qdrant-edge", "faiss"] = Field("qdrant-edge", description="'qdrant-edge' (default) or 'faiss' (exact reference).")
     retrieval_depth: int = Field(200, ge=1, description="Candidates each stage retrieves before fusion.")
     room_grid: str = Field(
