@@ -8,7 +8,7 @@ whose hash is unchanged *and* whose point exists in the vector store is skipped.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -187,10 +187,48 @@ def run_ingest(
 
 
 def _ingest_batch(chunk: list[RawRecord], targets: IngestTargets, report: IngestReport, seen: dict[str, int]) -> None:
-    rejected: list[tuple[RawRecord, str | None, str]] = []
+    """One batch in-process: the same four stages the Celery tasks run on separate queues."""
+    report.total += len(chunk)
+    prepared, rejected = prepare(chunk, targets, seen)
+    with targets.sessions() as session:
+        todo, unchanged = split_unchanged(prepared, session, targets.existing_vectors())
+        report.unchanged += len(unchanged)
+        items, warnings = embed(todo, targets, rejected)
+        report.warnings.extend(warnings)
+        if items:
+            apply(items, targets, session)
+            report.ingested += len(items)
+            report.without_image += sum("image" not in item.vectors for item in items)
+        report.rejections.extend(record_rejections(session, report.job_id, rejected))
+        report.rejected += len(rejected)
+        job = session.get(IngestJob, report.job_id)
+        job.ingested, job.unchanged, job.rejected = report.ingested, report.unchanged, report.rejected
+        job.without_image, job.total = report.without_image, max(job.total, report.total)
+        session.commit()
+
+
+#: A record that will not be stored: the raw record, its id if it had one, and why.
+Rejected = tuple[RawRecord, "str | None", str]
+
+
+@dataclass
+class Embedded:
+    """A validated record with its content hash and its vectors (``text`` always, ``image``
+    when the photo decoded), ready for :func:`apply`; ``position`` is its place in the source."""
+
+    record: ProductRecord
+    hash: str
+    vectors: dict[str, Any]
+    position: int
+
+
+def prepare(chunk: Sequence[RawRecord], targets: IngestTargets, seen: dict[str, int]) -> tuple[list[_Prepared], list[Rejected]]:
+    """Stage 1 (no catalog access): validate each record, read its image bytes (local file or
+    URL) and hash its content. ``seen`` maps ids already taken in this run to their position,
+    so a repeated id is rejected as a duplicate."""
+    rejected: list[Rejected] = []
     prepared: list[_Prepared] = []
     for raw in chunk:
-        report.total += 1
         if raw.error or raw.data is None:
             rejected.append((raw, None, raw.error or "empty record"))
             continue
@@ -217,83 +255,92 @@ def _ingest_batch(chunk: list[RawRecord], targets: IngestTargets, report: Ingest
             except ImageRejected as exc:
                 image_note = f"{record.id}: {exc}; indexed by text"
         prepared.append(_Prepared(raw, record, image_bytes, content_hash(record, image_bytes), image_note))
+    return prepared, rejected
 
-    with targets.sessions() as session:
-        ids = [p.record.id for p in prepared]
-        existing = {row.id: row for row in session.execute(select(Product).where(Product.id.in_(ids))).scalars()}
-        stored = {pid: row.content_hash for pid, row in existing.items()}
-        same = [p.record.id for p in prepared if stored.get(p.record.id) == p.hash]
-        store = targets.existing_vectors()
-        indexed = store.present(same) if (store is not None and same) else set()
-        todo = [p for p in prepared if p.record.id not in indexed or stored.get(p.record.id) != p.hash]
-        report.unchanged += len(prepared) - len(todo)
 
-        images: dict[str, Any] = {}
-        ready: list[_Prepared] = []
-        for p in todo:
-            if p.image_bytes is not None:
-                try:
-                    images[p.record.id] = decode_image(
-                        p.image_bytes, max_pixels=targets.max_image_pixels, what=f"image {p.record.image}"
-                    )
-                except ImageRejected as exc:
-                    if not p.record.image.startswith(("http://", "https://")):
-                        rejected.append((p.raw, p.record.id, str(exc)))
-                        continue
-                    report.warnings.append(f"{p.record.id}: {exc}; indexed by text")
-            elif p.image_note:
-                report.warnings.append(p.image_note)
-            elif p.record.image:
-                report.warnings.append(f"{p.record.id}: remote image {p.record.image} not fetched; indexed by text")
-            else:
-                report.warnings.append(f"{p.record.id}: no image; indexed by text")
-            ready.append(p)
+def split_unchanged(
+    prepared: Sequence[_Prepared], session: Session, store: VectorStore | None
+) -> tuple[list[_Prepared], list[_Prepared]]:
+    """Stage 2: ``(todo, unchanged)``. An item is unchanged when the catalog holds its content
+    hash (written only after its index writes) and, when ``store`` is given, its point exists."""
+    ids = [p.record.id for p in prepared]
+    stored = dict(session.execute(select(Product.id, Product.content_hash).where(Product.id.in_(ids))).all())
+    same = [p.record.id for p in prepared if stored.get(p.record.id) == p.hash]
+    indexed = (store.present(same) if store is not None else set(same)) if same else set()
+    todo = [p for p in prepared if p.record.id not in indexed]
+    return todo, [p for p in prepared if p.record.id in indexed]
 
-        if ready:
-            image_encoder, text_encoder = targets.encoders()
-            with_image = [p for p in ready if p.record.id in images]
-            image_vecs = image_encoder.encode_images([images[p.record.id] for p in with_image])
-            text_vecs = text_encoder.encode_texts([p.record.embedding_text() for p in ready])
-            image_by_id = {p.record.id: image_vecs[i] for i, p in enumerate(with_image)}
 
-            cats = _CategoryCache(session)
-            leaves = {p.record.id: cats.place(place_type(p.record.type)) if p.record.type.strip() else None for p in ready}
-            keys = {pid: ([leaf.parent.key, leaf.key] if leaf is not None else []) for pid, leaf in leaves.items()}
+def embed(todo: Sequence[_Prepared], targets: IngestTargets, rejected: list[Rejected]) -> tuple[list[Embedded], list[str]]:
+    """Stage 3: decode the photos and encode photos and texts in one batch per encoder.
 
-            points, docs = [], []
-            for i, p in enumerate(ready):
-                r = p.record
-                vectors = {"text": text_vecs[i]}
-                if r.id in image_by_id:
-                    vectors["image"] = image_by_id[r.id]
-                points.append(VectorPoint(r.id, vectors, keys[r.id], r.type, r.colour))
-                docs.append(LexicalDoc(r.id, r.title, r.type, r.colour, r.text, keys[r.id]))
-            targets.vectors().upsert(points)
-            targets.lexical.upsert(docs)
+    A local photo that does not decode is appended to ``rejected``; an item without a usable
+    photo is embedded by text and named in the returned warnings."""
+    images: dict[str, Any] = {}
+    ready: list[_Prepared] = []
+    warnings: list[str] = []
+    for p in todo:
+        if p.image_bytes is not None:
+            try:
+                images[p.record.id] = decode_image(p.image_bytes, max_pixels=targets.max_image_pixels, what=f"image {p.record.image}")
+            except ImageRejected as exc:
+                if not p.record.image.startswith(("http://", "https://")):
+                    rejected.append((p.raw, p.record.id, str(exc)))
+                    continue
+                warnings.append(f"{p.record.id}: {exc}; indexed by text")
+        elif p.image_note:
+            warnings.append(p.image_note)
+        elif p.record.image:
+            warnings.append(f"{p.record.id}: remote image {p.record.image} not fetched; indexed by text")
+        else:
+            warnings.append(f"{p.record.id}: no image; indexed by text")
+        ready.append(p)
+    if not ready:
+        return [], warnings
+    image_encoder, text_encoder = targets.encoders()
+    with_image = [p for p in ready if p.record.id in images]
+    image_vecs = image_encoder.encode_images([images[p.record.id] for p in with_image])
+    text_vecs = text_encoder.encode_texts([p.record.embedding_text() for p in ready])
+    image_by_id = {p.record.id: image_vecs[i] for i, p in enumerate(with_image)}
+    items = []
+    for i, p in enumerate(ready):
+        vectors = {"text": text_vecs[i]}
+        if p.record.id in image_by_id:
+            vectors["image"] = image_by_id[p.record.id]
+        items.append(Embedded(p.record, p.hash, vectors, p.raw.position))
+    return items, warnings
 
-            session.execute(delete(ProductCategory).where(ProductCategory.product_id.in_([p.record.id for p in ready])))
-            for p in ready:
-                r = p.record
-                product = existing.get(r.id) or Product(id=r.id)
-                product.title, product.text, product.type, product.colour = r.title, r.text, r.type, r.colour
-                product.size, product.image, product.attributes, product.content_hash = r.size, r.image, r.attributes, p.hash
-                session.add(product)
-            session.flush()  # products exist before their category links reference them
-            session.add_all(
-                ProductCategory(product_id=pid, category_id=leaf.id) for pid, leaf in leaves.items() if leaf is not None
-            )
-            report.ingested += len(ready)
-            report.without_image += len(ready) - len(with_image)
 
-        for raw, rid, reason in rejected:
-            session.add(
-                RejectedRecord(
-                    job_id=report.job_id, source=raw.source, position=raw.position, record_id=rid, reason=reason, raw=raw.raw
-                )
-            )
-            report.rejections.append(Rejection(raw.position, rid, reason))
-        report.rejected += len(rejected)
-        job = session.get(IngestJob, report.job_id)
-        job.ingested, job.unchanged, job.rejected = report.ingested, report.unchanged, report.rejected
-        job.without_image, job.total = report.without_image, max(job.total, report.total)
-        session.commit()
+def apply(items: Sequence[Embedded], targets: IngestTargets, session: Session) -> None:
+    """Stage 4: write the vector points and BM25 documents, then the catalog rows (categories,
+    product with its new content hash) into ``session``; the caller commits. Indexes first,
+    so a crash before the commit leaves the old hash and the next run re-embeds the item.
+    Upserts are keyed by product id, so applying the same items twice stores them once."""
+    cats = _CategoryCache(session)
+    leaves = {it.record.id: cats.place(place_type(it.record.type)) if it.record.type.strip() else None for it in items}
+    keys = {pid: ([leaf.parent.key, leaf.key] if leaf is not None else []) for pid, leaf in leaves.items()}
+    points = [VectorPoint(it.record.id, it.vectors, keys[it.record.id], it.record.type, it.record.colour) for it in items]
+    docs = [LexicalDoc(r.id, r.title, r.type, r.colour, r.text, keys[r.id]) for r in (it.record for it in items)]
+    targets.vectors().upsert(points)
+    targets.lexical.upsert(docs)
+
+    ids = [it.record.id for it in items]
+    existing = {row.id: row for row in session.execute(select(Product).where(Product.id.in_(ids))).scalars()}
+    session.execute(delete(ProductCategory).where(ProductCategory.product_id.in_(ids)))
+    for it in items:
+        r = it.record
+        product = existing.get(r.id) or Product(id=r.id)
+        product.title, product.text, product.type, product.colour = r.title, r.text, r.type, r.colour
+        product.size, product.image, product.attributes, product.content_hash = r.size, r.image, r.attributes, it.hash
+        session.add(product)
+    session.flush()  # products exist before their category links reference them
+    session.add_all(ProductCategory(product_id=pid, category_id=leaf.id) for pid, leaf in leaves.items() if leaf is not None)
+
+
+def record_rejections(session: Session, job_id: int, rejected: Sequence[Rejected]) -> list[Rejection]:
+    """Add ``rejected`` to the ``rejected_records`` table of job ``job_id`` (the caller commits)."""
+    out = []
+    for raw, rid, reason in rejected:
+        session.add(RejectedRecord(job_id=job_id, source=raw.source, position=raw.position, record_id=rid, reason=reason, raw=raw.raw))
+        out.append(Rejection(raw.position, rid, reason))
+    return out
