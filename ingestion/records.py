@@ -26,7 +26,7 @@ class ProductRecord(BaseModel):
     type: str = Field("", max_length=256)
     colour: str = Field("", max_length=256)
     size: str = Field("", max_length=128)
-    image: str | None = None
+    image: str | None = Field(None, max_length=2048)
     attributes: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("id")
@@ -34,6 +34,13 @@ class ProductRecord(BaseModel):
     def _id_has_no_control_chars(cls, value: str) -> str:
         if any(ch in value for ch in "\r\n\t/\\"):
             raise ValueError("id must not contain tabs, newlines or slashes")
+        return value
+
+    @field_validator("title", "text", "type", "colour", "size", "image")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("text must not contain NUL characters")
         return value
 
     def embedding_text(self) -> str:

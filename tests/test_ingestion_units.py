@@ -21,7 +21,8 @@ def _png(w: int, h: int) -> bytes:
 def test_record_validation():
     ok = ProductRecord.model_validate({"id": "1", "title": " A ", "type": "Chair"})
     assert ok.title == "A" and ok.image is None
-    for bad in ({"title": "no id"}, {"id": ""}, {"id": 5}, {"id": "1", "title": 3}, {"id": "a/b"}, {"id": "1", "x": 1}):
+    for bad in ({"title": "no id"}, {"id": ""}, {"id": 5}, {"id": "1", "title": 3}, {"id": "a/b"}, {"id": "1", "x": 1},
+                {"id": "1", "text": "nul\x00byte"}, {"id": "1", "image": "http://x/" + "a" * 2048}):
         with pytest.raises(ValidationError):
             ProductRecord.model_validate(bad)
 
