@@ -22,7 +22,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Dialect, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, Dialect, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
 from sqlalchemy.types import TypeDecorator
 
@@ -165,6 +165,26 @@ class IngestJob(Base):
     @validates("error")
     def _storable_error(self, _key: str, value: str | None) -> str | None:
         return storable_text(value)
+
+
+class JobItem(Base):
+    """Where one record of a queued ingest job stands; the job's progress counts are counts of
+    these rows by ``status`` (``queued`` → ``embedded`` → ``indexed``, or ``unchanged`` /
+    ``rejected``). One row per (job, position): a task that runs again after a worker died
+    overwrites its rows, so the counts never double."""
+
+    __tablename__ = "ingest_job_items"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("ingest_jobs.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    product_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    has_image: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+    @validates("product_id")
+    def _storable_id(self, _key: str, value: str | None) -> str | None:
+        return storable_text(value, 128)
 
 
 class RejectedRecord(Base):

@@ -95,7 +95,10 @@ class IngestReport:
 
 
 @dataclass
-class _Prepared:
+class Prepared:
+    """A validated record with its image bytes (None without a usable photo), its content
+    hash and, for a URL photo that could not be used, why (``image_note``)."""
+
     raw: RawRecord
     record: ProductRecord
     image_bytes: bytes | None
@@ -222,12 +225,12 @@ class Embedded:
     position: int
 
 
-def prepare(chunk: Sequence[RawRecord], targets: IngestTargets, seen: dict[str, int]) -> tuple[list[_Prepared], list[Rejected]]:
+def prepare(chunk: Sequence[RawRecord], targets: IngestTargets, seen: dict[str, int]) -> tuple[list[Prepared], list[Rejected]]:
     """Stage 1 (no catalog access): validate each record, read its image bytes (local file or
     URL) and hash its content. ``seen`` maps ids already taken in this run to their position,
     so a repeated id is rejected as a duplicate."""
     rejected: list[Rejected] = []
-    prepared: list[_Prepared] = []
+    prepared: list[Prepared] = []
     for raw in chunk:
         if raw.error or raw.data is None:
             rejected.append((raw, None, raw.error or "empty record"))
@@ -254,13 +257,13 @@ def prepare(chunk: Sequence[RawRecord], targets: IngestTargets, seen: dict[str, 
                 image_bytes = targets.fetch_image(record.image)
             except ImageRejected as exc:
                 image_note = f"{record.id}: {exc}; indexed by text"
-        prepared.append(_Prepared(raw, record, image_bytes, content_hash(record, image_bytes), image_note))
+        prepared.append(Prepared(raw, record, image_bytes, content_hash(record, image_bytes), image_note))
     return prepared, rejected
 
 
 def split_unchanged(
-    prepared: Sequence[_Prepared], session: Session, store: VectorStore | None
-) -> tuple[list[_Prepared], list[_Prepared]]:
+    prepared: Sequence[Prepared], session: Session, store: VectorStore | None
+) -> tuple[list[Prepared], list[Prepared]]:
     """Stage 2: ``(todo, unchanged)``. An item is unchanged when the catalog holds its content
     hash (written only after its index writes) and, when ``store`` is given, its point exists."""
     ids = [p.record.id for p in prepared]
@@ -271,13 +274,13 @@ def split_unchanged(
     return todo, [p for p in prepared if p.record.id in indexed]
 
 
-def embed(todo: Sequence[_Prepared], targets: IngestTargets, rejected: list[Rejected]) -> tuple[list[Embedded], list[str]]:
+def embed(todo: Sequence[Prepared], targets: IngestTargets, rejected: list[Rejected]) -> tuple[list[Embedded], list[str]]:
     """Stage 3: decode the photos and encode photos and texts in one batch per encoder.
 
     A local photo that does not decode is appended to ``rejected``; an item without a usable
     photo is embedded by text and named in the returned warnings."""
     images: dict[str, Any] = {}
-    ready: list[_Prepared] = []
+    ready: list[Prepared] = []
     warnings: list[str] = []
     for p in todo:
         if p.image_bytes is not None:

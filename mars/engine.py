@@ -176,7 +176,23 @@ class Engine:
             read_timeout_s=self.settings.image_fetch_timeout_s,
             retries=self.settings.image_fetch_retries,
         )
-        targets = IngestTargets(
+        targets = self.ingest_targets(fetcher.fetch)
+        try:
+            return run_ingest(records, targets, source=source, total_hint=total_hint, on_progress=on_progress)
+        finally:
+            fetcher.close()
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Drop the snapshots derived from the catalog and the stores (the lock taxonomy and
+        the FAISS reference) after writes; they are rebuilt on next use."""
+        self._taxonomy = None
+        self._reference = None
+
+    def ingest_targets(self, fetch_image: Callable[[str], bytes] | None = None) -> IngestTargets:
+        """What the ingest stages write to: this engine's catalog, BM25 index, vector store
+        (created on first write) and encoders."""
+        return IngestTargets(
             sessions=self.sessions,
             lexical=self.lexical,
             vectors=self._create_vector_store,
@@ -184,14 +200,8 @@ class Engine:
             encoders=self.encoders,
             max_image_pixels=self.settings.max_image_pixels,
             max_image_bytes=self.settings.max_image_bytes,
-            fetch_image=fetcher.fetch,
+            fetch_image=fetch_image,
         )
-        try:
-            return run_ingest(records, targets, source=source, total_hint=total_hint, on_progress=on_progress)
-        finally:
-            fetcher.close()
-            self._taxonomy = None
-            self._reference = None
 
     def search(self, query: SearchQuery) -> SearchResponse:
         """Run a query through the funnel."""

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
         10.0, gt=0, description="Read timeout in seconds for an image given by http(s) URL (connect: half of it)."
     )
     image_fetch_retries: int = Field(2, ge=0, description="Retries of a URL image after a transient error (timeout, 429, 5xx).")
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (server mode): Redis URL.")
+    task_visibility_timeout_s: int = Field(
+        3600, ge=1, description="Seconds before Redis re-delivers an unacknowledged task; longer than the longest task."
+    )
+    ingest_chunk_size: int = Field(32, ge=1, description="Records per queued ingest task (one encoder batch each).")
     vector_backend: Literal["qdrant-edge", "faiss"] = Field("qdrant-edge", description="'qdrant-edge' (default) or 'faiss' (exact reference).")
     retrieval_depth: int = Field(200, ge=1, description="Candidates each stage retrieves before fusion.")
     room_grid: str = Field(

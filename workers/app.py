@@ -1,0 +1,50 @@
+"""The Celery app of the server mode: queues ``ingest``, ``embed``, ``index``, ``critic`` on Redis.
+
+Run workers with e.g. ``celery -A workers.app worker -Q ingest,embed -c 2`` (CPU) and
+``celery -A workers.app worker -Q index -c 1`` (the one process that owns embedded stores;
+with Qdrant server + OpenSearch it can scale too).
+
+Delivery settings (Celery docs, "Tasks" → ``acks_late`` and "Using Redis" → visibility
+timeout): a task is acknowledged only after it returns (``task_acks_late``) and is re-queued
+when its worker process dies (``task_reject_on_worker_lost``); Redis re-delivers a message
+not acknowledged within ``MARS_TASK_VISIBILITY_TIMEOUT_S``, which must exceed the longest
+task. Each worker reserves one task at a time (``worker_prefetch_multiplier = 1``) so a
+killed worker strands at most one chunk. Settings are read when the app is first
+configured, not at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from mars.settings import Settings, get_settings
+
+QUEUES: tuple[str, ...] = ("ingest", "embed", "index", "critic")
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for ``settings`` (broker, routing, delivery guarantees)."""
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": {"visibility_timeout": settings.task_visibility_timeout_s},
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": "ingest",
+        "task_routes": {
+            "mars.ingest_chunk": {"queue": "ingest"},
+            "mars.embed_chunk": {"queue": "embed"},
+            "mars.index_chunk": {"queue": "index"},
+        },
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+app = Celery("mars", include=["workers.tasks"])
+app.add_defaults(lambda: celery_config(get_settings()))

@@ -1,0 +1,80 @@
+"""Bulk ingest jobs on the queues: submit one (rows first, tasks after the commit) and read
+its progress."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import islice
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from catalog.models import IngestJob, JobItem, RejectedRecord, utcnow
+from ingestion.readers import RawRecord
+
+
+def submit_bulk(sessions: sessionmaker[Session], records: Iterable[RawRecord], source: str, chunk_size: int) -> int:
+    """Queue ``records`` as one job and return its id.
+
+    The job row and one ``queued`` :class:`JobItem` per record are committed first; only then
+    are the ``ingest`` tasks sent, ``chunk_size`` records each (so a task never refers to rows
+    that a rolled-back transaction lost).
+
+    Raises:
+        ValueError: ``chunk_size`` < 1.
+    """
+    from workers.tasks import ingest_chunk, raw_to_json
+
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be at least 1")
+    records = list(records)
+    with sessions() as session:
+        job = IngestJob(source=source, status="queued", total=len(records))
+        session.add(job)
+        session.flush()
+        session.add_all(JobItem(job_id=job.id, position=r.position, status="queued") for r in records)
+        session.commit()
+        job_id = job.id
+    it = iter(records)
+    while chunk := list(islice(it, chunk_size)):
+        ingest_chunk.delay(job_id, [raw_to_json(r) for r in chunk])
+    if not records:
+        with sessions() as session:
+            job = session.get(IngestJob, job_id)
+            job.status, job.finished_at = "done", utcnow()
+            session.commit()
+    return job_id
+
+
+def job_progress(session: Session, job_id: int) -> dict[str, Any] | None:
+    """Progress of job ``job_id`` (None if unknown): ``status``, ``total``, the counts by item
+    status (``queued``, ``embedded``, ``indexed``, ``unchanged``, ``rejected``), ``done``
+    (items past the queue), ``eta_s`` (remaining items at the rate so far; None before the
+    first item is done or after the end) and the first 100 ``rejections``."""
+    job = session.get(IngestJob, job_id)
+    if job is None:
+        return None
+    counts = dict(
+        session.execute(select(JobItem.status, func.count()).where(JobItem.job_id == job_id).group_by(JobItem.status)).all()
+    )
+    done = counts.get("indexed", 0) + counts.get("unchanged", 0) + counts.get("rejected", 0)
+    elapsed = ((job.finished_at or utcnow()) - job.started_at).total_seconds()
+    eta = (job.total - done) * elapsed / done if done and job.status != "done" else None
+    rejections = session.execute(
+        select(RejectedRecord.position, RejectedRecord.record_id, RejectedRecord.reason)
+        .where(RejectedRecord.job_id == job_id)
+        .order_by(RejectedRecord.position)
+        .limit(100)
+    ).all()
+    return {
+        "id": job.id,
+        "source": job.source,
+        "status": job.status,
+        "total": job.total,
+        **{k: counts.get(k, 0) for k in ("queued", "embedded", "indexed", "unchanged", "rejected")},
+        "done": done,
+        "eta_s": round(eta, 1) if eta is not None else None,
+        "items_per_s": job.items_per_s,
+        "rejections": [{"position": p, "record_id": r, "reason": why} for p, r, why in rejections],
+    }
