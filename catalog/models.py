@@ -44,21 +44,21 @@ class UTCDateTime(TypeDecorator[datetime]):
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        """Convert ``value`` to aware UTC before it is written."""
+    @staticmethod
+    def _as_utc(value: datetime | None) -> datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
             return value.replace(tzinfo=timezone.utc)
         return value.astimezone(timezone.utc)
 
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Convert ``value`` to aware UTC before it is written."""
+        return self._as_utc(value)
+
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         """Return the stored value as an aware UTC datetime."""
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
+        return self._as_utc(value)
 
 
 def storable_text(value: str | None, max_length: int | None = None) -> str | None:

@@ -51,6 +51,7 @@ from typing import Any
 from opensearchpy import OpenSearch, helpers
 
 from indexing.lexical import TEXT_FIELDS, LexicalDoc, LexicalHit
+from indexing.versions import next_version, versions_of
 
 #: Query text is reduced to these word characters, as for tantivy; multi_match has no
 #: query syntax, so this only keeps both backends' inputs identical.
@@ -240,15 +241,10 @@ class OpenSearchIndex:
 
     def versions(self) -> list[str]:
         """This store's versioned indexes ``<name>_v<N>``, oldest first."""
-        found = self.client.indices.get(index=f"{self.name}_v*")
-        pattern = re.compile(rf"{re.escape(self.name)}_v(\d+)")
-        numbered = [(int(m.group(1)), n) for n in found if (m := pattern.fullmatch(n))]
-        return [n for _, n in sorted(numbered)]
+        return versions_of(self.name, self.client.indices.get(index=f"{self.name}_v*"))
 
     def _next_version_name(self) -> str:
-        versions = self.versions()
-        last = int(versions[-1].rsplit("_v", 1)[1]) if versions else 0
-        return f"{self.name}_v{last + 1}"
+        return next_version(self.name, self.versions())
 
     def live_index(self) -> str | None:
         """The index the alias points to, or None when the alias does not exist.

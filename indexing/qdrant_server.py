@@ -54,6 +54,7 @@ from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from indexing.vectors import VectorHit, VectorPoint, _check_queries, _sorted_hits, point_id
+from indexing.versions import next_version, versions_of
 
 try:  # gRPC is an optional transport of qdrant-client (prefer_grpc=True)
     import grpc
@@ -215,14 +216,10 @@ class QdrantServerStore:
 
     def versions(self) -> list[str]:
         """Names of this store's versioned collections ``<name>_v<N>``, oldest first."""
-        pattern = re.compile(rf"{re.escape(self.name)}_v(\d+)")
-        found = [(int(m.group(1)), n) for n in self._collection_names() if (m := pattern.fullmatch(n))]
-        return [n for _, n in sorted(found)]
+        return versions_of(self.name, self._collection_names())
 
     def _next_version_name(self) -> str:
-        versions = self.versions()
-        last = int(versions[-1].rsplit("_v", 1)[1]) if versions else 0
-        return f"{self.name}_v{last + 1}"
+        return next_version(self.name, self.versions())
 
     def live_collection(self) -> str | None:
         """The collection the alias ``name`` points to, or None when there is no such alias."""

@@ -62,7 +62,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from ingestion.readers import RawRecord
+from ingestion.readers import RawRecord, json_objects
 
 #: File names of the listing files (``listings_0.json.gz`` ... ``listings_f.json.gz``).
 LISTINGS_NAME = re.compile(r"listings_[0-9a-z]+\.json(\.gz)?", re.IGNORECASE)
@@ -441,29 +441,18 @@ def _read_listing_file(
     language: str,
 ) -> Iterator[RawRecord]:
     with _open_binary(path) as fh:
-        for number, raw_line in enumerate(fh, start=1):
-            if not raw_line.strip():
+        for item in json_objects(path, fh):
+            if isinstance(item, RawRecord):
+                yield item
                 continue
-            try:
-                line = raw_line.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                yield RawRecord(str(path), number, None, raw=raw_line[:2000].decode("utf-8", "replace"), error=f"invalid UTF-8: {exc.reason}")
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield RawRecord(str(path), number, None, raw=line[:2000], error=f"invalid JSON: {exc.msg}")
-                continue
-            if not isinstance(row, dict):
-                yield RawRecord(str(path), number, None, raw=row, error="a record must be a JSON object")
-                continue
+            number, row = item
             try:
                 data = listing_to_data(
                     row, image_paths=image_paths, images_root=images_root, images_base_url=images_base_url, language=language
                 )
             except AboSchemaError as exc:
-                item = row.get("item_id")
-                prefix = f"item {item}: " if isinstance(item, str) else ""
+                item_id = row.get("item_id")
+                prefix = f"item {item_id}: " if isinstance(item_id, str) else ""
                 yield RawRecord(str(path), number, None, raw=row, error=f"{prefix}{exc}")
                 continue
             yield RawRecord(str(path), number, data, raw=row)

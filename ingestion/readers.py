@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,29 @@ def apply_mapping(row: Mapping[str, Any], mapping: Mapping[str, str], base_dir: 
     return out
 
 
+def json_objects(path: Path, lines: Iterable[bytes]) -> Iterator[tuple[int, dict[str, Any]] | RawRecord]:
+    """Decode JSON-lines ``lines`` (raw bytes, as read from ``path``): ``(line number, object)``
+    for each JSON object, a :class:`RawRecord` with ``error`` set for a line that is not UTF-8,
+    not JSON or not an object (so the pipeline rejects it and goes on); blank lines skipped."""
+    for number, raw_line in enumerate(lines, start=1):
+        if not raw_line.strip():
+            continue
+        try:
+            line = raw_line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            yield RawRecord(str(path), number, None, raw=raw_line[:2000].decode("utf-8", "replace"), error=f"invalid UTF-8: {exc.reason}")
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield RawRecord(str(path), number, None, raw=line[:2000], error=f"invalid JSON: {exc.msg}")
+            continue
+        if not isinstance(row, dict):
+            yield RawRecord(str(path), number, None, raw=row, error="a record must be a JSON object")
+            continue
+        yield number, row
+
+
 def read_jsonl(path: Path, mapping: Mapping[str, str] | None = None) -> Iterator[RawRecord]:
     """Records of a JSON-lines file; image paths are relative to the file's folder.
 
@@ -80,18 +103,12 @@ def read_jsonl(path: Path, mapping: Mapping[str, str] | None = None) -> Iterator
         FileNotFoundError: if ``path`` does not exist.
     """
     mapping = mapping or {}
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
+    with path.open("rb") as fh:
+        for item in json_objects(path, fh):
+            if isinstance(item, RawRecord):
+                yield item
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield RawRecord(str(path), number, None, raw=line[:2000], error=f"invalid JSON: {exc.msg}")
-                continue
-            if not isinstance(row, dict):
-                yield RawRecord(str(path), number, None, raw=row, error="a record must be a JSON object")
-                continue
+            number, row = item
             yield RawRecord(str(path), number, apply_mapping(row, mapping, path.parent), raw=row)
 
 

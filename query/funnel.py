@@ -225,7 +225,7 @@ class Funnel:
         regions = self.region_vectors(query.image) if query.image is not None and store is not None and "image" in store.dims else None
         qvec = self.text_vector(text)[0] if text and store is not None and "text" in store.dims else None
         categories = self.taxonomy().categories
-        photos = {f.id: _product_photo(products[f.id]) for f in head} if getattr(self.critic, "uses_images", False) else {}
+        photos = {f.id: _product_photo(products[f.id]) for f in head} if self.critic is not None and self.critic.uses_images else {}
         pairs = []
         for f in head:
             point = stored.get(f.id)

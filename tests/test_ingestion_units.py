@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from ingestion.images import ImageRejected, decode_image, read_image_bytes
-from ingestion.readers import open_source, parse_mapping
+from ingestion.readers import open_source, parse_mapping, read_jsonl
 from ingestion.records import ProductRecord, content_hash
 from pydantic import ValidationError
 
@@ -80,3 +80,13 @@ def test_reader_errors(tmp_path):
     for bad in (["id"], ["nofield=x"], ["id="]):
         with pytest.raises(ValueError):
             parse_mapping(bad)
+
+
+def test_jsonl_bad_lines_become_rejectable_records_and_reading_goes_on(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"id": "1"}\n\xff\xfe broken\n[1, 2]\n{nope\n\n{"id": "2"}\n')
+    records = list(read_jsonl(path))
+    assert [r.position for r in records] == [1, 2, 3, 4, 6]
+    assert [r.data["id"] for r in records if r.data] == ["1", "2"]
+    errors = [r.error for r in records if r.error]
+    assert errors[0].startswith("invalid UTF-8") and "JSON object" in errors[1] and errors[2].startswith("invalid JSON")

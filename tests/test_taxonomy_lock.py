@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy.orm import Session
 
 from catalog.db import make_engine, session_factory, upgrade_to_head
 from catalog.locking import Taxonomy

@@ -47,6 +47,12 @@ def submit_bulk(sessions: sessionmaker[Session], records: Iterable[RawRecord], s
     return job_id
 
 
+def status_counts(session: Session, job_id: int) -> dict[str, int]:
+    """How many items of job ``job_id`` are in each status (statuses with none are absent)."""
+    rows = session.execute(select(JobItem.status, func.count()).where(JobItem.job_id == job_id).group_by(JobItem.status))
+    return dict(rows.all())
+
+
 def job_progress(session: Session, job_id: int) -> dict[str, Any] | None:
     """Progress of job ``job_id`` (None if unknown): ``status``, ``total``, the counts by item
     status (``queued``, ``embedded``, ``indexed``, ``unchanged``, ``rejected``), ``done``
@@ -55,9 +61,7 @@ def job_progress(session: Session, job_id: int) -> dict[str, Any] | None:
     job = session.get(IngestJob, job_id)
     if job is None:
         return None
-    counts = dict(
-        session.execute(select(JobItem.status, func.count()).where(JobItem.job_id == job_id).group_by(JobItem.status)).all()
-    )
+    counts = status_counts(session, job_id)
     done = counts.get("indexed", 0) + counts.get("unchanged", 0) + counts.get("rejected", 0)
     elapsed = ((job.finished_at or utcnow()) - job.started_at).total_seconds()
     eta = (job.total - done) * elapsed / done if done and job.status != "done" else None

@@ -49,6 +49,7 @@ from ingestion.records import ProductRecord
 from ingestion.remote import RemoteImageFetcher
 from mars.settings import get_settings
 from workers.app import app
+from workers.jobs import status_counts
 
 log = logging.getLogger("mars.workers")
 
@@ -153,6 +154,8 @@ def _embedded_from_json(d: dict[str, Any]) -> Embedded:
 def set_status(session: Session, job_id: int, rows: Sequence[tuple[int, str | None, str, bool | None]]) -> None:
     """Upsert ``(position, product_id, status, has_image)`` rows of job ``job_id``; a status of
     lower :data:`STATUS_RANK` than the stored one is ignored (a re-run never moves back)."""
+    if not rows:
+        return
     positions = [r[0] for r in rows]
     stored = {
         item.position: item
@@ -182,7 +185,7 @@ def _reject(session: Session, job_id: int, rejected: Sequence[Rejected]) -> None
 def finish_if_done(session: Session, job_id: int) -> None:
     """Close job ``job_id`` when none of its items waits any more: status ``done``, the counts
     copied onto the job row and ``items_per_s`` over the job's wall time."""
-    counts = dict(session.execute(select(JobItem.status, func.count()).where(JobItem.job_id == job_id).group_by(JobItem.status)).all())
+    counts = status_counts(session, job_id)
     job = session.get(IngestJob, job_id)
     if job is None or counts.get("queued", 0) or counts.get("embedded", 0) or sum(counts.values()) < job.total:
         return
@@ -193,6 +196,16 @@ def finish_if_done(session: Session, job_id: int) -> None:
     ).scalar_one()
     seconds = (job.finished_at - job.started_at).total_seconds()
     job.items_per_s = job.total / seconds if seconds > 0 else None
+
+
+def _commit_progress(
+    session: Session, job_id: int, rejected: Sequence[Rejected], rows: Sequence[tuple[int, str | None, str, bool | None]]
+) -> None:
+    """Record a stage's rejections and item statuses, close the job if nothing waits, commit."""
+    _reject(session, job_id, rejected)
+    set_status(session, job_id, rows)
+    finish_if_done(session, job_id)
+    session.commit()
 
 
 @contextmanager
@@ -206,9 +219,7 @@ def _rejects_on_failure(job_id: int, records: Sequence[tuple[RawRecord, str | No
         reason = f"{stage} stage failed: {exc.__class__.__name__}: {exc}"
         log.exception("job %s: %s (%d records rejected)", job_id, reason, len(records))
         with _sessions()() as session:
-            _reject(session, job_id, [(raw, rid, reason) for raw, rid in records])
-            finish_if_done(session, job_id)
-            session.commit()
+            _commit_progress(session, job_id, [(raw, rid, reason) for raw, rid in records], [])
         raise
 
 
@@ -224,10 +235,7 @@ def ingest_chunk(job_id: int, raws: list[dict[str, Any]]) -> int:
         prepared, rejected = prepare(records, _stage_targets(), {})
         with _sessions()() as session:
             todo, unchanged = split_unchanged(prepared, session, None)
-            _reject(session, job_id, rejected)
-            set_status(session, job_id, [(p.raw.position, p.record.id, "unchanged", None) for p in unchanged])
-            finish_if_done(session, job_id)
-            session.commit()
+            _commit_progress(session, job_id, rejected, [(p.raw.position, p.record.id, "unchanged", None) for p in unchanged])
     if todo:
         embed_chunk.delay(job_id, [_prepared_to_json(p) for p in todo])
     return len(todo)
@@ -244,10 +252,9 @@ def embed_chunk(job_id: int, items: list[dict[str, Any]]) -> int:
         for warning in warnings:
             log.info("job %s: %s", job_id, warning)
         with _sessions()() as session:
-            _reject(session, job_id, rejected)
-            set_status(session, job_id, [(e.position, e.record.id, "embedded", "image" in e.vectors) for e in embedded])
-            finish_if_done(session, job_id)
-            session.commit()
+            _commit_progress(
+                session, job_id, rejected, [(e.position, e.record.id, "embedded", "image" in e.vectors) for e in embedded]
+            )
     if embedded:
         index_chunk.delay(job_id, [_embedded_to_json(e) for e in embedded])
     return len(embedded)
@@ -263,9 +270,7 @@ def index_chunk(job_id: int, items: list[dict[str, Any]]) -> int:
         engine = index_engine()
         with engine.sessions() as session:
             apply(embedded, engine.ingest_targets(), session)
-            set_status(session, job_id, [(e.position, e.record.id, "indexed", "image" in e.vectors) for e in embedded])
-            finish_if_done(session, job_id)
-            session.commit()
+            _commit_progress(session, job_id, [], [(e.position, e.record.id, "indexed", "image" in e.vectors) for e in embedded])
         engine.refresh()
     return len(embedded)
 
