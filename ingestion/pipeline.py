@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -36,6 +37,8 @@ class IngestTargets:
     image (e.g. :meth:`ingestion.remote.RemoteImageFetcher.fetch`) and raises
     ``ImageRejected`` on failure; without it, URL images are not fetched. Either way an item
     whose URL image is not used is indexed by text, with a warning saying why.
+    ``write_lock`` is held around each batch's index writes and catalog commit (the engine's
+    lock, so a bulk job and streamed items of one process take turns per batch).
     """
 
     sessions: sessionmaker[Session]
@@ -46,6 +49,7 @@ class IngestTargets:
     max_image_pixels: int
     max_image_bytes: int
     fetch_image: Callable[[str], bytes] | None = None
+    write_lock: AbstractContextManager = field(default_factory=nullcontext)
 
 
 @dataclass
@@ -152,6 +156,7 @@ def run_ingest(
     total_hint: int | None = None,
     batch_size: int = 128,
     on_progress: Callable[[int], None] | None = None,
+    job_id: int | None = None,
 ) -> IngestReport:
     """Upsert ``records`` into the catalog and the indexes; returns the run's report.
 
@@ -160,11 +165,17 @@ def run_ingest(
     the report; the rest goes through. A record without an image, or whose URL image
     cannot be fetched or decoded, is indexed by text, counted in ``without_image`` and
     warned about.
+
+    The run is recorded as an :class:`IngestJob` with counts updated per batch: a new one, or
+    the already committed job ``job_id`` (e.g. queued by the API), which is set running.
     """
     started = time.perf_counter()
     with targets.sessions() as session:
-        job = IngestJob(source=source, total=total_hint or 0)
-        session.add(job)
+        job = session.get(IngestJob, job_id) if job_id is not None else None
+        if job is None:
+            job = IngestJob(source=source, total=total_hint or 0)
+            session.add(job)
+        job.status, job.total = "running", total_hint or job.total
         session.commit()
         job_id = job.id
     report = IngestReport(job_id=job_id, source=source)
@@ -195,9 +206,10 @@ def _ingest_batch(chunk: list[RawRecord], targets: IngestTargets, report: Ingest
     prepared, rejected = prepare(chunk, targets, seen)
     with targets.sessions() as session:
         todo, unchanged = split_unchanged(prepared, session, targets.existing_vectors())
-        report.unchanged += len(unchanged)
-        items, warnings = embed(todo, targets, rejected)
-        report.warnings.extend(warnings)
+    report.unchanged += len(unchanged)
+    items, warnings = embed(todo, targets, rejected)
+    report.warnings.extend(warnings)
+    with targets.write_lock, targets.sessions() as session:
         if items:
             apply(items, targets, session)
             report.ingested += len(items)

@@ -102,14 +102,21 @@ def read_jsonl(path: Path, mapping: Mapping[str, str] | None = None) -> Iterator
     Raises:
         FileNotFoundError: if ``path`` does not exist.
     """
-    mapping = mapping or {}
     with path.open("rb") as fh:
-        for item in json_objects(path, fh):
-            if isinstance(item, RawRecord):
-                yield item
-                continue
-            number, row = item
-            yield RawRecord(str(path), number, apply_mapping(row, mapping, path.parent), raw=row)
+        yield from read_jsonl_lines(str(path), fh, mapping, path.parent)
+
+
+def read_jsonl_lines(
+    source: str, lines: Iterable[bytes], mapping: Mapping[str, str] | None, base_dir: Path
+) -> Iterator[RawRecord]:
+    """Records of JSON-lines ``lines`` (raw bytes, e.g. an API request body split into lines)
+    named ``source`` in reports; relative image paths resolve against ``base_dir``."""
+    for item in json_objects(Path(source), lines):
+        if isinstance(item, RawRecord):
+            yield item
+            continue
+        number, row = item
+        yield RawRecord(source, number, apply_mapping(row, mapping or {}, base_dir), raw=row)
 
 
 def read_csv(path: Path, mapping: Mapping[str, str] | None = None) -> Iterator[RawRecord]:

@@ -1,21 +1,31 @@
-"""The embedded engine: one process owns the catalog, the tantivy index and the Qdrant Edge
-shard under ``MARS_HOME``, applies every write and answers queries (ARCHITECTURE.md,
-"Two run modes"). The CLI and ``mars serve`` both go through it.
+"""The engine: opens the catalog and the stores the settings name, applies writes and answers
+queries (ARCHITECTURE.md, "Two run modes"). The CLI, ``mars serve`` and the ``index`` worker
+all go through it.
+
+Embedded mode (tantivy and/or Qdrant Edge under ``MARS_HOME``): one process owns the stores
+(``owner.lock``) and runs every write itself; bulk jobs run on a background thread of that
+process. Server mode (Qdrant server + OpenSearch): no lock; any number of API and worker
+processes share the stores and bulk jobs go to the Celery queues.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from filelock import FileLock, Timeout
+from sqlalchemy import delete, select
 
 from catalog.db import make_engine, session_factory, upgrade_to_head
 from catalog.locking import Taxonomy
 from critic.registry import build_critic
 from indexing.encoders import ImageEncoder, TextEncoder, load_encoders
-from indexing.lexical import TantivyIndex
+from catalog.models import IngestJob, Product
+from indexing.lexical import LexicalIndex, TantivyIndex
 from indexing.vectors import FaissFlatStore, QdrantEdgeStore, VectorStore
 from ingestion.pipeline import IngestReport, IngestTargets, run_ingest
 from ingestion.readers import RawRecord
@@ -23,6 +33,8 @@ from ingestion.remote import RemoteImageFetcher
 from mars.settings import Settings
 from query.funnel import Funnel, FunnelConfig, SearchQuery
 from query.schemas import SearchResponse
+
+log = logging.getLogger("mars.engine")
 
 
 class StoreBusyError(RuntimeError):
@@ -34,30 +46,38 @@ class IndexMismatchError(RuntimeError):
 
 
 class Engine:
-    """Owns the embedded stores; created once per process (CLI command or server lifespan).
+    """Opens the catalog and the stores for ``settings``; created once per process (CLI
+    command, server lifespan or ``index`` worker).
 
     Args:
-        settings: the MARS settings.
+        settings: the MARS settings (backends: ``MARS_VECTOR_BACKEND``, ``MARS_LEXICAL_BACKEND``).
         encoders: optional ready (image, text) encoders, e.g. shared between engines in tests.
 
     Raises:
-        StoreBusyError: another process holds ``MARS_HOME``.
+        StoreBusyError: embedded stores, and another process holds ``MARS_HOME``.
         IndexMismatchError: the manifest names other encoders than the settings.
+        ValueError: a server backend without its URL.
     """
 
     def __init__(self, settings: Settings, encoders: tuple[ImageEncoder, TextEncoder] | None = None) -> None:
         self.settings = settings
         self.home = settings.home.resolve()
         self.home.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(self.home / "owner.lock"))
-        try:
-            self._lock.acquire(timeout=0)
-        except Timeout as exc:
-            raise StoreBusyError(
-                f"another MARS process owns {self.home} (pid {self._owner_pid()}); stop it, or send requests to "
-                "its API (`mars serve`), or point MARS_HOME elsewhere"
-            ) from exc
-        (self.home / "owner.pid").write_text(str(os.getpid()))
+        if settings.vector_backend == "qdrant" and not settings.qdrant_url:
+            raise ValueError("MARS_VECTOR_BACKEND=qdrant needs MARS_QDRANT_URL (http://host:6333, a directory or :memory:)")
+        if settings.lexical_backend == "opensearch" and not settings.opensearch_url:
+            raise ValueError("MARS_LEXICAL_BACKEND=opensearch needs MARS_OPENSEARCH_URL (http://host:9200)")
+        self._lock: FileLock | None = None
+        if settings.embedded_stores:
+            self._lock = FileLock(str(self.home / "owner.lock"))
+            try:
+                self._lock.acquire(timeout=0)
+            except Timeout as exc:
+                raise StoreBusyError(
+                    f"another MARS process owns {self.home} (pid {self._owner_pid()}); stop it, or send requests to "
+                    "its API (`mars serve`), or point MARS_HOME elsewhere"
+                ) from exc
+            (self.home / "owner.pid").write_text(str(os.getpid()))
         try:
             self.db = make_engine(settings.catalog_url)
             upgrade_to_head(self.db)
@@ -74,22 +94,19 @@ class Engine:
                     f"settings ask for {settings.image_encoder!r} and {settings.text_encoder!r}; set MARS_IMAGE_ENCODER/"
                     "MARS_TEXT_ENCODER back, or use a new MARS_HOME and ingest again"
                 )
-            self.lexical = TantivyIndex(
-                self.home / "index" / "bm25",
-                {
-                    "title": settings.boost_title,
-                    "type": settings.boost_type,
-                    "colour": settings.boost_colour,
-                    "text": settings.boost_text,
-                },
-            )
+            self.lexical = self._open_lexical()
         except Exception:
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
             raise
         self._encoders = encoders
-        self._store: QdrantEdgeStore | None = None
+        self._store: VectorStore | None = None
         self._reference: FaissFlatStore | None = None
         self._taxonomy: Taxonomy | None = None
+        #: Serialises index writes of this process (bulk-job batches, streamed items, deletes).
+        self.write_lock = threading.Lock()
+        self._jobs: ThreadPoolExecutor | None = None
+        self._queued: dict[int, Future] = {}
         self.critic, critic_detail = build_critic(settings)
         self.funnel = Funnel(
             self.sessions,
@@ -114,6 +131,31 @@ class Engine:
         except OSError:
             return "unknown"
 
+    def _open_lexical(self) -> LexicalIndex:
+        s = self.settings
+        boosts = {"title": s.boost_title, "type": s.boost_type, "colour": s.boost_colour, "text": s.boost_text}
+        if s.lexical_backend == "opensearch":
+            from indexing.opensearch import OpenSearchIndex
+
+            return OpenSearchIndex(boosts, url=s.opensearch_url, k1=s.bm25_k1, b=s.bm25_b, replicas=s.opensearch_replicas)
+        return TantivyIndex(self.home / "index" / "bm25", boosts)
+
+    def _open_vector_store(self, dims: dict[str, int]) -> VectorStore:
+        s = self.settings
+        if s.vector_backend == "qdrant":
+            from indexing.qdrant_server import QdrantServerStore
+
+            url = s.qdrant_url or ""
+            if url.startswith(("http://", "https://")):
+                return QdrantServerStore(dims, url=url, api_key=s.qdrant_api_key)
+            return QdrantServerStore(dims, path=url)
+        return QdrantEdgeStore(self.home / "index" / "vectors", dims)
+
+    @property
+    def embedded(self) -> bool:
+        """True when this process owns embedded stores (see :attr:`Settings.embedded_stores`)."""
+        return self.settings.embedded_stores
+
     def encoders(self) -> tuple[ImageEncoder, TextEncoder]:
         """The (image, text) encoders, loaded on first use."""
         if self._encoders is None:
@@ -122,13 +164,14 @@ class Engine:
             )
         return self._encoders
 
-    def vector_store(self) -> QdrantEdgeStore | None:
-        """The Qdrant Edge shard, or None while nothing has been indexed."""
+    def vector_store(self) -> VectorStore | None:
+        """The vector store (Qdrant Edge or Qdrant via qdrant-client), or None while nothing
+        has been indexed (no manifest yet)."""
         if self._store is None and self.manifest is not None:
-            self._store = QdrantEdgeStore(self.home / "index" / "vectors", self.manifest["dims"])
+            self._store = self._open_vector_store(self.manifest["dims"])
         return self._store
 
-    def _create_vector_store(self) -> QdrantEdgeStore:
+    def _create_vector_store(self) -> VectorStore:
         store = self.vector_store()
         if store is None:
             image, text = self.encoders()
@@ -143,11 +186,11 @@ class Engine:
         return store
 
     def search_store(self) -> VectorStore | None:
-        """The store queries use: Qdrant Edge, or with ``MARS_VECTOR_BACKEND=faiss`` the exact
-        FAISS ``IndexFlatIP`` reference built from the same vectors (rebuilt after each ingest).
-        The backend name is validated by :class:`~mars.settings.Settings`."""
+        """The store queries use: the vector store, or with ``MARS_VECTOR_BACKEND=faiss`` the
+        exact FAISS ``IndexFlatIP`` reference built from the same vectors (rebuilt after each
+        write). The backend name is validated by :class:`~mars.settings.Settings`."""
         store = self.vector_store()
-        if self.settings.vector_backend == "qdrant-edge" or store is None:
+        if self.settings.vector_backend != "faiss" or store is None:
             return store
         if self._reference is None:
             self._reference = FaissFlatStore.from_store(store)
@@ -166,9 +209,11 @@ class Engine:
         source: str,
         total_hint: int | None = None,
         on_progress: Callable[[int], None] | None = None,
+        job_id: int | None = None,
     ) -> IngestReport:
-        """Upsert records (see :func:`ingestion.pipeline.run_ingest`) and refresh the lock snapshot.
-        Images given by http(s) URL are downloaded with the ``MARS_IMAGE_FETCH_*`` limits."""
+        """Upsert records in this process (see :func:`ingestion.pipeline.run_ingest`; ``job_id``
+        an already queued job to run) and refresh the lock snapshot. Images given by http(s)
+        URL are downloaded with the ``MARS_IMAGE_FETCH_*`` limits."""
         fetcher = RemoteImageFetcher(
             max_bytes=self.settings.max_image_bytes,
             max_pixels=self.settings.max_image_pixels,
@@ -178,10 +223,62 @@ class Engine:
         )
         targets = self.ingest_targets(fetcher.fetch)
         try:
-            return run_ingest(records, targets, source=source, total_hint=total_hint, on_progress=on_progress)
+            return run_ingest(
+                records, targets, source=source, total_hint=total_hint, on_progress=on_progress, job_id=job_id
+            )
         finally:
             fetcher.close()
             self.refresh()
+
+    def submit_bulk(self, records: Sequence[RawRecord], source: str) -> int:
+        """Queue ``records`` as one bulk job and return its id at once (``GET /v1/jobs/{id}``,
+        :func:`workers.jobs.job_progress`, reports its progress).
+
+        Server mode: the job goes to the Celery queues (:func:`workers.jobs.submit_bulk`).
+        Embedded mode: the job row is committed and the job runs on this process's job
+        thread (jobs run one after another, FIFO); a failure marks the job ``failed`` with
+        its error and is logged.
+        """
+        if not self.embedded:
+            from workers.jobs import submit_bulk
+
+            return submit_bulk(self.sessions, records, source, self.settings.ingest_chunk_size)
+        with self.sessions() as session:
+            job = IngestJob(source=source, status="queued", total=len(records))
+            session.add(job)
+            session.commit()
+            job_id = job.id
+        if self._jobs is None:
+            self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mars-job")
+        future = self._jobs.submit(self.ingest, records, source, len(records), None, job_id)
+        future.add_done_callback(_log_job_failure)
+        self._queued[job_id] = future
+        future.add_done_callback(lambda f, j=job_id: None if f.cancelled() else self._queued.pop(j, None))
+        return job_id
+
+    def _fail_cancelled_jobs(self) -> None:
+        """Mark jobs that never started (cancelled by :meth:`close`) failed, saying so."""
+        cancelled = [job_id for job_id, future in self._queued.items() if future.cancelled()]
+        if not cancelled:
+            return
+        with self.sessions() as session:
+            for job in session.execute(select(IngestJob).where(IngestJob.id.in_(cancelled))).scalars():
+                job.status, job.error = "failed", "the server stopped before this job ran; submit it again"
+            session.commit()
+
+    def delete_items(self, product_ids: Sequence[str]) -> list[str]:
+        """Delete products from the vector store, the BM25 index and the catalog (in that
+        order, under :attr:`write_lock`); returns the ids that were in the catalog."""
+        with self.write_lock, self.sessions() as session:
+            found = list(session.execute(select(Product.id).where(Product.id.in_(product_ids))).scalars())
+            store = self.vector_store()
+            if store is not None:
+                store.delete(list(product_ids))
+            self.lexical.delete(list(product_ids))
+            session.execute(delete(Product).where(Product.id.in_(product_ids)))
+            session.commit()
+        self.refresh()
+        return found
 
     def refresh(self) -> None:
         """Drop the snapshots derived from the catalog and the stores (the lock taxonomy and
@@ -201,6 +298,7 @@ class Engine:
             max_image_pixels=self.settings.max_image_pixels,
             max_image_bytes=self.settings.max_image_bytes,
             fetch_image=fetch_image,
+            write_lock=self.write_lock,
         )
 
     def search(self, query: SearchQuery) -> SearchResponse:
@@ -208,18 +306,29 @@ class Engine:
         return self.funnel.search(query)
 
     def close(self) -> None:
-        """Flush and release every store and the ownership lock."""
+        """Wait for queued in-process jobs, then flush and release every store and the lock."""
         try:
+            if self._jobs is not None:
+                self._jobs.shutdown(wait=True, cancel_futures=True)
+                self._fail_cancelled_jobs()
             self.lexical.close()
             if self._store is not None:
                 self._store.close()
                 self._store = None
             self.db.dispose()
         finally:
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> "Engine":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _log_job_failure(future: Future) -> None:
+    """Log a failed in-process job (run_ingest has already marked its row ``failed``)."""
+    exc = future.exception()
+    if exc is not None:
+        log.error("bulk job failed: %s: %s", exc.__class__.__name__, exc, exc_info=exc)

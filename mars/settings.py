@@ -55,7 +55,24 @@ class Settings(BaseSettings):
         3600, ge=1, description="Seconds before Redis re-delivers an unacknowledged task; longer than the longest task."
     )
     ingest_chunk_size: int = Field(32, ge=1, description="Records per queued ingest task (one encoder batch each).")
-    vector_backend: Literal["qdrant-edge", "faiss"] = Field("qdrant-edge", description="'qdrant-edge' (default) or 'faiss' (exact reference).")
+    vector_backend: Literal["qdrant-edge", "faiss", "qdrant"] = Field(
+        "qdrant-edge",
+        description="'qdrant-edge' (embedded default), 'faiss' (exact IndexFlatIP reference over the Qdrant Edge "
+        "vectors) or 'qdrant' (a Qdrant server/cluster at MARS_QDRANT_URL, via qdrant-client).",
+    )
+    qdrant_url: str | None = Field(
+        None,
+        description="Qdrant server for MARS_VECTOR_BACKEND=qdrant, e.g. http://qdrant:6333; a directory or "
+        "':memory:' runs qdrant-client's local mode in this one process.",
+    )
+    qdrant_api_key: str | None = Field(None, description="Qdrant API key (server mode).")
+    lexical_backend: Literal["tantivy", "opensearch"] = Field(
+        "tantivy", description="BM25 engine: 'tantivy' (embedded default) or 'opensearch' (at MARS_OPENSEARCH_URL)."
+    )
+    opensearch_url: str | None = Field(None, description="OpenSearch cluster for MARS_LEXICAL_BACKEND=opensearch.")
+    opensearch_replicas: int = Field(1, ge=0, description="Replicas of a new OpenSearch index (0 on one node).")
+    bm25_k1: float = Field(1.2, ge=0, description="OpenSearch BM25 k1 (Robertson & Zaragoza 2009); tantivy fixes 1.2.")
+    bm25_b: float = Field(0.75, ge=0, le=1, description="OpenSearch BM25 b (same source); tantivy fixes 0.75.")
     retrieval_depth: int = Field(200, ge=1, description="Candidates each stage retrieves before fusion.")
     room_grid: str = Field(
         "1,2,3",
@@ -95,6 +112,15 @@ class Settings(BaseSettings):
     def catalog_url(self) -> str:
         """The catalog's SQLAlchemy URL (``database_url`` or the SQLite file under ``home``)."""
         return self.database_url or f"sqlite:///{(self.home / 'catalog.db').resolve()}"
+
+    @property
+    def embedded_stores(self) -> bool:
+        """True when a store lives in this process (tantivy, Qdrant Edge, or Qdrant local
+        mode): then one process owns ``home`` and runs every write itself. False when both
+        stores are servers (Qdrant at an http(s) URL and OpenSearch): any number of API and
+        worker processes share them and bulk jobs go to the queues."""
+        remote_vectors = self.vector_backend == "qdrant" and (self.qdrant_url or "").startswith(("http://", "https://"))
+        return not (remote_vectors and self.lexical_backend == "opensearch")
 
     @property
     def critic_path(self) -> Path:

@@ -1,4 +1,5 @@
-"""The FastAPI app (``mars serve``): search, items, categories, health. OpenAPI at ``/docs``.
+"""The FastAPI app (``mars serve``): search, items, categories, health, and the write side
+of :mod:`query.ingest_api` (bulk jobs, streamed items, deletes). OpenAPI at ``/docs``.
 
 In embedded mode the server process owns the stores: the :class:`mars.engine.Engine` is
 created in the lifespan (or injected by tests) and reached through the ``EngineDep`` alias.
@@ -12,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
 
@@ -20,6 +22,7 @@ from ingestion.images import ImageRejected, decode_image
 from mars.engine import Engine
 from mars.settings import Settings, get_settings
 from query.funnel import QueryError, SearchQuery
+from query.ingest_api import router as ingest_router
 from query.schemas import Mode, SearchResponse
 
 
@@ -164,7 +167,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
             weights=body.weights,
         )
         try:
-            return eng.search(query)
+            return await run_in_threadpool(eng.search, query)
         except QueryError as exc:
             raise HTTPException(422, str(exc)) from exc
 
@@ -201,4 +204,5 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
             "critic": eng.critic.name if eng.critic else "none",
         }
 
+    app.include_router(ingest_router)
     return app
