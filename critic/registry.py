@@ -10,7 +10,7 @@ from critic.protocol import Critic
 if TYPE_CHECKING:
     from mars.settings import Settings
 
-CRITICS: tuple[str, ...] = ("none", "learned", "vlm")
+CRITICS: tuple[str, ...] = ("none", "learned", "vlm", "openai")
 
 
 def build_critic(settings: "Settings") -> tuple[Critic | None, str]:
@@ -20,11 +20,13 @@ def build_critic(settings: "Settings") -> tuple[Critic | None, str]:
     ``settings.critic_path`` and, when it does not exist yet, gives ``(None, "<how to train
     one>")`` so search keeps working and ``--mode full`` says why nothing was re-scored.
     ``"vlm"`` builds a :class:`critic.vlm.QwenVLCritic` from ``MARS_CRITIC_MODEL`` (weights
-    load on first use, not here).
+    load on first use, not here); ``"openai"`` a :class:`critic.openai_compat.OpenAICompatCritic`
+    on ``MARS_CRITIC_ENDPOINT``.
 
     Raises:
-        ValueError: an unknown name, ``vlm`` without ``MARS_CRITIC_MODEL``, or a file that
-            is not a learned-critic checkpoint.
+        ValueError: an unknown name, ``vlm`` without ``MARS_CRITIC_MODEL``, ``openai``
+            without ``MARS_CRITIC_ENDPOINT`` / ``MARS_CRITIC_API_MODEL``, or a file that is not
+            a learned-critic checkpoint.
         RuntimeError: ``MARS_CRITIC_4BIT`` without CUDA or bitsandbytes.
     """
     name = settings.critic
@@ -50,4 +52,22 @@ def build_critic(settings: "Settings") -> tuple[Critic | None, str]:
         )
         adapter = f" + LoRA {settings.critic_adapter}" if settings.critic_adapter else ""
         return vlm, f"Qwen2-VL critic from {settings.critic_model}{adapter}"
+    if name == "openai":
+        if not settings.critic_endpoint or not settings.critic_api_model:
+            raise ValueError(
+                "MARS_CRITIC=openai needs MARS_CRITIC_ENDPOINT (e.g. http://localhost:8000/v1) "
+                "and MARS_CRITIC_API_MODEL (the served model name)"
+            )
+        from critic.openai_compat import OpenAICompatCritic  # imports the openai SDK only when asked for
+
+        key = settings.critic_api_key.get_secret_value() if settings.critic_api_key else None
+        api = OpenAICompatCritic(
+            settings.critic_endpoint,
+            settings.critic_api_model,
+            api_key=key,
+            timeout_s=settings.critic_timeout_s,
+            max_retries=settings.critic_max_retries,
+            max_concurrency=settings.critic_max_concurrency,
+        )
+        return api, f"OpenAI-compatible critic {settings.critic_api_model} at {settings.critic_endpoint}"
     raise ValueError(f"unknown critic {name!r}; available: {', '.join(CRITICS)}")

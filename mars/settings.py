@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -89,11 +89,23 @@ class Settings(BaseSettings):
     boost_colour: float = Field(1.5, ge=0, description="BM25 field boost of the colour.")
     boost_text: float = Field(1.0, ge=0, description="BM25 field boost of the description.")
 
-    critic: Literal["none", "learned", "vlm"] = Field(
+    critic: Literal["none", "learned", "vlm", "openai"] = Field(
         "learned",
         description="Critic for --mode full: 'learned' (offline default; trained by `mars train critic`), "
-        "'vlm' (Qwen2-VL from MARS_CRITIC_MODEL) or 'none'.",
+        "'vlm' (Qwen2-VL from MARS_CRITIC_MODEL), 'openai' (an OpenAI-compatible endpoint, e.g. vLLM) or 'none'.",
     )
+    critic_endpoint: str | None = Field(
+        None, description="Base URL of an OpenAI-compatible API incl. /v1 (e.g. http://localhost:8000/v1) for MARS_CRITIC=openai."
+    )
+    critic_api_model: str | None = Field(
+        None, description="Served model name at MARS_CRITIC_ENDPOINT (e.g. Qwen/Qwen2.5-VL-7B-Instruct)."
+    )
+    critic_api_key: SecretStr | None = Field(
+        None, description="Bearer key for MARS_CRITIC_ENDPOINT; unset sends 'EMPTY' (vLLM without --api-key)."
+    )
+    critic_timeout_s: float = Field(30.0, gt=0, description="Per-request network timeout (s) of the endpoint critic.")
+    critic_max_retries: int = Field(2, ge=0, description="SDK retries (with backoff) on timeouts, 408/429/5xx.")
+    critic_max_concurrency: int = Field(8, ge=1, description="Endpoint-critic requests in flight at once.")
     critic_model: str | None = Field(
         None, description="Qwen2-VL directory (or an id already in the local HF cache) for MARS_CRITIC=vlm."
     )
