@@ -1,8 +1,8 @@
-"""The ``mars`` command: ingest, search, serve, eval, categories.
+"""The ``mars`` command: ingest, jobs, search, serve, eval, categories, train.
 
 Settings come from ``MARS_*`` environment variables (``mars --help`` lists the common ones);
-every command opens the embedded engine under ``MARS_HOME`` and applies pending catalog
-migrations first.
+commands open the engine (the stores the settings name) and apply pending catalog migrations
+first; ``ingest --via-api`` and ``jobs --api`` talk to a running server instead.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ app = typer.Typer(
         "category lock and a critic stage, over a product catalog.\n\n"
         "Data lives under MARS_HOME (default ./.mars). Common settings: MARS_HOME, MARS_DATABASE_URL, "
         "MARS_RRF_K, MARS_WEIGHT_BM25, MARS_WEIGHT_IMAGE, MARS_WEIGHT_TEXT, MARS_VECTOR_BACKEND "
-        "(qdrant-edge|faiss), MARS_IMAGE_ENCODER, MARS_TEXT_ENCODER."
+        "(qdrant-edge|faiss|qdrant), MARS_LEXICAL_BACKEND (tantivy|opensearch), MARS_IMAGE_ENCODER, "
+        "MARS_TEXT_ENCODER, MARS_CRITIC."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -63,6 +64,11 @@ def ingest(
         typer.Option("--map", help="Field mapping MARS_FIELD=SOURCE_FIELD (repeatable), e.g. --map id=sku --map colour=color."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    via_api: Annotated[
+        Optional[str],
+        typer.Option("--via-api", metavar="URL", help="Send the records to a running MARS API (e.g. http://127.0.0.1:8000) "
+                     "as one bulk job and follow its progress, instead of opening the stores here."),
+    ] = None,
 ) -> None:
     """Ingest a catalog: validate, embed what changed, index, and report.
 
@@ -76,6 +82,9 @@ def ingest(
     except (FileNotFoundError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
+    if via_api:
+        _ingest_via_api(via_api, records, path, as_json)
+        return
     engine = _engine()
     try:
         total = _count_lines(path)
@@ -111,6 +120,130 @@ def ingest(
         console.print(f"... and {len(report.rejections) - 50} more (table rejected_records, job {report.job_id})")
     for warning in report.warnings[:20]:
         console.print(f"[cyan]note[/cyan] {warning}")
+
+
+def _api_client(url: str):  # noqa: ANN202 - httpx.Client
+    import httpx
+
+    return httpx.Client(base_url=url.rstrip("/"), timeout=httpx.Timeout(60.0, connect=5.0))
+
+
+def _api_call(call, what: str):  # noqa: ANN001, ANN202 - a zero-argument httpx request
+    """Run one API request; connection failures and error answers become a clear exit 2."""
+    import httpx
+
+    try:
+        response = call()
+    except httpx.HTTPError as exc:
+        err.print(f"[red]error:[/red] {what}: {exc.__class__.__name__}: {exc} (is `mars serve` running there?)")
+        raise typer.Exit(2) from exc
+    if response.status_code >= 400:
+        err.print(f"[red]error:[/red] {what}: HTTP {response.status_code}: {response.text[:500]}")
+        raise typer.Exit(2)
+    return response.json()
+
+
+def _ingest_via_api(url: str, records, path: Path, as_json: bool) -> None:  # noqa: ANN001 - Iterable[RawRecord]
+    """``mars ingest --via-api``: one JSON line per source record (a line that did not parse is
+    sent as it was, so the server rejects it with its reason), then follow the job."""
+    import time
+
+    lines = []
+    for raw in records:
+        if raw.data is not None:
+            lines.append(json.dumps(raw.data, ensure_ascii=False))
+        else:
+            lines.append(raw.raw if isinstance(raw.raw, str) and raw.raw.strip() else json.dumps(raw.raw))
+    if not lines:
+        err.print(f"[red]error:[/red] {path} has no records")
+        raise typer.Exit(2)
+    with _api_client(url) as client:
+        accepted = _api_call(
+            lambda: client.post("/v1/items:bulk", content="\n".join(lines).encode(),
+                                headers={"content-type": "application/x-ndjson"}),
+            f"submitting {len(lines)} records to {url}",
+        )
+        job_id = accepted["job_id"]
+        with Progress(TextColumn(f"[bold]job {job_id}[/bold]"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err, disable=as_json) as bar:
+            task = bar.add_task("job", total=accepted["total"], status="queued")
+            while True:
+                job = _api_call(lambda: client.get(f"/v1/jobs/{job_id}"), f"reading job {job_id}")
+                bar.update(task, completed=job["done"], status=job["status"])
+                if job["status"] in ("done", "failed"):
+                    break
+                time.sleep(0.5)
+    _print_jobs([job], as_json, single=True)
+    if job["status"] == "failed":
+        raise typer.Exit(1)
+
+
+def _print_jobs(jobs: list[dict], as_json: bool, single: bool) -> None:
+    """A list of jobs as a table, one row each; a ``single`` job as its full counts and rejections."""
+    if as_json:
+        console.print_json(json.dumps(jobs[0] if single else jobs))
+        return
+    if not single:
+        table = Table(title="ingest jobs, newest first")
+        for col in ("job", "status", "done", "indexed", "unchanged", "rejected", "eta s"):
+            table.add_column(col, justify="left" if col == "status" else "right", no_wrap=True)
+        table.add_column("source", overflow="ellipsis", min_width=10)
+        for j in jobs:
+            table.add_row(
+                str(j["id"]), j["status"], f"{j['done']}/{j['total']}", str(j["indexed"]), str(j["unchanged"]),
+                str(j["rejected"]), str(j["eta_s"]) if j["eta_s"] is not None else "-",
+                j["source"].rstrip("/").rsplit("/", 1)[-1],
+            )
+        console.print(table)
+        return
+    j = jobs[0]
+    table = Table(title=f"ingest job {j['id']}: {j['source']}", show_header=False)
+    for key in ("status", "total", "queued", "embedded", "indexed", "unchanged", "rejected", "without_image",
+                "items_per_s", "eta_s", "started_at", "finished_at"):
+        value = j[key]
+        table.add_row(key.replace("_", " "), f"{value:.1f}" if isinstance(value, float) else str(value if value is not None else "-"))
+    console.print(table)
+    if j.get("error"):
+        console.print(f"[red]error:[/red] {j['error']}")
+    for rej in j["rejections"][:50]:
+        console.print(f"[yellow]rejected[/yellow] record {rej['position']} ({rej['record_id'] or 'no id'}): {rej['reason']}")
+    if j["rejected"] > 50:
+        console.print(f"... {j['rejected']} rejected in all (table rejected_records, job {j['id']})")
+
+
+@app.command()
+def jobs(
+    job_id: Annotated[Optional[int], typer.Argument(help="One job, with its rejections; default: the newest jobs.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=500, help="How many of the newest jobs to list.")] = 20,
+    api: Annotated[Optional[str], typer.Option("--api", metavar="URL", help="Ask a running MARS API instead of reading the catalog here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Show ingest jobs (bulk, streamed, `mars ingest`): progress counts, ETA, rejections.
+
+    Reads the catalog (MARS_DATABASE_URL or MARS_HOME) directly, which works while
+    `mars serve` or the workers run; --api asks a server elsewhere.
+    """
+    if api:
+        with _api_client(api) as client:
+            if job_id is None:
+                found = _api_call(lambda: client.get("/v1/jobs", params={"limit": limit}), "listing jobs")
+            else:
+                found = [_api_call(lambda: client.get(f"/v1/jobs/{job_id}"), f"reading job {job_id}")]
+    else:
+        from catalog.db import make_engine, session_factory, upgrade_to_head
+        from workers.jobs import job_progress, recent_jobs
+
+        db = make_engine(get_settings().catalog_url)
+        try:
+            upgrade_to_head(db)
+            with session_factory(db)() as session:
+                found = recent_jobs(session, limit) if job_id is None else [job_progress(session, job_id)]
+        finally:
+            db.dispose()
+        if found == [None]:
+            err.print(f"[red]error:[/red] no job {job_id}")
+            raise typer.Exit(2)
+    _print_jobs(found, as_json, single=job_id is not None)
 
 
 @app.command()
@@ -200,7 +333,9 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
 ) -> None:
-    """Serve the HTTP API (OpenAPI docs at /docs); this process owns the embedded stores."""
+    """Serve the HTTP API (OpenAPI docs at /docs): search, bulk jobs, streamed items. With
+    embedded stores this process owns them and runs bulk jobs itself; with Qdrant server +
+    OpenSearch, bulk jobs go to the Celery workers."""
     import uvicorn
 
     from query.api import create_app

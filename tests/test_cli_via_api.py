@@ -1,0 +1,91 @@
+"""`mars serve` as a real process; `mars ingest --via-api` and `mars jobs` against it, and
+`mars jobs` reading the catalog directly while the server owns the stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from mars.cli import app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("served") / "mars"
+    port = free_port()
+    env = {**os.environ, "MARS_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-m", "mars.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mars serve exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mars serve did not come up in 120 s")
+    yield {"url": url, "home": home}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_ingest_via_api_then_jobs(server, tmp_path, monkeypatch):
+    catalog = tmp_path / "catalog.jsonl"
+    good = [{"id": f"sku-{i}", "title": f"Oak side table {i}", "type": "Side table", "colour": "oak"} for i in range(20)]
+    lines = [json.dumps(r) for r in good]
+    lines[5:5] = ['{"id": "sku-broken"', json.dumps({"id": 7, "title": "numeric id"})]
+    catalog.write_text("\n".join(lines) + "\n")
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["ingest", str(catalog), "--via-api", server["url"], "--json"])
+    assert result.exit_code == 0, result.output
+    job = json.loads(result.output)
+    assert job["status"] == "done" and job["total"] == 22
+    assert (job["indexed"], job["rejected"], job["queued"]) == (20, 2, 0)
+    assert {r["position"] for r in job["rejections"]} == {6, 7}
+    assert any("invalid JSON" in r["reason"] for r in job["rejections"])
+
+    hits = httpx.post(f"{server['url']}/v1/search", json={"text": "oak side table 13", "mode": "bm25"}).json()["items"]
+    assert hits[0]["id"] == "sku-13"
+
+    via_api = runner.invoke(app, ["jobs", "--api", server["url"], "--json"])
+    assert via_api.exit_code == 0, via_api.output
+    assert json.loads(via_api.output)[0]["id"] == job["id"]
+    monkeypatch.setenv("MARS_HOME", str(server["home"]))
+    from mars.settings import get_settings
+
+    get_settings.cache_clear()
+    try:  # the server holds the stores; the catalog can still be read
+        direct = runner.invoke(app, ["jobs", str(job["id"]), "--json"])
+    finally:
+        get_settings.cache_clear()
+    assert direct.exit_code == 0, direct.output
+    assert json.loads(direct.output)["indexed"] == 20
+    table = runner.invoke(app, ["jobs", str(job["id"]), "--api", server["url"]])
+    assert table.exit_code == 0 and "rejected record 6" in table.output and "indexed" in table.output
+
+
+def test_via_api_errors_are_clear(tmp_path):
+    catalog = tmp_path / "c.jsonl"
+    catalog.write_text(json.dumps({"id": "a", "title": "x"}) + "\n")
+    result = CliRunner().invoke(app, ["ingest", str(catalog), "--via-api", f"http://127.0.0.1:{free_port()}"])
+    assert result.exit_code == 2 and "is `mars serve` running there?" in result.output.replace("\n", " ")
