@@ -10,10 +10,6 @@ stored before does not change.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +24,7 @@ from ingestion.readers import RawRecord, open_source
 from postgres_db import fresh_database
 from workers.app import app
 from workers.jobs import job_progress, submit_bulk
+from workers.local import LocalWorkers
 
 pytestmark = pytest.mark.slow
 
@@ -41,46 +38,8 @@ def _text_only(records: list[RawRecord]) -> list[RawRecord]:
     return [RawRecord(r.source, r.position, {k: v for k, v in r.data.items() if k != "image"}, r.raw) for r in records]
 
 
-class Cluster:
-    """The worker processes of one test module, sharing a catalog, a broker and a MARS_HOME."""
-
-    def __init__(self, db_url: str, home: Path, logs: Path) -> None:
-        self.env = {
-            **os.environ,
-            "MARS_DATABASE_URL": db_url,
-            "MARS_BROKER_URL": BROKER,
-            "MARS_HOME": str(home),
-            "MARS_TASK_VISIBILITY_TIMEOUT_S": "8",
-            "MARS_INGEST_CHUNK_SIZE": "16",
-        }
-        self.logs = logs
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, queues: str) -> None:
-        log = (self.logs / f"{name}.log").open("a")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues, "-P", "solo",
-             "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "INFO"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
-        )
-
-    def kill(self, name: str) -> None:
-        self.procs[name].send_signal(signal.SIGKILL)
-        self.procs[name].wait(10)
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[tuple[Cluster, str]]:
+def cluster(tmp_path_factory) -> Iterator[tuple[LocalWorkers, str]]:
     try:
         broker = redis.Redis.from_url(BROKER)
         broker.flushdb()
@@ -89,7 +48,14 @@ def cluster(tmp_path_factory) -> Iterator[tuple[Cluster, str]]:
     app.conf.broker_url = BROKER  # this process submits the jobs
     with fresh_database() as db_url:
         upgrade_to_head(make_engine(db_url))
-        c = Cluster(db_url, tmp_path_factory.mktemp("mars-home"), tmp_path_factory.mktemp("worker-logs"))
+        env = {
+            "MARS_DATABASE_URL": db_url,
+            "MARS_BROKER_URL": BROKER,
+            "MARS_HOME": str(tmp_path_factory.mktemp("mars-home")),
+            "MARS_TASK_VISIBILITY_TIMEOUT_S": "8",
+            "MARS_INGEST_CHUNK_SIZE": "16",
+        }
+        c = LocalWorkers(env, tmp_path_factory.mktemp("worker-logs"))
         c.start("index", "index")
         c.start("w1", "ingest,embed")
         c.start("w2", "ingest,embed")
@@ -100,7 +66,7 @@ def cluster(tmp_path_factory) -> Iterator[tuple[Cluster, str]]:
             broker.flushdb()
 
 
-def _wait(sessions, job_id: int, until, timeout_s: float, cluster: Cluster) -> dict:
+def _wait(sessions, job_id: int, until, timeout_s: float, cluster: LocalWorkers) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with sessions() as s:
@@ -108,11 +74,11 @@ def _wait(sessions, job_id: int, until, timeout_s: float, cluster: Cluster) -> d
         if until(progress):
             return progress
         time.sleep(0.5)
-    tails = {n: (cluster.logs / f"{n}.log").read_text()[-1500:] for n in cluster.procs}
+    tails = cluster.log_tails()
     pytest.fail(f"job {job_id} did not get there in {timeout_s} s: {progress}\n{json.dumps(tails, indent=1)}")
 
 
-def _store_counts(cluster: Cluster, db_url: str) -> tuple[int, int, int, set[str]]:
+def _store_counts(cluster: LocalWorkers, db_url: str) -> tuple[int, int, int, set[str]]:
     """(catalog, vector, BM25) counts and the catalog ids, read with the index worker stopped."""
     from mars.engine import Engine
     from mars.settings import Settings
@@ -141,8 +107,7 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_nothing(cluster, ikea):
     assert progress["total"] == len(records)
     assert progress["indexed"] + progress["unchanged"] + progress["rejected"] == progress["total"]
     assert progress["indexed"] == len(records) and progress["rejected"] == 0 and progress["queued"] == 0
-    c.procs["index"].send_signal(signal.SIGTERM)  # release the stores so this process can count them
-    c.procs["index"].wait(60)
+    c.stop("index")  # release the stores so this process can count them
     catalog, vectors, bm25, ids = _store_counts(c, db_url)
     assert catalog == vectors == bm25 == len(records) == len(ids)
     c.start("index", "index")
