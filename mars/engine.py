@@ -41,6 +41,10 @@ class StoreBusyError(RuntimeError):
     """Another process owns the embedded stores under ``MARS_HOME``."""
 
 
+class JobInterrupted(RuntimeError):
+    """An in-process bulk job stopped at a batch boundary because the engine is closing."""
+
+
 class IndexMismatchError(RuntimeError):
     """The index on disk was built with other encoders than the settings ask for."""
 
@@ -107,6 +111,7 @@ class Engine:
         self.write_lock = threading.Lock()
         self._jobs: ThreadPoolExecutor | None = None
         self._queued: dict[int, Future] = {}
+        self._closing = threading.Event()
         self.critic, critic_detail = build_critic(settings)
         self.funnel = Funnel(
             self.sessions,
@@ -237,7 +242,8 @@ class Engine:
         Server mode: the job goes to the Celery queues (:func:`workers.jobs.submit_bulk`).
         Embedded mode: the job row is committed and the job runs on this process's job
         thread (jobs run one after another, FIFO); a failure marks the job ``failed`` with
-        its error and is logged.
+        its error and is logged. :meth:`close` stops a running job after its current batch
+        and fails jobs that have not started, saying to submit them again.
         """
         if not self.embedded:
             from workers.jobs import submit_bulk
@@ -250,11 +256,17 @@ class Engine:
             job_id = job.id
         if self._jobs is None:
             self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mars-job")
-        future = self._jobs.submit(self.ingest, records, source, len(records), None, job_id)
+        future = self._jobs.submit(self.ingest, records, source, len(records), self._stop_if_closing, job_id)
         future.add_done_callback(_log_job_failure)
         self._queued[job_id] = future
         future.add_done_callback(lambda f, j=job_id: None if f.cancelled() else self._queued.pop(j, None))
         return job_id
+
+    def _stop_if_closing(self, _done: int) -> None:
+        """Progress hook of in-process jobs: stop a running job at the next batch once
+        :meth:`close` was called (run_ingest marks it failed; a re-submit skips what is stored)."""
+        if self._closing.is_set():
+            raise JobInterrupted("the server stopped during this job; submit it again (stored items are skipped as unchanged)")
 
     def _fail_cancelled_jobs(self) -> None:
         """Mark jobs that never started (cancelled by :meth:`close`) failed, saying so."""
@@ -309,6 +321,7 @@ class Engine:
         """Wait for queued in-process jobs, then flush and release every store and the lock."""
         try:
             if self._jobs is not None:
+                self._closing.set()
                 self._jobs.shutdown(wait=True, cancel_futures=True)
                 self._fail_cancelled_jobs()
             self.lexical.close()

@@ -111,3 +111,19 @@ def test_streamed_item_is_searchable_on_return_and_delete_removes_it(client, ike
     assert "stream-1" not in search_ids(client, "quibble") and client.get("/v1/items/stream-1").status_code == 404
     assert client.get("/healthz").json() == before
     assert client.delete("/v1/items/stream-1").status_code == 404
+
+
+def test_closing_the_engine_stops_a_running_job_and_fails_queued_ones(make_engine):
+    from catalog.models import IngestJob
+    from ingestion.readers import RawRecord
+
+    engine = make_engine()
+    rows = [{"id": f"t-{i}", "title": f"Table {i}", "type": "Table"} for i in range(600)]  # 5 batches of 128
+    running = engine.submit_bulk([RawRecord("mem", i + 1, r, r) for i, r in enumerate(rows)], "big")
+    waiting = engine.submit_bulk([RawRecord("mem", 1, rows[0], rows[0])], "small")
+    time.sleep(0.5)
+    engine.close()
+    with engine.sessions() as session:
+        big, small = session.get(IngestJob, running), session.get(IngestJob, waiting)
+        assert big.status == "failed" and "submit it again" in big.error and 0 < big.ingested < 600
+        assert small.status == "failed" and "before this job ran" in small.error
