@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
+from dataclasses import replace
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
 
@@ -21,9 +24,12 @@ from catalog.models import Product
 from ingestion.images import ImageRejected, decode_image
 from mars.engine import Engine
 from mars.settings import Settings, get_settings
+from query.deferred import DeferredResults
 from query.funnel import QueryError, SearchQuery
 from query.ingest_api import router as ingest_router
-from query.schemas import Mode, SearchResponse
+from query.schemas import CriticStatus, Mode, SearchResponse
+
+log = logging.getLogger("mars.api")
 
 
 class SearchBody(BaseModel):
@@ -41,6 +47,11 @@ class SearchBody(BaseModel):
     top_k: int = Field(10, ge=1, le=1000)
     mode: Mode = "hybrid"
     weights: dict[str, float] = Field(default_factory=dict, description="RRF weight overrides: bm25, image, text.")
+    critic_wait: bool = Field(
+        True,
+        description="mode=full only: false answers at once with the fused order (critic status 'pending') "
+        "and the critic's re-ranking is fetched from critic.result_url when it lands.",
+    )
 
 
 class ItemOut(BaseModel):
@@ -83,6 +94,7 @@ _MULTIPART_SCHEMA = {
         "category": {"type": "string"},
         "top_k": {"type": "integer", "default": 10, "minimum": 1, "maximum": 1000},
         "mode": {"type": "string", "enum": ["bm25", "vector", "hybrid", "full"], "default": "hybrid"},
+        "critic_wait": {"type": "boolean", "default": True},
     },
 }
 
@@ -94,9 +106,11 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
     async def lifespan(app: FastAPI):  # noqa: ANN202
         owned = engine is None
         app.state.engine = engine or Engine(settings or get_settings())
+        app.state.deferred = DeferredResults()
         try:
             yield
         finally:
+            app.state.deferred.close()
             if owned:
                 app.state.engine.close()
 
@@ -167,9 +181,34 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
             weights=body.weights,
         )
         try:
-            return await run_in_threadpool(eng.search, query)
+            if query.mode != "full" or body.critic_wait or eng.critic is None:
+                return await run_in_threadpool(eng.search, query)
+            response = await run_in_threadpool(eng.search, replace(query, mode="hybrid"))
         except QueryError as exc:
             raise HTTPException(422, str(exc)) from exc
+        result_id = request.app.state.deferred.submit(lambda: eng.search(query))
+        response.mode = "full"
+        response.critic = CriticStatus(
+            backend=eng.critic.name, status="pending", detail="fused order; the critic's re-ranking is at result_url",
+            result_url=f"/v1/search/results/{result_id}",
+        )
+        return response
+
+    @app.get("/v1/search/results/{result_id}", response_model=SearchResponse, summary="A deferred critic re-ranking",
+             responses={202: {"description": "The critic has not answered yet; ask again."}})
+    def deferred_result(result_id: str, request: Request) -> SearchResponse | JSONResponse:
+        """The full (critic re-ranked) response of a ``critic_wait: false`` search: 202 while the
+        critic works, 404 when the id is unknown or expired (10 minutes)."""
+        future = request.app.state.deferred.get(result_id)
+        if future is None:
+            raise HTTPException(404, f"no deferred result {result_id!r} (unknown, or expired after 10 minutes)")
+        if not future.done():
+            return JSONResponse({"status": "pending", "result_url": f"/v1/search/results/{result_id}"}, status_code=202)
+        exc = future.exception()
+        if exc is not None:
+            log.error("deferred search %s failed", result_id, exc_info=exc)
+            raise HTTPException(500, f"the deferred search failed: {exc.__class__.__name__}: {exc}")
+        return future.result()
 
     @app.get("/v1/items/{item_id}", response_model=ItemOut, summary="One catalog item")
     def get_item(item_id: str, eng: EngineDep) -> ItemOut:

@@ -60,12 +60,14 @@ class LockInfo(BaseModel):
 
 class CriticStatus(BaseModel):
     """What the critic stage did: ``status`` is "skipped" (mode ≠ full), "not configured",
-    "scored" or "timeout"."""
+    "scored", "timeout" (past its deadline: the fused order stands) or "pending" (the
+    re-ranked list will be at ``result_url``)."""
 
     backend: str
     status: str
     scored: int = 0
     detail: str = ""
+    result_url: str | None = None
 
 
 class SearchResponse(BaseModel):
