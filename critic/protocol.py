@@ -1,4 +1,5 @@
-"""The :class:`Critic` protocol, its input :class:`CriticPair` and its :class:`Verdict`.
+"""The :class:`Critic` protocol, its input :class:`CriticPair`, its :class:`Verdict`, and
+:class:`CriticTimeout` (a critic that missed its deadline).
 
 Backends (the learned critic; later Qwen2-VL and an OpenAI-compatible endpoint) implement
 the same protocol; the funnel only calls :meth:`Critic.score`. :mod:`critic.registry`
@@ -66,3 +67,23 @@ class Critic(Protocol):
     uses_images: bool
 
     def score(self, pairs: Sequence[CriticPair]) -> list[Verdict]: ...
+
+
+class CriticTimeout(TimeoutError):
+    """A critic did not answer within the request's deadline; the fused order should stand.
+
+    Raised by the queued critic (:class:`workers.critic.QueuedCritic`, and inside its worker by
+    the micro-batcher when a request's deadline passes before its pairs reach the model).
+
+    Attributes:
+        task_id: the Celery task id of the request, or None (its late result is never read).
+        deadline_ms: the deadline that passed, in milliseconds, or None when not known.
+    """
+
+    def __init__(self, message: str, task_id: str | None = None, deadline_ms: float | None = None) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        self.deadline_ms = deadline_ms
+
+    def __reduce__(self):  # noqa: ANN204  # pickling keeps the attributes (args holds only the message)
+        return (self.__class__, (str(self), self.task_id, self.deadline_ms))

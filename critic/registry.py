@@ -16,6 +16,9 @@ CRITICS: tuple[str, ...] = ("none", "learned", "vlm", "openai")
 def build_critic(settings: "Settings") -> tuple[Critic | None, str]:
     """The critic ``settings.critic`` names and a one-line note for responses.
 
+    With ``MARS_CRITIC_QUEUE`` the critic is a :class:`workers.critic.QueuedCritic`: requests
+    go to the ``critic`` queue, whose worker builds the named critic with this same function.
+
     ``"none"`` gives ``(None, "MARS_CRITIC=none")``. ``"learned"`` loads
     ``settings.critic_path`` and, when it does not exist yet, gives ``(None, "<how to train
     one>")`` so search keeps working and ``--mode full`` says why nothing was re-scored.
@@ -32,6 +35,11 @@ def build_critic(settings: "Settings") -> tuple[Critic | None, str]:
     name = settings.critic
     if name == "none":
         return None, "MARS_CRITIC=none"
+    if settings.critic_queue:
+        from workers.critic import QueuedCritic  # the Celery client; the worker builds the real critic
+
+        queued = QueuedCritic.from_settings(settings)
+        return queued, f"{name} critic on the Celery 'critic' queue (deadline {settings.critic_deadline_ms:.0f} ms)"
     if name == "learned":
         checkpoint = settings.critic_path
         if not checkpoint.exists():

@@ -157,6 +157,13 @@ class QwenVLCritic:
             raise ValueError(f"the tokenizer gives no tokens for {word!r}")
         return ids[0]
 
+    def end_of_turn_id(self) -> int | None:
+        """The id of ``<|im_end|>`` (ChatML's end of a turn: where an answer stops), else the
+        tokenizer's eos id; None when it has neither."""
+        tok = self.tokenizer
+        im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        return im_end if im_end is not None and im_end != tok.unk_token_id else tok.eos_token_id
+
     # ------------------------------------------------------------------ inputs
 
     def render(self, prompt: Prompt) -> str:
@@ -170,21 +177,19 @@ class QwenVLCritic:
     def _image_token(self) -> str:
         return self.tokenizer.convert_ids_to_tokens(self._qwen.config.image_token_id) or IMAGE_PAD
 
-    def encode(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
-        """Model inputs of a left-padded batch of ``prompts`` (B rows, L tokens):
+    def expand(self, prompts: Sequence[Prompt]) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """The rendered chat text of each prompt with every ``<|image_pad|>`` expanded to its
+        image's ``prod(grid_thw) // merge_size**2`` tokens, and the image processor's output
+        for all images in row order (``pixel_values`` float32 (sum of patches, 3 * 2 * 14 * 14),
+        ``image_grid_thw`` int64 (n_images, 3); an empty dict when no prompt has images).
 
-        ``input_ids`` / ``attention_mask`` int64 (B, L); ``mm_token_type_ids`` int32 (B, L)
-        (1 on image tokens); ``position_ids`` int64 (3, B, L) M-RoPE (temporal, height,
-        width) positions, 0 on padding; and, when any prompt has images, ``pixel_values``
-        float (sum of patches, 3 * 2 * 14 * 14) and ``image_grid_thw`` int64 (n_images, 3),
-        images in row order.
+        Shared by :meth:`encode` (inference) and :func:`training.sft.training_batch` (SFT).
 
         Raises:
             ValueError: the rendered text does not hold one image placeholder per image.
         """
         self.warm_up()
         image_token = self._image_token()
-        image_token_id = self._qwen.config.image_token_id
         merge = self.image_processor.merge_size
         texts = []
         grids = iter(())
@@ -202,9 +207,18 @@ class QwenVLCritic:
                 t, h, w = next(grids)
                 text += image_token * (t * h * w // merge**2) + piece
             texts.append(text)
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        inputs["mm_token_type_ids"] = (inputs["input_ids"] == image_token_id).int()
+        return texts, vision
+
+    def model_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """The model inputs of token ids (B, L) from :meth:`expand`'s texts, left padded, with
+        their ``attention_mask`` (B, L) and :meth:`expand`'s ``vision`` output: adds
+        ``mm_token_type_ids`` int32 (B, L) (1 on image tokens), the vision tensors (pixels in
+        the model's dtype), and ``position_ids`` int64 (3, B, L) M-RoPE (temporal, height,
+        width) positions, 0 on padding; everything on the critic's device."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        inputs["mm_token_type_ids"] = (input_ids == self._qwen.config.image_token_id).int()
         if vision:
             inputs["pixel_values"] = vision["pixel_values"].to(self.dtype)
             inputs["image_grid_thw"] = vision["image_grid_thw"]
@@ -217,6 +231,22 @@ class QwenVLCritic:
             attention_mask=inputs["attention_mask"],
         )
         return inputs
+
+    def encode(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
+        """Model inputs of a left-padded batch of ``prompts`` (B rows, L tokens):
+
+        ``input_ids`` / ``attention_mask`` int64 (B, L); ``mm_token_type_ids`` int32 (B, L)
+        (1 on image tokens); ``position_ids`` int64 (3, B, L) M-RoPE (temporal, height,
+        width) positions, 0 on padding; and, when any prompt has images, ``pixel_values``
+        float (sum of patches, 3 * 2 * 14 * 14) and ``image_grid_thw`` int64 (n_images, 3),
+        images in row order.
+
+        Raises:
+            ValueError: the rendered text does not hold one image placeholder per image.
+        """
+        texts, vision = self.expand(prompts)
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return self.model_inputs(batch["input_ids"], batch["attention_mask"], vision)
 
     # ------------------------------------------------------------------ scoring
 
@@ -243,8 +273,7 @@ class QwenVLCritic:
 
         tok = self.tokenizer
         # Stop at the end of the assistant turn (<|im_end|>) or the tokenizer's eos.
-        ends = (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"))
-        eos = sorted({i for i in ends if i is not None and i != tok.unk_token_id})
+        eos = sorted({i for i in (tok.eos_token_id, self.end_of_turn_id()) if i is not None})
         config = GenerationConfig(do_sample=False, max_new_tokens=self.max_new_tokens, eos_token_id=eos,
                                   pad_token_id=tok.pad_token_id)
         texts: list[str] = []
@@ -255,13 +284,10 @@ class QwenVLCritic:
             texts += tok.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return texts
 
-    def answers(self, pairs: Sequence[CriticPair]) -> list[CriticAnswer]:
-        """Full path: the validated JSON answer of each pair, after at most one repair round.
-
-        Raises:
-            CriticAnswerError: a pair whose answer is still invalid after the repair round; the
-                message names its product id, the reason and the output.
-        """
+    def answers_or_errors(self, pairs: Sequence[CriticPair]) -> list[CriticAnswer | CriticAnswerError]:
+        """Full path without raising: each pair's validated JSON answer after at most one repair
+        round, or, for a pair whose answer is still invalid, the :class:`CriticAnswerError` that
+        names its product id, the reason and the output (what the distillation labeller records)."""
         prompts = [build_prompt(p, JSON_QUESTION) for p in pairs]
         outputs = self.generate(prompts)
         results = [_parse_or_error(text) for text in outputs]
@@ -272,11 +298,26 @@ class QwenVLCritic:
             try:
                 results[i] = parse_answer(text)
             except CriticAnswerError as e:
-                raise CriticAnswerError(
+                error = CriticAnswerError(
                     f"product {pairs[i].product_id}: the Qwen2-VL critic gave no valid JSON answer after one "
                     f"repair retry: {e.reason}; output {text[:200]!r}", e.reason,
-                ) from e
-        return results  # type: ignore[return-value]  # every error was repaired or raised
+                )
+                error.__cause__ = e
+                results[i] = error
+        return results
+
+    def answers(self, pairs: Sequence[CriticPair]) -> list[CriticAnswer]:
+        """Full path: the validated JSON answer of each pair, after at most one repair round.
+
+        Raises:
+            CriticAnswerError: the first pair whose answer is still invalid after the repair
+                round; the message names its product id, the reason and the output.
+        """
+        results = self.answers_or_errors(pairs)
+        for result in results:
+            if isinstance(result, CriticAnswerError):
+                raise result
+        return results  # type: ignore[return-value]  # no error left
 
     def score(self, pairs: Sequence[CriticPair]) -> list[Verdict]:
         """One :class:`Verdict` per pair, in order.
@@ -292,10 +333,16 @@ class QwenVLCritic:
         k = min(self.rationale_top_k, len(pairs))
         full = self.answers(pairs[:k]) if k else []
         fast = self.yes_probabilities(pairs[k:]) if k < len(pairs) else np.empty(0)
+        return self.verdicts(full, fast, time.perf_counter() - t0)
+
+    def verdicts(self, answers: Sequence[CriticAnswer], yes: Sequence[float], latency_s: float) -> list[Verdict]:
+        """The verdicts of full-path ``answers`` followed by those of fast-path P(yes) values
+        ``yes`` (rationale ``"P(yes)=0.73 (...)"``), each with ``latency_s`` (seconds). Shared by
+        :meth:`score` and the queued critic worker, which calls :meth:`answers` and
+        :meth:`yes_probabilities` over the pairs of several requests at once."""
         note = f"no rationale: outside the top {self.rationale_top_k}" if self.rationale_top_k else "fast path"
-        latency = time.perf_counter() - t0
-        return [Verdict(a.score, a.rationale, self.name, latency) for a in full] + [
-            Verdict(float(p), f"P(yes)={p:.2f} ({note})", self.name, latency) for p in fast
+        return [Verdict(a.score, a.rationale, self.name, latency_s) for a in answers] + [
+            Verdict(float(p), f"P(yes)={p:.2f} ({note})", self.name, latency_s) for p in yes
         ]
 
 

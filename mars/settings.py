@@ -115,6 +115,20 @@ class Settings(BaseSettings):
     critic_rationale_top_k: int = Field(
         5, ge=0, description="How many of the critic's pairs get a generated rationale (the rest: fast score)."
     )
+    critic_queue: bool = Field(
+        False,
+        description="Send critic work to the Celery 'critic' queue (a GPU worker running MARS_CRITIC) instead of "
+        "scoring in this process; past MARS_CRITIC_DEADLINE_MS the fused order stands.",
+    )
+    critic_queue_max_pairs: int = Field(
+        32, ge=1, description="Queued critic worker: most pairs per model call (micro-batch B), across concurrent requests."
+    )
+    critic_queue_max_wait_ms: float = Field(
+        20.0, ge=0, description="Queued critic worker: ms a micro-batch waits for more pairs after its oldest pair arrived (T)."
+    )
+    critic_deadline_ms: float = Field(
+        3000.0, gt=0, description="Queued critic: per-request deadline in ms; past it the response says critic: timeout."
+    )
     critic_checkpoint: Path | None = Field(
         None, description="Learned-critic checkpoint (safetensors); default <home>/critic/learned.safetensors."
     )

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from catalog.locking import CategoryLock, Taxonomy
 from catalog.models import Product
-from critic.protocol import Critic, CriticPair
+from critic.protocol import Critic, CriticPair, CriticTimeout
 from indexing.encoders import ImageEncoder, TextEncoder
 from indexing.lexical import LexicalIndex
 from indexing.vectors import VectorHit, VectorStore
@@ -275,12 +275,18 @@ class Funnel:
         else:
             t = time.perf_counter()
             pairs = self.critic_pairs(query, keep[: self.config.critic_top_n], products)
-            for pair, verdict in zip(pairs, self.critic.score(pairs)):
-                verdicts[pair.product_id] = CriticResult(score=verdict.score, rationale=verdict.rationale)
-            critic_status = CriticStatus(backend=self.critic.name, status="scored", scored=len(verdicts),
-                                         detail=self.config.critic_detail)
-            by_id = {f.id: f for f in keep}
-            keep = [by_id[i] for i in critic_order(list(by_id), {i: v.score for i, v in verdicts.items()})]
+            try:
+                scored = self.critic.score(pairs)
+            except CriticTimeout as exc:  # e.g. the queued critic missed its deadline: the fused order stands
+                detail = "; ".join(d for d in (self.config.critic_detail, str(exc)) if d)
+                critic_status = CriticStatus(backend=self.critic.name, status="timeout", detail=detail)
+            else:
+                for pair, verdict in zip(pairs, scored):
+                    verdicts[pair.product_id] = CriticResult(score=verdict.score, rationale=verdict.rationale)
+                critic_status = CriticStatus(backend=self.critic.name, status="scored", scored=len(verdicts),
+                                             detail=self.config.critic_detail)
+                by_id = {f.id: f for f in keep}
+                keep = [by_id[i] for i in critic_order(list(by_id), {i: v.score for i, v in verdicts.items()})]
             r.timings["critic"] = (time.perf_counter() - t) * 1000
 
         stage = {name: {h.id: (rank, h.score) for rank, h in enumerate(hits, start=1)} for name, hits in r.lists.items()}

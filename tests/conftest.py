@@ -34,6 +34,14 @@ def encoders():
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2vl_dir(tmp_path_factory) -> Path:
+    """A tiny random-init Qwen2-VL checkpoint (tests/tiny_qwen2vl.py), written once per session."""
+    from tiny_qwen2vl import save_tiny_qwen2vl
+
+    return save_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-qwen2vl"))
+
+
+@pytest.fixture(scope="session")
 def ikea_slice(ikea: Path, tmp_path_factory) -> dict:
     """A small real slice: every product of one bedroom room plus 50 random others.
 

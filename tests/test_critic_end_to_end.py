@@ -88,3 +88,23 @@ def test_vlm_critic_through_the_engine_reads_room_and_product_photos(ikea, ikea_
     assert seen and all(p.room_image is room and p.product_image is not None for p in seen)
     assert all(0.0 <= i.provenance.critic.score <= 1.0 and "P(yes)=" in i.provenance.critic.rationale
                for i in full.items if i.provenance.critic)
+
+
+def test_a_critic_past_its_deadline_leaves_the_fused_order(ikea_slice, make_engine, tmp_path):
+    from critic.protocol import CriticTimeout
+
+    engine = make_engine(tmp_path / "timeout-mars", critic="none")
+    engine.ingest(open_source(ikea_slice["corpus"]), "slice")
+
+    class MissesItsDeadline:  # what QueuedCritic raises when the critic worker answers too late
+        name, uses_images = "queued:vlm", False
+
+        def score(self, pairs):
+            raise CriticTimeout(f"no verdicts for {len(pairs)} pairs within 5 ms", task_id="t-1", deadline_ms=5)
+
+    engine.funnel.critic = MissesItsDeadline()
+    hybrid = engine.search(SearchQuery(text="a lamp for this bedroom", mode="hybrid", top_k=10))
+    full = engine.search(SearchQuery(text="a lamp for this bedroom", mode="full", top_k=10))
+    assert full.critic.status == "timeout" and "within 5 ms" in full.critic.detail and full.critic.scored == 0
+    assert [i.id for i in full.items] == [i.id for i in hybrid.items]
+    assert all(i.provenance.critic is None for i in full.items)

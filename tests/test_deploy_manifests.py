@@ -146,6 +146,25 @@ def worker_queues(command: Any) -> list[str] | None:
     return ["celery"]
 
 
+def option(command: Any, short: str, long: str) -> str | None:
+    """The value of ``short`` / ``long`` (``-P x``, ``--pool x``, ``--pool=x``) in ``command``."""
+    args = argv(command)
+    for i, arg in enumerate(args):
+        if arg in (short, long) and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(long + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def assert_critic_worker_command(command: Any) -> None:
+    """The critic worker loads the app (which includes the critic task), runs the threads pool
+    so that concurrent requests share micro-batches, and reserves no more than it runs."""
+    assert option(command, "-A", "--app") == "workers.app", argv(command)
+    assert option(command, "-P", "--pool") == "threads", argv(command)
+    assert option(command, "--prefetch-multiplier", "--prefetch-multiplier") == "1", argv(command)
+
+
 def url_target(url: str) -> tuple[str, str, int]:
     """``(scheme, host, port)`` of ``url``, the port defaulted by scheme."""
     parts = urlsplit(url)
@@ -316,7 +335,7 @@ def test_compose_queues_and_gpu_worker() -> None:
         if "critic" in queues:
             critic_workers.append(name)
             assert wants_gpu, f"{name} serves the critic queue without a GPU reservation"
-            assert "--prefetch-multiplier" in argv(service["command"])
+            assert_critic_worker_command(service["command"])
         else:
             assert not wants_gpu, f"{name} reserves a GPU it does not need"
     assert consumed == QUEUES, f"queues nobody consumes: {sorted(QUEUES - consumed)}"
@@ -516,7 +535,7 @@ def test_k8s_queues_and_gpu_worker() -> None:
                 assert gpus >= 1, "critic worker without nvidia.com/gpu limit"
                 assert spec.get("nodeSelector"), "critic worker without a GPU nodeSelector"
                 assert any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", []))
-                assert "--prefetch-multiplier" in argv(container["command"])
+                assert_critic_worker_command(container["command"])
             else:
                 assert gpus == 0, f"{workload['metadata']['name']} asks for a GPU it does not need"
     assert consumed == QUEUES, f"queues nobody consumes: {sorted(QUEUES - consumed)}"

@@ -15,7 +15,6 @@ from critic.prompt import (
 )
 from critic.protocol import Critic, CriticPair
 from critic.vlm import QwenVLCritic
-from tiny_qwen2vl import save_tiny_qwen2vl
 
 
 def _photo(w: int, h: int, seed: int) -> Image.Image:
@@ -34,13 +33,8 @@ PAIRS = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-qwen2vl"))
-
-
-@pytest.fixture(scope="module")
-def fast_critic(model_dir):
-    critic = QwenVLCritic(model_dir, batch_size=1, rationale_top_k=0, device="cpu")
+def fast_critic(tiny_qwen2vl_dir):
+    critic = QwenVLCritic(tiny_qwen2vl_dir, batch_size=1, rationale_top_k=0, device="cpu")
     critic.warm_up()
     return critic
 
@@ -97,8 +91,8 @@ QWEN_LIKE_TEMPLATE = (
 )
 
 
-def test_the_tokenizers_chat_template_is_used_when_it_has_one(model_dir):
-    critic = QwenVLCritic(model_dir, device="cpu")
+def test_the_tokenizers_chat_template_is_used_when_it_has_one(tiny_qwen2vl_dir):
+    critic = QwenVLCritic(tiny_qwen2vl_dir, device="cpu")
     critic.warm_up()
     critic.tokenizer.chat_template = QWEN_LIKE_TEMPLATE
     prompt = build_prompt(PAIRS[0])
@@ -111,16 +105,16 @@ def test_the_tokenizers_chat_template_is_used_when_it_has_one(model_dir):
 
 
 
-def test_constructing_is_cheap_and_the_critic_fits_the_protocol(model_dir):
-    critic = QwenVLCritic(model_dir)
+def test_constructing_is_cheap_and_the_critic_fits_the_protocol(tiny_qwen2vl_dir):
+    critic = QwenVLCritic(tiny_qwen2vl_dir)
     assert critic.model is None and isinstance(critic, Critic) and critic.name == "qwen2-vl"
     with pytest.raises(OSError, match="downloads are off"):
-        QwenVLCritic(model_dir / "missing").warm_up()
+        QwenVLCritic(tiny_qwen2vl_dir / "missing").warm_up()
     with pytest.raises(FileNotFoundError, match="no LoRA adapter directory"):
-        QwenVLCritic(model_dir, adapter=model_dir / "no-adapter").warm_up()
+        QwenVLCritic(tiny_qwen2vl_dir, adapter=tiny_qwen2vl_dir / "no-adapter").warm_up()
 
 
-def test_fast_path_is_the_softmax_over_yes_and_no_logits(model_dir, fast_critic):
+def test_fast_path_is_the_softmax_over_yes_and_no_logits(tiny_qwen2vl_dir, fast_critic):
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     verdicts = fast_critic.score(PAIRS)
@@ -128,9 +122,9 @@ def test_fast_path_is_the_softmax_over_yes_and_no_logits(model_dir, fast_critic)
     assert all(v.backend == "qwen2-vl" and v.latency_s > 0 for v in verdicts)
     assert all(v.rationale == f"P(yes)={v.score:.2f} (fast path)" for v in verdicts)
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2vl_dir)
+    processor = Qwen2VLImageProcessorPil.from_pretrained(tiny_qwen2vl_dir)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2vl_dir).eval()
     yes, no = tok.encode("yes")[0], tok.encode("no")[0]
     assert yes != no
     for pair, verdict in zip(PAIRS[:3], verdicts):  # two images, then none
@@ -150,8 +144,8 @@ def test_fast_path_is_the_softmax_over_yes_and_no_logits(model_dir, fast_critic)
         assert verdict.score == pytest.approx(expected, abs=1e-6)
 
 
-def test_batched_left_padded_scores_equal_unbatched(model_dir, fast_critic):
-    batched = QwenVLCritic(model_dir, batch_size=4, rationale_top_k=0, device="cpu")
+def test_batched_left_padded_scores_equal_unbatched(tiny_qwen2vl_dir, fast_critic):
+    batched = QwenVLCritic(tiny_qwen2vl_dir, batch_size=4, rationale_top_k=0, device="cpu")
     batched.warm_up()
     inputs = batched.encode([build_prompt(p) for p in PAIRS[:4]])
     lengths = inputs["attention_mask"].sum(1)
@@ -162,10 +156,10 @@ def test_batched_left_padded_scores_equal_unbatched(model_dir, fast_critic):
     np.testing.assert_allclose(scores, alone, atol=1e-4, rtol=0)
 
 
-def test_pairs_without_images_score_alone_and_batched(model_dir, fast_critic):
+def test_pairs_without_images_score_alone_and_batched(tiny_qwen2vl_dir, fast_critic):
     texts = [("bedroom", "lamp"), (None, "a very long sofa description with many words in it"), ("", "rug")]
     text_only = [CriticPair(q, None, f"t{i}", text, None) for i, (q, text) in enumerate(texts)]
-    batched = QwenVLCritic(model_dir, batch_size=3, rationale_top_k=0, device="cpu")
+    batched = QwenVLCritic(tiny_qwen2vl_dir, batch_size=3, rationale_top_k=0, device="cpu")
     batched.warm_up()
     inputs = batched.encode([build_prompt(p) for p in text_only])
     assert "pixel_values" not in inputs and inputs["mm_token_type_ids"].sum() == 0
@@ -180,15 +174,15 @@ def test_pairs_without_images_score_alone_and_batched(model_dir, fast_critic):
 # ---------------------------------------------------------------- full path
 
 
-def test_batched_greedy_generation_equals_unbatched(model_dir):
+def test_batched_greedy_generation_equals_unbatched(tiny_qwen2vl_dir):
     prompts = [build_prompt(p, JSON_QUESTION) for p in PAIRS]
-    alone = QwenVLCritic(model_dir, batch_size=1, max_new_tokens=8, device="cpu").generate(prompts)
-    together = QwenVLCritic(model_dir, batch_size=5, max_new_tokens=8, device="cpu").generate(prompts)
+    alone = QwenVLCritic(tiny_qwen2vl_dir, batch_size=1, max_new_tokens=8, device="cpu").generate(prompts)
+    together = QwenVLCritic(tiny_qwen2vl_dir, batch_size=5, max_new_tokens=8, device="cpu").generate(prompts)
     assert together == alone and len(alone) == len(PAIRS) and all(alone)
 
 
-def test_full_path_retries_once_then_raises_a_clear_error(model_dir):
-    critic = QwenVLCritic(model_dir, batch_size=4, rationale_top_k=2, max_new_tokens=12, device="cpu")
+def test_full_path_retries_once_then_raises_a_clear_error(tiny_qwen2vl_dir):
+    critic = QwenVLCritic(tiny_qwen2vl_dir, batch_size=4, rationale_top_k=2, max_new_tokens=12, device="cpu")
     critic.warm_up()
     calls, prompts = [], []
     model_generate, critic_generate = critic.model.generate, critic.generate
@@ -212,8 +206,8 @@ def test_full_path_retries_once_then_raises_a_clear_error(model_dir):
     assert repair[0] == prompts[0][0].messages[0] and "no JSON object found" in repair[2]["content"][0]["text"]
 
 
-def test_full_path_uses_generated_rationales_for_the_top_k_only(model_dir, fast_critic, monkeypatch):
-    critic = QwenVLCritic(model_dir, batch_size=4, rationale_top_k=2, device="cpu")
+def test_full_path_uses_generated_rationales_for_the_top_k_only(tiny_qwen2vl_dir, fast_critic, monkeypatch):
+    critic = QwenVLCritic(tiny_qwen2vl_dir, batch_size=4, rationale_top_k=2, device="cpu")
     scripted = [
         ['{"score": 0.9, "rationale": "The white chair suits the bedroom."}', "maybe"],
         ['Here you go: {"score": 0.2, "rationale": "Oak clashes with the room."}'],
@@ -241,11 +235,11 @@ def test_full_path_uses_generated_rationales_for_the_top_k_only(model_dir, fast_
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft vs transformers 5
-def test_lora_adapter_changes_the_scores(model_dir, fast_critic, tmp_path):
+def test_lora_adapter_changes_the_scores(tiny_qwen2vl_dir, fast_critic, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import Qwen2VLForConditionalGeneration
 
-    base = Qwen2VLForConditionalGeneration.from_pretrained(model_dir)
+    base = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2vl_dir)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(1)
     with torch.no_grad():
@@ -254,7 +248,7 @@ def test_lora_adapter_changes_the_scores(model_dir, fast_critic, tmp_path):
                 param.normal_(0.0, 0.5)
     peft_model.save_pretrained(tmp_path / "adapter")
 
-    tuned = QwenVLCritic(model_dir, adapter=tmp_path / "adapter", batch_size=4, rationale_top_k=0, device="cpu")
+    tuned = QwenVLCritic(tiny_qwen2vl_dir, adapter=tmp_path / "adapter", batch_size=4, rationale_top_k=0, device="cpu")
     tuned.warm_up()
     assert isinstance(tuned.model, PeftModel)
     scores = tuned.yes_probabilities(PAIRS)
@@ -262,6 +256,6 @@ def test_lora_adapter_changes_the_scores(model_dir, fast_critic, tmp_path):
     assert np.abs(scores - fast_critic.yes_probabilities(PAIRS)).max() > 1e-3
 
 
-def test_4bit_on_cpu_is_refused_with_a_clear_error(model_dir):
+def test_4bit_on_cpu_is_refused_with_a_clear_error(tiny_qwen2vl_dir):
     with pytest.raises(RuntimeError, match="4-bit loading of the Qwen2-VL critic needs a CUDA device"):
-        QwenVLCritic(model_dir, load_in_4bit=True, device="cpu")
+        QwenVLCritic(tiny_qwen2vl_dir, load_in_4bit=True, device="cpu")

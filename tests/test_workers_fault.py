@@ -15,13 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy import func, select
 
 from catalog.db import make_engine, session_factory, upgrade_to_head
 from catalog.models import Product
 from ingestion.readers import RawRecord, open_source
 from postgres_db import fresh_database
+from redis_db import flushed_redis
 from workers.app import app
 from workers.jobs import job_progress, submit_bulk
 from workers.local import LocalWorkers
@@ -29,8 +29,6 @@ from workers.local import LocalWorkers
 pytestmark = pytest.mark.slow
 
 BROKER = "redis://127.0.0.1:6379/13"
-REDIS_HINT = ('redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no '
-              "--dir /var/lib/redis --logfile /var/log/redis/ci.log")
 
 
 def _text_only(records: list[RawRecord]) -> list[RawRecord]:
@@ -40,13 +38,8 @@ def _text_only(records: list[RawRecord]) -> list[RawRecord]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[tuple[LocalWorkers, str]]:
-    try:
-        broker = redis.Redis.from_url(BROKER)
-        broker.flushdb()
-    except redis.exceptions.ConnectionError as exc:
-        pytest.fail(f"Redis is not reachable at {BROKER} ({exc}); start it with: {REDIS_HINT}", pytrace=False)
     app.conf.broker_url = BROKER  # this process submits the jobs
-    with fresh_database() as db_url:
+    with flushed_redis(BROKER), fresh_database() as db_url:
         upgrade_to_head(make_engine(db_url))
         env = {
             "MARS_DATABASE_URL": db_url,
@@ -63,7 +56,6 @@ def cluster(tmp_path_factory) -> Iterator[tuple[LocalWorkers, str]]:
             yield c, db_url
         finally:
             c.stop_all()
-            broker.flushdb()
 
 
 def _wait(sessions, job_id: int, until, timeout_s: float, cluster: LocalWorkers) -> dict:

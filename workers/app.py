@@ -1,8 +1,10 @@
 """The Celery app of the server mode: queues ``ingest``, ``embed``, ``index``, ``critic`` on Redis.
 
-Run workers with e.g. ``celery -A workers.app worker -Q ingest,embed -c 2`` (CPU) and
+Run workers with e.g. ``celery -A workers.app worker -Q ingest,embed -c 2`` (CPU),
 ``celery -A workers.app worker -Q index -c 1`` (the one process that owns embedded stores;
-with Qdrant server + OpenSearch it can scale too).
+with Qdrant server + OpenSearch it can scale too) and, on a GPU,
+``celery -A workers.app worker -Q critic -P threads -c 4 --prefetch-multiplier 1`` (the queued
+critic, :mod:`workers.critic`).
 
 Delivery settings (Celery docs, "Tasks" → ``acks_late`` and "Using Redis" → visibility
 timeout): a task is acknowledged only after it returns (``task_acks_late``) and is re-queued
@@ -11,6 +13,11 @@ not acknowledged within ``MARS_TASK_VISIBILITY_TIMEOUT_S``, which must exceed th
 task. Each worker reserves one task at a time (``worker_prefetch_multiplier = 1``) so a
 killed worker strands at most one chunk. Settings are read when the app is first
 configured, not at import time.
+
+Results: only the critic task (``ignore_result=False``) stores one, in Redis on the broker URL
+(``result_backend``), for ``result_expires`` seconds; every other task's result is ignored
+(``task_ignore_result``). Celery gives each thread its own backend instance, so the critic
+worker's threads pool and the API's request threads share no connection.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "mars.ingest_chunk": {"queue": "ingest"},
             "mars.embed_chunk": {"queue": "embed"},
             "mars.index_chunk": {"queue": "index"},
+            "mars.critic_score": {"queue": "critic"},
         },
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -42,9 +50,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,
+        "result_backend": settings.broker_url,
+        "result_expires": 300,  # s; a critic result is read within its deadline or never
         "worker_hijack_root_logger": False,
     }
 
 
-app = Celery("mars", include=["workers.tasks"])
+app = Celery("mars", include=["workers.tasks", "workers.critic"])
 app.add_defaults(lambda: celery_config(get_settings()))
