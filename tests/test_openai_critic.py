@@ -9,7 +9,8 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
@@ -107,15 +108,24 @@ class Handler(BaseHTTPRequestHandler):
                 s.in_flight -= 1
 
 
-@pytest.fixture
-def server():
+@contextmanager
+def running_server() -> Iterator[Server]:
+    """A :class:`Server` serving on a daemon thread for the ``with`` block, then stopped."""
     srv = Server()
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
-    yield srv
-    srv.stopping.set()
-    srv.shutdown()
-    srv.server_close()
+    try:
+        yield srv
+    finally:
+        srv.stopping.set()
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture
+def server():
+    with running_server() as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +31,7 @@ from critic.learned import ClassStats, LearnedCritic, feature_matrix
 from critic.protocol import CriticPair
 from evaluation.beir import BenchmarkQuery, QueryImages
 from evaluation.metrics import ndcg_at_k
-from query.funnel import SearchQuery, critic_order
+from query.funnel import Retrieval, SearchQuery, critic_order
 
 ROOM_TASKS: tuple[str, ...] = ("room-class", "room-type", "room-scene")
 
@@ -47,6 +47,43 @@ class MinedQuery:
     labels: list[int]
     reasons: list[str]
     relevant: set[str]
+
+
+@dataclass
+class RoomCandidates:
+    """One judged room query run through the hybrid funnel: the benchmark query, the
+    :class:`~query.funnel.SearchQuery` it became (room photo + text, ``mode="hybrid"``), the
+    funnel's :class:`~query.funnel.Retrieval` (lock, per-list hits, fused list best first) and
+    the ids staged in the room for it (its qrels)."""
+
+    query: BenchmarkQuery
+    search: SearchQuery
+    retrieval: Retrieval
+    relevant: set[str]
+
+
+def room_candidates(
+    engine,
+    queries: Sequence[BenchmarkQuery],
+    qrels: dict[str, set[str]],
+    tasks: Sequence[str] = ROOM_TASKS,
+) -> Iterator[RoomCandidates]:
+    """Run each judged room query of ``tasks`` through the hybrid funnel of ``engine`` (stages
+    1-2 and fusion, no critic), in input order; queries without qrels or of other tasks are
+    skipped. The candidate source of both :func:`mine` (learned critic) and
+    :func:`training.mine_pairs.mine_pairs` (VLM distillation).
+
+    Raises:
+        FileNotFoundError / ImageRejected: a query photo is missing or unreadable.
+    """
+    funnel = engine.funnel
+    images = QueryImages(engine.settings.max_image_bytes, engine.settings.max_image_pixels)
+    for q in queries:
+        relevant = qrels.get(q.id, set())
+        if q.task not in tasks or not relevant:
+            continue
+        query = SearchQuery(text=q.text, image=images(q), mode="hybrid")
+        yield RoomCandidates(q, query, funnel.retrieve(query), relevant)
 
 
 def mine(
@@ -68,14 +105,9 @@ def mine(
     """
     rng = random.Random(seed)
     funnel = engine.funnel
-    images = QueryImages(engine.settings.max_image_bytes, engine.settings.max_image_pixels)
     mined = []
-    for q in queries:
-        relevant = qrels.get(q.id, set())
-        if q.task not in ROOM_TASKS or not relevant:
-            continue
-        query = SearchQuery(text=q.text, image=images(q), mode="hybrid")
-        r = funnel.retrieve(query)
+    for c in room_candidates(engine, queries, qrels):
+        q, query, r, relevant = c.query, c.search, c.retrieval, c.relevant
         picked: list[tuple[int, str]] = []
         for f in r.fused:
             if f.rank <= depth:
@@ -191,4 +223,5 @@ def cross_validate(mined: Sequence[MinedQuery], *, folds: int = 5, top_n: int = 
     return _summary(rows)
 
 
-__all__ = ["FEATURES", "MinedQuery", "ROOM_TASKS", "cross_validate", "evaluate", "fit", "mine", "rerank"]
+__all__ = ["FEATURES", "MinedQuery", "ROOM_TASKS", "RoomCandidates", "cross_validate", "evaluate", "fit", "mine",
+           "rerank", "room_candidates"]
