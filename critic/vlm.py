@@ -196,7 +196,11 @@ class QwenVLCritic:
         all_images = [im for p in prompts for im in p.images]
         vision: dict[str, torch.Tensor] = {}
         if all_images:
-            vision = dict(self.image_processor(images=all_images, return_tensors="pt"))
+            # Each distinct image once (the room photo is in every prompt of a search), then
+            # the per-image outputs concatenated in row order, as one processor call lays them out.
+            distinct = {id(im): im for im in all_images}
+            done = {key: self.image_processor(images=[im], return_tensors="pt") for key, im in distinct.items()}
+            vision = {name: torch.cat([done[id(im)][name] for im in all_images]) for name in ("pixel_values", "image_grid_thw")}
             grids = iter(vision["image_grid_thw"].tolist())
         for prompt in prompts:
             pieces = self.render(prompt).split(image_token)
