@@ -1,0 +1,145 @@
+"""Load benchmark (not a test): N concurrent clients send hybrid searches to a running MARS
+API for a fixed time; prints requests/s, latency p50/p95/p99 and the error count.
+
+The queries are the IKEA benchmark's own: text-to-image queries (text only) and room
+queries (room photo + text), drawn at random with a fixed seed. Room photos repeat, so the
+funnel's region-embedding cache is warm after each photo's first use, as it is for a
+merchandiser refining one room; ``--text-only`` measures text queries alone.
+
+Usage (the catalog must be ingested; the server is started here unless ``--url`` is given)::
+
+    python -m evaluation.load_test --clients 20 --seconds 60 [--url http://127.0.0.1:8000] [--api-key KEY]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+
+def free_port() -> int:
+    """An unused local TCP port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_bodies(ikea: Path, text_only: bool, limit: int) -> list[dict[str, Any]]:
+    """``POST /v1/search`` bodies from the benchmark's queries: text-to-image queries as text,
+    room queries (room-class / room-type) as text + base64 room photo, mode ``hybrid``."""
+    bodies = []
+    photos: dict[str, str] = {}
+    for line in (ikea / "queries.jsonl").open():
+        q = json.loads(line)
+        if q.get("task") == "text-to-image":
+            bodies.append({"text": q["text"], "mode": "hybrid", "top_k": 10})
+        elif q.get("task") in ("room-class", "room-type") and not text_only and q.get("image"):
+            path = ikea / q["image"]
+            if str(path) not in photos:
+                photos[str(path)] = base64.b64encode(path.read_bytes()).decode()
+            bodies.append({"text": q["text"], "image_base64": photos[str(path)], "mode": "hybrid", "top_k": 10})
+    random.Random(0).shuffle(bodies)
+    return bodies[:limit]
+
+
+async def client(http: httpx.AsyncClient, bodies: list[dict], stop_at: float, out: list, errors: list, seed: int) -> None:
+    """One client: send random bodies back to back until ``stop_at`` (monotonic seconds)."""
+    rng = random.Random(seed)
+    while time.monotonic() < stop_at:
+        body = rng.choice(bodies)
+        t0 = time.perf_counter()
+        try:
+            r = await http.post("/v1/search", json=body)
+            if r.status_code != 200:
+                errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
+                continue
+        except httpx.HTTPError as exc:
+            errors.append(f"{exc.__class__.__name__}: {exc}")
+            continue
+        out.append((time.perf_counter() - t0, "image_base64" in body))
+
+
+async def run(url: str, bodies: list[dict], clients: int, seconds: float, api_key: str | None) -> dict[str, Any]:
+    """Warm up (each distinct room photo once), then ``clients`` concurrent clients for ``seconds``."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers, limits=limits) as http:
+        seen = set()
+        for body in bodies:
+            key = body.get("image_base64", "")[:64]
+            if key not in seen:
+                seen.add(key)
+                (await http.post("/v1/search", json=body)).raise_for_status()
+        latencies: list[tuple[float, bool]] = []
+        errors: list[str] = []
+        t0 = time.monotonic()
+        await asyncio.gather(*(client(http, bodies, t0 + seconds, latencies, errors, i) for i in range(clients)))
+        wall = time.monotonic() - t0
+
+    def summary(values: list[float]) -> dict[str, Any]:
+        if not values:
+            return {"n": 0}
+        ms = np.asarray(values) * 1000
+        return {"n": len(values), "p50_ms": round(float(np.percentile(ms, 50)), 1),
+                "p95_ms": round(float(np.percentile(ms, 95)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1)}
+
+    return {
+        "clients": clients, "seconds": round(wall, 1), "requests": len(latencies),
+        "requests_per_s": round(len(latencies) / wall, 1), "errors": len(errors), "first_errors": errors[:5],
+        "all": summary([t for t, _ in latencies]),
+        "text_only": summary([t for t, photo in latencies if not photo]),
+        "with_room_photo": summary([t for t, photo in latencies if photo]),
+    }
+
+
+def main() -> None:
+    """Parse the options, start a server if none is given, run the load and print the report."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ikea", type=Path, default=Path("../shared/data/ikea"), help="IKEA benchmark folder.")
+    parser.add_argument("--clients", type=int, default=20, help="Concurrent clients.")
+    parser.add_argument("--seconds", type=float, default=60, help="How long to load the server.")
+    parser.add_argument("--url", help="A running MARS API; default: start `mars serve` on the ingested MARS_HOME.")
+    parser.add_argument("--api-key", default=os.environ.get("MARS_API_KEY"), help="Key sent as Bearer (MARS_API_KEY).")
+    parser.add_argument("--text-only", action="store_true", help="Text queries only (no room photos).")
+    parser.add_argument("--queries", type=int, default=500, help="Distinct queries to draw from.")
+    args = parser.parse_args()
+    bodies = load_bodies(args.ikea, args.text_only, args.queries)
+    proc = None
+    url = args.url
+    if url is None:
+        port = free_port()
+        command = [sys.executable, "-m", "mars.cli", "serve", "--port", str(port)]
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                httpx.get(f"{url}/healthz", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if proc.poll() is not None:
+                    raise SystemExit(f"`{' '.join(command)}` exited with {proc.returncode}")
+                time.sleep(0.5)
+    try:
+        report = asyncio.run(run(url, bodies, args.clients, args.seconds, args.api_key))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
