@@ -2,7 +2,9 @@
 
 Tables: ``products``, ``categories`` (a two-level tree: a coarse *class* parent such as
 "rug" over fine-grained *type* leaves such as "Rug, flatwoven"), ``category_synonyms``,
-``product_categories``, ``ingest_jobs`` and ``rejected_records``.
+``product_categories``, ``ingest_jobs``, ``ingest_job_items``, ``rejected_records``,
+``api_keys`` (hashed API keys with their roles, :mod:`catalog.api_keys`) and ``merch_rules``
+(merchandising rules: pins, boosts, buries, synonyms; :mod:`catalog.rules`).
 
 The same models and migrations serve SQLite (embedded mode) and PostgreSQL (server mode,
 ``postgresql+psycopg://``); the differences between the two are handled here:
@@ -22,7 +24,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Dialect, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, CheckConstraint, DateTime, Dialect, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
 from sqlalchemy.types import TypeDecorator
 
@@ -206,3 +208,70 @@ class RejectedRecord(Base):
         # the id of a rejected record is untrusted input: it may be longer than any valid id
         length = getattr(self.__table__.c[key].type, "length", None)
         return storable_text(value, length)
+
+
+class ApiKey(Base):
+    """An API key of the HTTP API (:mod:`query.auth`); the secret itself is never stored.
+
+    ``hash`` is the SHA-256 hex digest of the whole key and ``prefix`` its first characters,
+    shown in listings so that a key can be recognised without revealing it (see
+    :mod:`catalog.api_keys` for the format and why a fast hash is right for random keys).
+    ``role`` is ``viewer``, ``editor`` or ``admin``. A revoked key (``revoked_at`` set) stays
+    listed; ``last_used_at`` is refreshed at most once a minute by the API.
+    """
+
+    __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint("role IN ('viewer', 'editor', 'admin')", name="ck_api_keys_role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    prefix: Mapped[str] = mapped_column(String(16), index=True)
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class MerchRule(Base):
+    """A merchandising rule applied by the search funnel (:mod:`query.rules` says how).
+
+    ``kind`` and the fields it uses (the others stay NULL; :func:`catalog.rules.check_rule`
+    enforces it):
+
+    * ``pin``: ``product_id`` at ``position`` (1-based) of the ranked list;
+    * ``boost`` / ``bury``: ``product_id`` or ``brand`` (matched case-insensitively against
+      ``products.attributes["brand"]``), fused score multiplied by ``factor`` (> 1 for a boost,
+      between 0 and 1 for a bury);
+    * ``synonym``: whole-word ``term`` in the query text replaced by ``replacement`` before
+      BM25 and the text vector.
+
+    Scope: ``category`` (a category key; the rule applies to searches locked to it or, for a
+    class, to one of its types) and ``query_pattern`` (a phrase matched case-insensitively as
+    whole words in the query text); NULL means anywhere. Inactive rules (``active`` false) are
+    kept but never applied. ``created_by`` is the name of the API key that created the rule
+    (None from the CLI). ``product_id`` is no foreign key: deleting a product leaves its rules
+    listed, and they match nothing until the product comes back.
+    """
+
+    __tablename__ = "merch_rules"
+    __table_args__ = (
+        CheckConstraint("kind IN ('pin', 'boost', 'bury', 'synonym')", name="ck_merch_rules_kind"),
+        CheckConstraint("position IS NULL OR position >= 1", name="ck_merch_rules_position"),
+        CheckConstraint("factor IS NULL OR factor > 0", name="ck_merch_rules_factor"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    product_id: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    brand: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    position: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    factor: Mapped[float | None] = mapped_column(Float, nullable=True)
+    term: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    replacement: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    category: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    query_pattern: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)

@@ -154,8 +154,8 @@ def api_streaming(ikea: Path, stream: int) -> dict[str, Any]:
     base = [r.data for r in open_source(ikea) if r.data and r.data.get("image")]
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        env = {**os.environ, "MARS_HOME": str(Path(tmp) / "mars")}
-        proc = subprocess.Popen([sys.executable, "-m", "mars.cli", "serve", "--port", str(port)], env=env,
+        env = {**os.environ, "MARS_HOME": str(Path(tmp) / "mars"), "MARS_RATE_LIMIT": ""}  # a local benchmark: no keys
+        proc = subprocess.Popen([sys.executable, "-m", "mars.cli", "serve", "--port", str(port), "--open"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:

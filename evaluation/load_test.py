@@ -9,6 +9,9 @@ merchandiser refining one room; ``--text-only`` measures text queries alone.
 Usage (the catalog must be ingested; the server is started here unless ``--url`` is given)::
 
     python -m evaluation.load_test --clients 20 --seconds 60 [--url http://127.0.0.1:8000] [--api-key KEY]
+
+A server started here runs with ``--open`` and no rate limit (``MARS_RATE_LIMIT=''``); against
+``--url``, send a viewer key whose server's ``MARS_RATE_LIMIT`` allows the load.
 """
 
 from __future__ import annotations
@@ -121,8 +124,9 @@ def main() -> None:
     url = args.url
     if url is None:
         port = free_port()
-        command = [sys.executable, "-m", "mars.cli", "serve", "--port", str(port)]
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        command = [sys.executable, "-m", "mars.cli", "serve", "--port", str(port), "--open"]
+        proc = subprocess.Popen(command, env={**os.environ, "MARS_RATE_LIMIT": ""},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         for _ in range(240):
             try:

@@ -13,27 +13,37 @@ class ImageRejected(ValueError):
     """The image cannot be used; the message is the reason shown to the user."""
 
 
-def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Image.Image:
+def decode_image(
+    data: bytes, *, max_pixels: int, what: str = "image", formats: tuple[str, ...] | None = None
+) -> Image.Image:
     """Decode image bytes into an RGB :class:`PIL.Image.Image`.
 
-    The header is read first and the pixel count (width*height) checked against
-    ``max_pixels`` before any pixel is decoded, so a decompression bomb costs nothing.
+    The content is sniffed, never trusted from a file name or a Content-Type: with
+    ``formats`` (PIL format names, e.g. ``("JPEG", "PNG", "WEBP")``) only those decoders may
+    read the bytes. The header is read first and the pixel count (width*height) checked
+    against ``max_pixels`` before any pixel is decoded, so a decompression bomb (a small file
+    declaring huge dimensions) costs nothing; PIL's own guard (``Image.MAX_IMAGE_PIXELS``:
+    a warning past it, ``DecompressionBombError`` past twice it, raised by ``Image.open``)
+    is turned into the same rejection.
 
     Raises:
-        ImageRejected: not an image, truncated, or more than ``max_pixels`` pixels.
+        ImageRejected: not an image (of ``formats``), truncated, or more than ``max_pixels`` pixels.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=formats)
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageRejected(f"{what} has {width}x{height} pixels, over the limit of {max_pixels}")
             img.load()
     except ImageRejected:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(f"{what} is not a readable image ({exc.__class__.__name__})") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(f"{what} has too many pixels, over the limit of {max_pixels} ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        accepted = f", accepted: {', '.join(formats)}" if formats else ""
+        raise ImageRejected(f"{what} is not a readable image ({exc.__class__.__name__}{accepted})") from exc
     except OSError as exc:
         raise ImageRejected(f"{what} is not a readable image ({exc})") from exc
     return img.convert("RGB")

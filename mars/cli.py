@@ -2,13 +2,17 @@
 
 Settings come from ``MARS_*`` environment variables (``mars --help`` lists the common ones);
 commands open the engine (the stores the settings name) and apply pending catalog migrations
-first; ``ingest --via-api`` and ``jobs --api`` talk to a running server instead.
+first; ``ingest --via-api`` and ``jobs --api`` talk to a running server instead (with an API key:
+``--api-key`` or ``MARS_API_KEY``); ``keys`` manages those keys in the catalog, ``rules`` the
+merchandising rules.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,7 +30,7 @@ app = typer.Typer(
         "Data lives under MARS_HOME (default ./.mars). Common settings: MARS_HOME, MARS_DATABASE_URL, "
         "MARS_RRF_K, MARS_WEIGHT_BM25, MARS_WEIGHT_IMAGE, MARS_WEIGHT_TEXT, MARS_VECTOR_BACKEND "
         "(qdrant-edge|faiss|qdrant), MARS_LEXICAL_BACKEND (tantivy|opensearch), MARS_IMAGE_ENCODER, "
-        "MARS_TEXT_ENCODER, MARS_CRITIC."
+        "MARS_TEXT_ENCODER, MARS_CRITIC, MARS_API_AUTH (keys|open), MARS_RATE_LIMIT."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -35,6 +39,11 @@ console = Console()
 err = Console(stderr=True)
 
 ModeOpt = Annotated[str, typer.Option("--mode", help="bm25 | vector | hybrid | full (hybrid + critic).")]
+ApiKeyOpt = Annotated[
+    Optional[str],
+    typer.Option("--api-key", envvar="MARS_API_KEY", show_envvar=True,
+                 help="API key for the server (`mars keys create`), sent as 'Authorization: Bearer <key>'."),
+]
 
 
 def _engine(settings=None):  # noqa: ANN001, ANN202 - lazy import keeps `mars --help` fast
@@ -69,6 +78,7 @@ def ingest(
         typer.Option("--via-api", metavar="URL", help="Send the records to a running MARS API (e.g. http://127.0.0.1:8000) "
                      "as one bulk job and follow its progress, instead of opening the stores here."),
     ] = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Ingest a catalog: validate, embed what changed, index, and report.
 
@@ -83,7 +93,7 @@ def ingest(
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     if via_api:
-        _ingest_via_api(via_api, records, path, as_json)
+        _ingest_via_api(via_api, api_key, records, path, as_json)
         return
     engine = _engine()
     try:
@@ -122,10 +132,12 @@ def ingest(
         console.print(f"[cyan]note[/cyan] {warning}")
 
 
-def _api_client(url: str):  # noqa: ANN202 - httpx.Client
+def _api_client(url: str, api_key: str | None):  # noqa: ANN202 - httpx.Client
+    """An HTTP client of the API at ``url`` that sends ``api_key`` (if any) as a Bearer token."""
     import httpx
 
-    return httpx.Client(base_url=url.rstrip("/"), timeout=httpx.Timeout(60.0, connect=5.0))
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(60.0, connect=5.0))
 
 
 def _api_call(call, what: str):  # noqa: ANN001, ANN202 - a zero-argument httpx request
@@ -138,12 +150,14 @@ def _api_call(call, what: str):  # noqa: ANN001, ANN202 - a zero-argument httpx 
         err.print(f"[red]error:[/red] {what}: {exc.__class__.__name__}: {exc} (is `mars serve` running there?)")
         raise typer.Exit(2) from exc
     if response.status_code >= 400:
-        err.print(f"[red]error:[/red] {what}: HTTP {response.status_code}: {response.text[:500]}")
+        hint = {401: " (pass --api-key or set MARS_API_KEY; `mars keys create` makes a key)",
+                403: " (this key's role is too weak: reads need viewer, ingest needs editor)"}.get(response.status_code, "")
+        err.print(f"[red]error:[/red] {what}: HTTP {response.status_code}: {response.text[:500]}{hint}")
         raise typer.Exit(2)
     return response.json()
 
 
-def _ingest_via_api(url: str, records, path: Path, as_json: bool) -> None:  # noqa: ANN001 - Iterable[RawRecord]
+def _ingest_via_api(url: str, api_key: str | None, records, path: Path, as_json: bool) -> None:  # noqa: ANN001 - Iterable[RawRecord]
     """``mars ingest --via-api``: one JSON line per source record (a line that did not parse is
     sent as it was, so the server rejects it with its reason), then follow the job."""
     import time
@@ -157,7 +171,7 @@ def _ingest_via_api(url: str, records, path: Path, as_json: bool) -> None:  # no
     if not lines:
         err.print(f"[red]error:[/red] {path} has no records")
         raise typer.Exit(2)
-    with _api_client(url) as client:
+    with _api_client(url, api_key) as client:
         accepted = _api_call(
             lambda: client.post("/v1/items:bulk", content="\n".join(lines).encode(),
                                 headers={"content-type": "application/x-ndjson"}),
@@ -211,11 +225,28 @@ def _print_jobs(jobs: list[dict], as_json: bool, single: bool) -> None:
         console.print(f"... {j['rejected']} rejected in all (table rejected_records, job {j['id']})")
 
 
+@contextmanager
+def _catalog() -> Iterator:  # Iterator[sqlalchemy.orm.Session]
+    """A session on the catalog itself (MARS_DATABASE_URL or MARS_HOME), migrated to head first.
+
+    Opens no store, so it works while `mars serve` or the workers own them."""
+    from catalog.db import make_engine, session_factory, upgrade_to_head
+
+    db = make_engine(get_settings().catalog_url)
+    try:
+        upgrade_to_head(db)
+        with session_factory(db)() as session:
+            yield session
+    finally:
+        db.dispose()
+
+
 @app.command()
 def jobs(
     job_id: Annotated[Optional[int], typer.Argument(help="One job, with its rejections; default: the newest jobs.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=500, help="How many of the newest jobs to list.")] = 20,
     api: Annotated[Optional[str], typer.Option("--api", metavar="URL", help="Ask a running MARS API instead of reading the catalog here.")] = None,
+    api_key: ApiKeyOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Show ingest jobs (bulk, streamed, `mars ingest`): progress counts, ETA, rejections.
@@ -224,22 +255,16 @@ def jobs(
     `mars serve` or the workers run; --api asks a server elsewhere.
     """
     if api:
-        with _api_client(api) as client:
+        with _api_client(api, api_key) as client:
             if job_id is None:
                 found = _api_call(lambda: client.get("/v1/jobs", params={"limit": limit}), "listing jobs")
             else:
                 found = [_api_call(lambda: client.get(f"/v1/jobs/{job_id}"), f"reading job {job_id}")]
     else:
-        from catalog.db import make_engine, session_factory, upgrade_to_head
         from workers.jobs import job_progress, recent_jobs
 
-        db = make_engine(get_settings().catalog_url)
-        try:
-            upgrade_to_head(db)
-            with session_factory(db)() as session:
-                found = recent_jobs(session, limit) if job_id is None else [job_progress(session, job_id)]
-        finally:
-            db.dispose()
+        with _catalog() as session:
+            found = recent_jobs(session, limit) if job_id is None else [job_progress(session, job_id)]
         if found == [None]:
             err.print(f"[red]error:[/red] no job {job_id}")
             raise typer.Exit(2)
@@ -292,16 +317,20 @@ def print_response(response) -> None:  # noqa: ANN001 - query.schemas.SearchResp
     critic = response.critic
     console.print(f"[bold]critic:[/bold] {critic.backend} ({critic.status}{'; ' + critic.detail if critic.detail else ''})   "
                   f"[bold]fusion:[/bold] {response.fusion}   [bold]took:[/bold] {response.timings_ms.get('total', 0):.0f} ms")
+    if response.synonyms:
+        console.print(f"[bold]synonyms:[/bold] {'; '.join(response.synonyms)} (searched as {response.rewritten_text!r})")
     scored = critic.status == "scored"
+    ruled = any(item.provenance.rules for item in response.items)
     table = Table()
-    for col in ("#", "id", "title", "type", "colour", "score", "bm25", "image", "text", "fused") + (("why",) if scored else ()):
+    for col in ("#", "id", "title", "type", "colour", "score", "bm25", "image", "text", "fused") + (("why",) if scored else ()) + (("rules",) if ruled else ()):
         table.add_column(col)
     for item in response.items:
         p = item.provenance
         fmt = lambda h: f"{h.rank} ({h.score:.2f})" if h else "-"  # noqa: E731
         why = ((p.critic.rationale if p.critic else "-"),) if scored else ()
+        why += ("; ".join(p.rules) or "-",) if ruled else ()
         table.add_row(str(item.rank), item.id, item.title, item.type, item.colour, f"{item.score:.4f}",
-                      fmt(p.bm25), fmt(p.image), fmt(p.text), str(p.fused.rank), *why)
+                      fmt(p.bm25), fmt(p.image), fmt(p.text), str(p.fused.rank) if p.fused else "-", *why)
     console.print(table)
 
 
@@ -332,15 +361,174 @@ def categories(
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    open_: Annotated[bool, typer.Option("--open", help="No API keys: every request acts as admin "
+                                        "(MARS_API_AUTH=open). For a local demo only.")] = False,
 ) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs): search, bulk jobs, streamed items. With
     embedded stores this process owns them and runs bulk jobs itself; with Qdrant server +
-    OpenSearch, bulk jobs go to the Celery workers."""
+    OpenSearch, bulk jobs go to the Celery workers.
+
+    Every route but /healthz needs an API key (`mars keys create`) with its role, and each key
+    is held to MARS_RATE_LIMIT; --open (or MARS_API_AUTH=open) turns the keys off."""
     import uvicorn
 
     from query.api import create_app
+    from query.auth import OPEN_MODE_WARNING
 
-    uvicorn.run(create_app(), host=host, port=port)
+    settings = get_settings()
+    if open_:
+        settings = settings.model_copy(update={"api_auth": "open"})
+    if settings.api_auth == "open":
+        err.print(f"[bold red]WARNING:[/bold red] {OPEN_MODE_WARNING}", highlight=False, soft_wrap=True)  # one line
+    from query.observability import configure_logging
+
+    # MARS_LOG_FORMAT lines for every logger; the app writes the access lines (with request ids).
+    configure_logging(settings.log_format, settings.log_level)
+    uvicorn.run(create_app(settings=settings), host=host, port=port, log_config=None, access_log=False)
+
+
+keys_app = typer.Typer(
+    help="API keys of the HTTP API, stored hashed in the catalog: viewer (search and read), editor "
+    "(+ ingest and deletes), admin (+ key management). Works on the catalog directly, also while "
+    "`mars serve` runs; a revoked key is refused from its next request on.",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option("--name", help="What the key is for, e.g. 'catalog sync' (1-128 characters).")],
+    role: Annotated[str, typer.Option("--role", help="viewer (search, read), editor (+ ingest, deletes) or admin (+ keys).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the key and its record as JSON.")] = False,
+) -> None:
+    """Create a key and print it ONCE: only its SHA-256 hash is stored, so it cannot be shown again."""
+    from catalog import api_keys
+
+    with _catalog() as session:
+        try:
+            row, key = api_keys.create_key(session, name, role)
+        except ValueError as exc:
+            raise _fail(exc) from exc
+        record = api_keys.describe(row)
+    if as_json:
+        console.print_json(json.dumps({**record, "key": key}))
+        return
+    err.print(f"created API key {record['id']} ({record['name']}, {record['role']}); it is shown only this once:")
+    typer.echo(key)
+    err.print("send it as 'Authorization: Bearer <key>' (or X-API-Key), or set MARS_API_KEY for `mars ... --api-key`")
+
+
+@keys_app.command("list")
+def keys_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List every key (revoked ones too) without secrets: id, name, role, prefix, created, last used, revoked."""
+    from catalog import api_keys
+
+    with _catalog() as session:
+        records = [api_keys.describe(row) for row in api_keys.list_keys(session)]
+    if as_json:
+        console.print_json(json.dumps(records))
+        return
+    table = Table(title=f"{len(records)} API keys (times in UTC)")
+    for col in ("id", "name", "role", "prefix", "created", "last used", "revoked"):
+        table.add_column(col, justify="right" if col == "id" else "left", no_wrap=col in ("id", "role", "prefix"))
+    when = lambda t: t[:16].replace("T", " ") if t else "-"  # noqa: E731 - ISO 8601 UTC to the minute
+    for r in records:
+        table.add_row(str(r["id"]), r["name"], r["role"], r["prefix"] + "…", when(r["created_at"]),
+                      when(r["last_used_at"]), when(r["revoked_at"]))
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[int, typer.Argument(help="The key's id (`mars keys list`).")],
+) -> None:
+    """Revoke a key: the API refuses it (401) from its next request on. The record stays listed."""
+    from catalog import api_keys
+
+    with _catalog() as session:
+        row = api_keys.revoke_key(session, key_id)
+        if row is None:
+            raise _fail(LookupError(f"no API key {key_id}"))
+        record = api_keys.describe(row)
+    console.print(f"API key {record['id']} ({record['prefix']}…, {record['name']}, {record['role']}) "
+                  f"revoked at {record['revoked_at']}", highlight=False, soft_wrap=True)
+
+
+rules_app = typer.Typer(
+    help="Merchandising rules in the catalog: pin a product at a position, boost or bury a product or a brand "
+    "(its fused score times a factor), rewrite query words (synonym); optionally only for one category lock "
+    "or queries with a phrase. Works on the catalog directly; a running server applies a change within "
+    "MARS_RULES_CACHE_S seconds (API writes, /v1/rules, apply at once).",
+    no_args_is_help=True,
+)
+app.add_typer(rules_app, name="rules")
+
+
+@rules_app.command("list")
+def rules_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List every rule, inactive ones too, oldest first."""
+    from catalog import rules
+
+    with _catalog() as session:
+        records = [rules.describe(row) for row in rules.list_rules(session)]
+    if as_json:
+        console.print_json(json.dumps(records))
+        return
+    table = Table(title=f"{len(records)} merchandising rules")
+    for col in ("id", "kind", "what", "active", "by", "updated (UTC)"):
+        table.add_column(col, justify="right" if col == "id" else "left")
+    for r in records:
+        table.add_row(str(r["id"]), r["kind"], r["summary"], "yes" if r["active"] else "no", r["created_by"] or "-",
+                      r["updated_at"][:16].replace("T", " "))
+    console.print(table)
+
+
+@rules_app.command("add")
+def rules_add(
+    kind: Annotated[str, typer.Argument(help="pin | boost | bury | synonym")],
+    product: Annotated[Optional[str], typer.Option("--product", help="pin, boost, bury: the product id.")] = None,
+    brand: Annotated[Optional[str], typer.Option("--brand", help="boost, bury: every product of this brand (attributes.brand).")] = None,
+    position: Annotated[Optional[int], typer.Option("--position", help="pin: the 1-based position.")] = None,
+    factor: Annotated[Optional[float], typer.Option("--factor", help="boost (> 1), bury (0..1): multiplies the fused score.")] = None,
+    term: Annotated[Optional[str], typer.Option("--term", help="synonym: the query words to replace.")] = None,
+    replacement: Annotated[Optional[str], typer.Option("--replacement", help="synonym: what replaces them.")] = None,
+    category: Annotated[Optional[str], typer.Option("--category", help="Scope: only searches locked to this category (key or name).")] = None,
+    query_pattern: Annotated[Optional[str], typer.Option("--query-pattern", help="Scope: only queries with this phrase (whole words).")] = None,
+    inactive: Annotated[bool, typer.Option("--inactive", help="Store it switched off.")] = False,
+) -> None:
+    """Add a rule, e.g. `mars rules add pin --product 903.007.25 --position 1 --query-pattern "sofa bed"`."""
+    from catalog import rules
+    from catalog.locking import Taxonomy
+
+    with _catalog() as session:
+        info = Taxonomy.load(session).find(category) if category else None
+        values = {"kind": kind, "product_id": product, "brand": brand, "position": position, "factor": factor,
+                  "term": term, "replacement": replacement, "category": info.key if info else category,
+                  "query_pattern": query_pattern, "active": not inactive}
+        try:
+            row = rules.create_rule(session, values)
+        except rules.RuleError as exc:
+            raise _fail(exc) from exc
+        console.print(f"rule {row.id}: {rules.summary(row)}", highlight=False, soft_wrap=True)
+
+
+@rules_app.command("remove")
+def rules_remove(
+    rule_id: Annotated[int, typer.Argument(help="The rule's id (`mars rules list`).")],
+) -> None:
+    """Delete a rule."""
+    from catalog import rules
+
+    with _catalog() as session:
+        row = rules.delete_rule(session, rule_id)
+        if row is None:
+            raise _fail(LookupError(f"no rule {rule_id}"))
+        console.print(f"removed rule {row.id}: {rules.summary(row)}", highlight=False, soft_wrap=True)
 
 
 @app.command("eval")

@@ -25,6 +25,7 @@ from catalog.locking import Taxonomy
 from critic.registry import build_critic
 from indexing.encoders import ImageEncoder, TextEncoder, load_encoders
 from catalog.models import IngestJob, Product
+from catalog.rules import list_rules
 from indexing.lexical import LexicalIndex, TantivyIndex
 from indexing.vectors import FaissFlatStore, QdrantEdgeStore, VectorStore
 from ingestion.pipeline import IngestReport, IngestTargets, run_ingest
@@ -32,6 +33,7 @@ from ingestion.readers import RawRecord
 from ingestion.remote import RemoteImageFetcher
 from mars.settings import Settings
 from query.funnel import Funnel, FunnelConfig, SearchQuery
+from query.rules import Rule, RuleCache
 from query.schemas import SearchResponse
 
 log = logging.getLogger("mars.engine")
@@ -113,6 +115,8 @@ class Engine:
         self._queued: dict[int, Future] = {}
         self._closing = threading.Event()
         self.critic, critic_detail = build_critic(settings)
+        #: The active merchandising rules, cached for ``MARS_RULES_CACHE_S`` (see :meth:`refresh_rules`).
+        self.rules = RuleCache(self._load_rules, settings.rules_cache_s)
         self.funnel = Funnel(
             self.sessions,
             self.taxonomy,
@@ -128,6 +132,7 @@ class Engine:
                 critic_top_n=settings.critic_top_n,
                 critic_detail=critic_detail,
             ),
+            rules=self.rules,
         )
 
     def _owner_pid(self) -> str:
@@ -268,6 +273,12 @@ class Engine:
         if self._closing.is_set():
             raise JobInterrupted("the server stopped during this job; submit it again (stored items are skipped as unchanged)")
 
+    def bulk_jobs(self) -> dict[str, int]:
+        """This process's bulk jobs (embedded mode): ``waiting`` behind the job thread and ``running``."""
+        futures = list(self._queued.values())
+        running = sum(f.running() for f in futures)
+        return {"waiting": sum(not f.done() for f in futures) - running, "running": running}
+
     def _fail_cancelled_jobs(self) -> None:
         """Mark jobs that never started (cancelled by :meth:`close`) failed, saying so."""
         cancelled = [job_id for job_id, future in self._queued.items() if future.cancelled()]
@@ -297,6 +308,17 @@ class Engine:
         the FAISS reference) after writes; they are rebuilt on next use."""
         self._taxonomy = None
         self._reference = None
+
+    def _load_rules(self) -> list[Rule]:
+        """The active merchandising rules from the catalog, oldest first."""
+        with self.sessions() as session:
+            return [Rule.from_row(row) for row in list_rules(session, active=True)]
+
+    def refresh_rules(self) -> None:
+        """Drop the cached merchandising rules after a rule write of this process; the next search
+        reads them again. Writes of other processes (API replicas, the ``mars`` CLI) show within
+        ``MARS_RULES_CACHE_S`` seconds."""
+        self.rules.invalidate()
 
     def ingest_targets(self, fetch_image: Callable[[str], bytes] | None = None) -> IngestTargets:
         """What the ingest stages write to: this engine's catalog, BM25 index, vector store

@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -45,6 +45,20 @@ class Settings(BaseSettings):
         40_000_000, ge=1, description="Images with more pixels (width*height) are rejected."
     )
     max_image_bytes: int = Field(20_000_000, ge=1, description="Image files larger than this are rejected.")
+    max_bulk_bytes: int = Field(
+        256_000_000, ge=1,
+        description="Largest body of POST /v1/items:bulk; a larger one is refused with 413 before more is read.",
+    )
+
+    log_format: Literal["json", "text"] = Field(
+        "json", description="Log lines of `mars serve`: 'json' (one JSON object per line) or 'text'."
+    )
+    log_level: str = Field("INFO", description="Lowest level `mars serve` logs (DEBUG, INFO, WARNING, ERROR).")
+    cors_origins: str = Field(
+        "",
+        description="Comma-separated origins (e.g. https://shop.example.com) allowed to call the API from a "
+        "browser (CORS); empty (default) sends no CORS headers.",
+    )
 
     image_fetch_timeout_s: float = Field(
         10.0, gt=0, description="Read timeout in seconds for an image given by http(s) URL (connect: half of it)."
@@ -83,6 +97,10 @@ class Settings(BaseSettings):
     weight_bm25: float = Field(0.25, ge=0, description="RRF weight of the BM25 list.")
     weight_image: float = Field(1.0, ge=0, description="RRF weight of the room-photo -> product-image list.")
     weight_text: float = Field(0.25, ge=0, description="RRF weight of the text -> product-text list.")
+    rules_cache_s: float = Field(
+        5.0, ge=0, description="Seconds a process keeps the merchandising rules it read; its own rule writes drop "
+        "them at once, those of other processes (API replicas, the mars CLI) show within this time.",
+    )
 
     boost_title: float = Field(2.0, ge=0, description="BM25 field boost of the product title.")
     boost_type: float = Field(3.0, ge=0, description="BM25 field boost of the product type.")
@@ -133,6 +151,27 @@ class Settings(BaseSettings):
         None, description="Learned-critic checkpoint (safetensors); default <home>/critic/learned.safetensors."
     )
     critic_top_n: int = Field(20, ge=1, description="How many fused results the critic re-scores.")
+
+    api_auth: Literal["keys", "open"] = Field(
+        "keys",
+        description="HTTP API access: 'keys' (default) needs an API key (`mars keys create`) with the route's role; "
+        "'open' (`mars serve --open`, local demos only) lets every request act as admin without a key.",
+    )
+    rate_limit: str = Field(
+        "600/minute",
+        description="Requests allowed per API key (per client IP in open mode), in the `limits` notation: "
+        "'600/minute', '10/second;600/minute' (all must hold); '' turns the limit off. Kept in each API "
+        "process's memory (moving window): N replicas allow N times as much.",
+    )
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _valid_rate_limit(cls, value: str) -> str:
+        if value.strip():
+            from limits import parse_many
+
+            parse_many(value)  # ValueError, with the offending part, on a malformed limit
+        return value
 
     @property
     def catalog_url(self) -> str:

@@ -1,5 +1,6 @@
 """The FastAPI app (``mars serve``): search, items, categories, health, and the write side
 of :mod:`query.ingest_api` (bulk jobs, streamed items, deletes). OpenAPI at ``/docs``.
+Every route but ``/healthz`` needs an API key with the role it names (:mod:`query.auth`).
 
 In embedded mode the server process owns the stores: the :class:`mars.engine.Engine` is
 created in the lifespan (or injected by tests) and reached through the ``EngineDep`` alias.
@@ -24,9 +25,17 @@ from catalog.models import Product
 from ingestion.images import ImageRejected, decode_image
 from mars.engine import Engine
 from mars.settings import Settings, get_settings
+from query.auth import require
+from query.auth import router as keys_router
+from query.bodies import read_body, replay
+from query.console_api import mount_console
+from query.cors import install_cors
 from query.deferred import DeferredResults
 from query.funnel import QueryError, SearchQuery
 from query.ingest_api import router as ingest_router
+from query.observability import install_observability, observe_search
+from query.problems import install_problem_handlers
+from query.rules_api import router as rules_router
 from query.schemas import CriticStatus, Mode, SearchResponse
 
 log = logging.getLogger("mars.api")
@@ -86,6 +95,16 @@ def get_engine(request: Request) -> Engine:
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 
+#: Room photos are sniffed (PIL format detection, not the file name or Content-Type): these only.
+ROOM_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+
+
+def search_body_limit(settings: Settings) -> int:
+    """Largest ``POST /v1/search`` body: a base64 room photo of ``max_image_bytes`` (4/3 of it)
+    plus 1 MB for the other fields and multipart framing."""
+    return settings.max_image_bytes * 4 // 3 + 1_000_000
+
+
 _MULTIPART_SCHEMA = {
     "type": "object",
     "properties": {
@@ -120,12 +139,16 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
         description="Multimodal Agentic Room Search: hybrid BM25 + vector product search with a category lock.",
         lifespan=lifespan,
     )
+    app_settings = settings or (engine.settings if engine is not None else get_settings())
+    install_problem_handlers(app)
+    install_cors(app, app_settings)
+    install_observability(app, app_settings)  # the outermost middleware: add other middleware before it
 
     def room_image(data: bytes, eng: Engine):  # noqa: ANN202
         if len(data) > eng.settings.max_image_bytes:
             raise HTTPException(413, f"image is {len(data)} bytes, over the limit of {eng.settings.max_image_bytes}")
         try:
-            return decode_image(data, max_pixels=eng.settings.max_image_pixels, what="uploaded image")
+            return decode_image(data, max_pixels=eng.settings.max_image_pixels, what="uploaded image", formats=ROOM_FORMATS)
         except ImageRejected as exc:
             raise HTTPException(422, str(exc)) from exc
 
@@ -133,6 +156,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
         "/v1/search",
         response_model=SearchResponse,
         summary="Search with text and/or a room photo",
+        dependencies=[Depends(require("viewer"))],
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -147,8 +171,10 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
         """JSON (`SearchBody`) or multipart with an `image` file upload; returns ranked items with provenance."""
         content_type = request.headers.get("content-type", "")
         image = None
+        body_limit = search_body_limit(eng.settings)
         if content_type.startswith("multipart/form-data"):
-            form = await request.form()
+            raw = await read_body(request, body_limit, "search body")
+            form = await Request(request.scope, replay(raw)).form()
             upload = form.get("image")
             fields = {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
             try:
@@ -156,10 +182,10 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
             except ValidationError as exc:
                 raise HTTPException(422, exc.errors(include_url=False)) from exc
             if upload is not None and not isinstance(upload, str):
-                image = room_image(await upload.read(eng.settings.max_image_bytes + 1), eng)
+                image = await run_in_threadpool(room_image, await upload.read(eng.settings.max_image_bytes + 1), eng)
         elif content_type.startswith("application/json"):
             try:
-                body = SearchBody.model_validate_json(await request.body())
+                body = SearchBody.model_validate_json(await read_body(request, body_limit, "search body"))
             except ValidationError as exc:
                 raise HTTPException(422, exc.errors(include_url=False)) from exc
             if body.image_base64:
@@ -167,7 +193,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
                     data = base64.b64decode(body.image_base64, validate=True)
                 except (binascii.Error, ValueError) as exc:
                     raise HTTPException(422, "image_base64 is not valid base64") from exc
-                image = room_image(data, eng)
+                image = await run_in_threadpool(room_image, data, eng)
         else:
             raise HTTPException(415, "send application/json or multipart/form-data")
         query = SearchQuery(
@@ -182,11 +208,11 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
         )
         try:
             if query.mode != "full" or body.critic_wait or eng.critic is None:
-                return await run_in_threadpool(eng.search, query)
-            response = await run_in_threadpool(eng.search, replace(query, mode="hybrid"))
+                return observe_search(request.app, await run_in_threadpool(eng.search, query))
+            response = observe_search(request.app, await run_in_threadpool(eng.search, replace(query, mode="hybrid")))
         except QueryError as exc:
             raise HTTPException(422, str(exc)) from exc
-        result_id = request.app.state.deferred.submit(lambda: eng.search(query))
+        result_id = request.app.state.deferred.submit(lambda app=request.app: observe_search(app, eng.search(query)))
         response.mode = "full"
         response.critic = CriticStatus(
             backend=eng.critic.name, status="pending", detail="fused order; the critic's re-ranking is at result_url",
@@ -195,6 +221,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
         return response
 
     @app.get("/v1/search/results/{result_id}", response_model=SearchResponse, summary="A deferred critic re-ranking",
+             dependencies=[Depends(require("viewer"))],
              responses={202: {"description": "The critic has not answered yet; ask again."}})
     def deferred_result(result_id: str, request: Request) -> SearchResponse | JSONResponse:
         """The full (critic re-ranked) response of a ``critic_wait: false`` search: 202 while the
@@ -207,10 +234,11 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
         exc = future.exception()
         if exc is not None:
             log.error("deferred search %s failed", result_id, exc_info=exc)
-            raise HTTPException(500, f"the deferred search failed: {exc.__class__.__name__}: {exc}")
+            raise HTTPException(500, "the deferred search failed; the server log has the details (quote the request_id)")
         return future.result()
 
-    @app.get("/v1/items/{item_id}", response_model=ItemOut, summary="One catalog item")
+    @app.get("/v1/items/{item_id}", response_model=ItemOut, summary="One catalog item",
+             dependencies=[Depends(require("viewer"))])
     def get_item(item_id: str, eng: EngineDep) -> ItemOut:
         """The item with its category keys; 404 if unknown."""
         with eng.sessions() as session:
@@ -223,7 +251,8 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
                 attributes=p.attributes or {}, categories=keys, content_hash=p.content_hash,
             )
 
-    @app.get("/v1/categories", response_model=list[CategoryOut], summary="The category tree")
+    @app.get("/v1/categories", response_model=list[CategoryOut], summary="The category tree",
+             dependencies=[Depends(require("viewer"))])
     def get_categories(eng: EngineDep) -> list[CategoryOut]:
         """Every class and type, classes first, then by product count."""
         cats = sorted(eng.taxonomy().categories.values(), key=lambda c: (c.level != "class", -c.products, c.key))
@@ -231,7 +260,8 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
 
     @app.get("/healthz", summary="Liveness and index counts")
     def healthz(eng: EngineDep) -> dict[str, Any]:
-        """``status`` plus catalog, BM25 and vector counts."""
+        """``status`` plus catalog, BM25 and vector counts, the critic, and ``auth`` (``keys``, or
+        ``open`` when every request acts as admin without a key). Needs no key."""
         with eng.sessions() as session:
             products = session.execute(select(func.count()).select_from(Product)).scalar_one()
         store = eng.vector_store()
@@ -241,7 +271,11 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
             "bm25_docs": eng.lexical.count(),
             "vectors": store.count() if store is not None else 0,
             "critic": eng.critic.name if eng.critic else "none",
+            "auth": eng.settings.api_auth,
         }
 
     app.include_router(ingest_router)
+    mount_console(app)  # GET / -> /console/ (static web console) and GET /v1/items/{id}/image
+    app.include_router(keys_router)
+    app.include_router(rules_router)  # /v1/rules: merchandising rules
     return app

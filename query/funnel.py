@@ -1,10 +1,16 @@
-"""The funnel for one query: plan (category lock) → BM25 → vectors → weighted RRF → critic.
+"""The funnel for one query: plan (category lock) → BM25 → vectors → weighted RRF → merchandising
+rules → critic.
 
 Lists: ``bm25`` (query text, tantivy), ``text`` (query text → product text vectors) and
 ``image`` (room-photo regions → product image vectors, each product scored by its best
 region). Every list is computed within the lock; :func:`query.fusion.weighted_rrf` fuses
 them. Modes: ``bm25`` (BM25 only), ``vector`` (vector lists only), ``hybrid`` (all lists)
 and ``full`` (hybrid + the critic on the top ``critic_top_n``).
+
+Merchandising rules (:mod:`query.rules`) act at two points: after the plan, synonyms rewrite
+the query text the BM25 and text-vector lists search with; after fusion and before the cut to
+``top_k`` and the critic's top N, boosts and buries re-order the whole fused list and pins place
+their products (the critic, in mode ``full``, re-orders the others around the pins).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
@@ -23,12 +29,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from catalog.locking import CategoryLock, Taxonomy
 from catalog.models import Product
+from catalog.rules import brands_of, products_within
 from critic.protocol import Critic, CriticPair, CriticTimeout
 from indexing.encoders import ImageEncoder, TextEncoder
 from indexing.lexical import LexicalIndex
 from indexing.vectors import VectorHit, VectorStore
 from query.fusion import Fused, weighted_rrf
 from query.regions import crop_regions
+from query.rules import Ranked, Rule, in_scope, merchandise, place_pins, rewrite
 from query.schemas import (
     CriticResult,
     CriticStatus,
@@ -81,13 +89,17 @@ class FunnelConfig:
 @dataclass
 class Retrieval:
     """Stages 1-2 and fusion for one query: the lock, each stage's hits, the fused list,
-    the RRF weights used and per-stage timings in ms."""
+    the RRF weights used and per-stage timings in ms; the merchandising rules in scope of the
+    query, the synonym notes and the rewritten query text (None when no synonym applied)."""
 
     lock: CategoryLock
     lists: dict[str, list]
     fused: list[Fused]
     weights: dict[str, float]
     timings: dict[str, float]
+    rules: list[Rule] = field(default_factory=list)
+    synonyms: list[str] = field(default_factory=list)
+    rewritten_text: str | None = None
 
 
 def query_text(query: SearchQuery) -> str | None:
@@ -135,6 +147,8 @@ class Funnel:
         encoders: callable returning the (image, text) encoders (loaded lazily).
         critic: the stage-3 critic, or None when none is configured.
         config: depth, fusion and region settings.
+        rules: callable returning the active merchandising rules (e.g. a
+            :class:`query.rules.RuleCache`), or None for none.
     """
 
     def __init__(
@@ -146,9 +160,11 @@ class Funnel:
         encoders: Callable[[], tuple[ImageEncoder, TextEncoder]],
         critic: Critic | None,
         config: FunnelConfig,
+        rules: Callable[[], Sequence[Rule]] | None = None,
     ) -> None:
         self.sessions, self.taxonomy, self.lexical = sessions, taxonomy, lexical
         self.vectors, self.encoders, self.critic, self.config = vectors, encoders, critic, config
+        self.rules = rules
         self._region_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
@@ -179,17 +195,23 @@ class Funnel:
         return self._cached(self._text_cache, text, lambda: self.encoders()[1].encode_texts([text]))
 
     def retrieve(self, query: SearchQuery) -> Retrieval:
-        """Plan (category lock), BM25 and vector search within the lock, weighted RRF.
+        """Plan (category lock), the merchandising rules in scope and their synonyms, BM25 and
+        vector search within the lock, weighted RRF.
 
         BM25 hits carry BM25 scores, vector hits cosine similarities (the image list keeps
         each product's best region).
         """
-        text = search_text(query)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         lock = self.taxonomy().resolve(query_text(query), query.category, from_text=query.auto_lock)
         cats = [lock.key] if lock.applied and lock.key else None
         timings["plan"] = (time.perf_counter() - t0) * 1000
+
+        t = time.perf_counter()
+        rules = in_scope(self.rules(), self.lock_keys(lock), query_text(query)) if self.rules is not None else []
+        rewritten, synonyms = rewrite(query_text(query), [r for r in rules if r.kind == "synonym"])
+        text = search_text(replace(query, text=rewritten) if synonyms else query)
+        timings["rules"] = (time.perf_counter() - t) * 1000
 
         lists: dict[str, list] = {}
         depth = max(self.config.depth, query.top_k)
@@ -212,7 +234,30 @@ class Funnel:
         used = {name: weights.get(name, 1.0) for name in lists}
         fused = weighted_rrf({name: [h.id for h in hits] for name, hits in lists.items()}, used, self.config.rrf_k)
         timings["fuse"] = (time.perf_counter() - t) * 1000
-        return Retrieval(lock, lists, fused, used, timings)
+        return Retrieval(lock, lists, fused, used, timings, rules, synonyms, rewritten if synonyms else None)
+
+    def lock_keys(self, lock: CategoryLock) -> set[str]:
+        """The category keys a rule's ``category`` scope is matched against: the lock's key and,
+        for a type lock, its class's key; empty when no lock applied."""
+        if not lock.applied or not lock.key:
+            return set()
+        info = self.taxonomy().categories.get(lock.key)
+        return {lock.key} | ({info.parent_key} if info is not None and info.parent_key else set())
+
+    def merchandise(self, r: Retrieval) -> list[Ranked]:
+        """The fused list of ``r`` with its in-scope boosts, buries and pins applied
+        (:func:`query.rules.merchandise`): brands are read from the catalog only when a brand
+        rule is in scope, and a pinned product that retrieval did not return is inserted only
+        when it is in the catalog and within the lock."""
+        rules = [rule for rule in r.rules if rule.kind != "synonym"]
+        if not rules:
+            return [Ranked(f, f.score) for f in r.fused]
+        fused_ids = {f.id for f in r.fused}
+        missing = [rule.product_id for rule in rules if rule.kind == "pin" and rule.product_id not in fused_ids]
+        with self.sessions() as session:
+            brands = brands_of(session, [f.id for f in r.fused]) if any(rule.brand for rule in rules) else {}
+            insertable = products_within(session, missing, r.lock.key if r.lock.applied else None)  # type: ignore[arg-type]
+        return merchandise(r.fused, rules, brands, insertable)
 
     def critic_pairs(self, query: SearchQuery, head: Sequence[Fused], products: dict[str, Product]) -> list[CriticPair]:
         """The critic's input for the fused ``head``: texts, images and the vectors already at hand
@@ -247,7 +292,9 @@ class Funnel:
         return pairs
 
     def search(self, query: SearchQuery) -> SearchResponse:
-        """Run one query through the funnel.
+        """Run one query through the funnel: :meth:`retrieve`, the merchandising rules
+        (:meth:`merchandise`), the cut to ``top_k`` (and the critic's top N in mode ``full``;
+        pinned products keep their positions), the response with provenance.
 
         Raises:
             QueryError: unknown mode, no text and no image, BM25 without text, or top_k < 1.
@@ -263,9 +310,12 @@ class Funnel:
             raise QueryError("top_k must be at least 1")
         t0 = time.perf_counter()
         r = self.retrieve(query)
+        t = time.perf_counter()
+        ranked = self.merchandise(r)
+        r.timings["rules"] += (time.perf_counter() - t) * 1000
 
-        keep = r.fused[: max(query.top_k, self.config.critic_top_n if query.mode == "full" else 0)]
-        products = self.products([f.id for f in keep])
+        keep = ranked[: max(query.top_k, self.config.critic_top_n if query.mode == "full" else 0)]
+        products = self.products([x.id for x in keep])
         verdicts: dict[str, CriticResult] = {}
         if query.mode != "full":
             critic_status = CriticStatus(backend=self.critic.name if self.critic else "none", status="skipped",
@@ -274,7 +324,7 @@ class Funnel:
             critic_status = CriticStatus(backend="none", status="not configured", detail=self.config.critic_detail)
         else:
             t = time.perf_counter()
-            pairs = self.critic_pairs(query, keep[: self.config.critic_top_n], products)
+            pairs = self.critic_pairs(query, [x.fused for x in keep[: self.config.critic_top_n]], products)
             try:
                 scored = self.critic.score(pairs)
             except CriticTimeout as exc:  # e.g. the queued critic missed its deadline: the fused order stands
@@ -285,13 +335,15 @@ class Funnel:
                     verdicts[pair.product_id] = CriticResult(score=verdict.score, rationale=verdict.rationale)
                 critic_status = CriticStatus(backend=self.critic.name, status="scored", scored=len(verdicts),
                                              detail=self.config.critic_detail)
-                by_id = {f.id: f for f in keep}
-                keep = [by_id[i] for i in critic_order(list(by_id), {i: v.score for i, v in verdicts.items()})]
+                by_id = {x.id: x for x in keep}
+                order = critic_order(list(by_id), {i: v.score for i, v in verdicts.items()})
+                keep = [by_id[i] for i in place_pins(order, [(x.id, x.slot) for x in keep if x.slot is not None])]
             r.timings["critic"] = (time.perf_counter() - t) * 1000
 
         stage = {name: {h.id: (rank, h.score) for rank, h in enumerate(hits, start=1)} for name, hits in r.lists.items()}
         items: list[ResultItem] = []
-        for f in keep:
+        for x in keep:
+            f = x.fused
             p = products.get(f.id)
             if p is None:  # indexed but no longer in the catalog: never show a ghost
                 continue
@@ -305,10 +357,10 @@ class Funnel:
                     type=p.type,
                     colour=p.colour,
                     image=p.image,
-                    score=critic.score if critic else f.score,
+                    score=critic.score if critic else x.score,
                     provenance=Provenance(
                         bm25=hit("bm25"), image=hit("image"), text=hit("text"),
-                        fused=StageHit(rank=f.rank, score=f.score), critic=critic,
+                        fused=None if x.inserted else StageHit(rank=f.rank, score=f.score), critic=critic, rules=x.notes,
                     ),
                 )
             )
@@ -324,6 +376,8 @@ class Funnel:
             fusion={"k": self.config.rrf_k, **r.weights},
             timings_ms={k: round(v, 3) for k, v in r.timings.items()},
             items=items,
+            synonyms=r.synonyms,
+            rewritten_text=r.rewritten_text,
         )
 
     def products(self, ids: list[str]) -> dict[str, Product]:

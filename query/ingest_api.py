@@ -8,6 +8,8 @@
 * ``POST /v1/items`` — one record, applied before the answer, so it is searchable when the
   answer arrives; ``DELETE /v1/items/{id}`` removes an item from every store.
 
+Reads need a ``viewer`` API key, writes an ``editor`` one (:mod:`query.auth`).
+
 Where a job runs is the engine's business (:meth:`mars.engine.Engine.submit_bulk`): on the
 Celery queues in server mode, on the server process's job thread in embedded mode. Single
 items and deletes are always applied by the process that answers, under the engine's write
@@ -19,11 +21,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ingestion.readers import RawRecord, open_source, parse_mapping, read_jsonl_lines
+from query.auth import require
+from query.bodies import read_body
+from query.schemas import RowId
 from workers.jobs import job_progress, recent_jobs
 
 #: Content types accepted as a JSON-lines bulk body.
@@ -65,6 +70,7 @@ router = APIRouter(tags=["ingest"])
 
 
 @router.post("/v1/items:bulk", status_code=202, response_model=JobAccepted, summary="Queue a bulk upsert job",
+             dependencies=[Depends(require("editor"))],
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/x-ndjson": {"schema": {"type": "string", "description": "One product record per line."}},
                  "application/json": {"schema": BulkPath.model_json_schema()}}}})
@@ -73,13 +79,14 @@ async def bulk(request: Request) -> JobAccepted:
     id at once. Malformed lines are not an error here: the job rejects them with reasons."""
     eng = _engine(request)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    limit = eng.settings.max_bulk_bytes
     if content_type in JSONL_TYPES:
-        body = await request.body()
+        body = await read_body(request, limit, "the bulk body", "MARS_MAX_BULK_BYTES; split the catalog into several jobs")
         records = list(read_jsonl_lines("api:bulk", body.splitlines(), None, Path.cwd()))
         source = "api:bulk"
     elif content_type == "application/json":
         try:
-            spec = BulkPath.model_validate_json(await request.body())
+            spec = BulkPath.model_validate_json(await read_body(request, limit, "the bulk body", "MARS_MAX_BULK_BYTES"))
             mapping = parse_mapping(spec.mapping)
         except ValidationError as exc:
             raise HTTPException(422, exc.errors(include_url=False)) from exc
@@ -98,8 +105,8 @@ async def bulk(request: Request) -> JobAccepted:
     return JobAccepted(job_id=job_id, total=len(records), status_url=f"/v1/jobs/{job_id}")
 
 
-@router.get("/v1/jobs/{job_id}", summary="Progress of a job")
-def get_job(job_id: int, request: Request) -> dict[str, Any]:
+@router.get("/v1/jobs/{job_id}", summary="Progress of a job", dependencies=[Depends(require("viewer"))])
+def get_job(job_id: RowId, request: Request) -> dict[str, Any]:
     """Counts by item status, ``done``, ``eta_s`` and the first 100 rejections; 404 if unknown."""
     with _engine(request).sessions() as session:
         progress = job_progress(session, job_id)
@@ -108,14 +115,15 @@ def get_job(job_id: int, request: Request) -> dict[str, Any]:
     return progress
 
 
-@router.get("/v1/jobs", summary="The newest jobs")
+@router.get("/v1/jobs", summary="The newest jobs", dependencies=[Depends(require("viewer"))])
 def list_jobs(request: Request, limit: int = Query(20, ge=1, le=500)) -> list[dict[str, Any]]:
     """The ``limit`` newest jobs, newest first."""
     with _engine(request).sessions() as session:
         return recent_jobs(session, limit)
 
 
-@router.post("/v1/items", response_model=ItemWritten, summary="Upsert one item (searchable on return)")
+@router.post("/v1/items", response_model=ItemWritten, summary="Upsert one item (searchable on return)",
+             dependencies=[Depends(require("editor"))])
 async def put_item(request: Request, record: dict[str, Any]) -> ItemWritten:
     """One product record (MARS field names: ``id``, ``title``, ``text``, ``type``, ``colour``,
     ``size``, ``image`` (URL or server path), ``attributes``). 422 with the reason if it is
@@ -129,7 +137,8 @@ async def put_item(request: Request, record: dict[str, Any]) -> ItemWritten:
     return ItemWritten(id=str(record.get("id")), status=status, job_id=report.job_id, warnings=report.warnings)
 
 
-@router.delete("/v1/items/{item_id}", summary="Delete one item from the catalog and every index")
+@router.delete("/v1/items/{item_id}", summary="Delete one item from the catalog and every index",
+               dependencies=[Depends(require("editor"))])
 async def delete_item(item_id: str, request: Request) -> dict[str, str]:
     """Removes the item's point, BM25 document and catalog row; 404 if the catalog has no such item."""
     found = await run_in_threadpool(_engine(request).delete_items, [item_id])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
+
+from fastapi import Path
 
 from pydantic import BaseModel, Field
 
@@ -25,17 +27,23 @@ class CriticResult(BaseModel):
 
 class Provenance(BaseModel):
     """Why an item ranked where it did: each stage's rank and score (absent when the item
-    was not in that stage's list or the stage did not run)."""
+    was not in that stage's list or the stage did not run; ``fused`` is absent only for a
+    pinned product that retrieval did not return), and what the merchandising rules did to it
+    (:mod:`query.rules`), e.g. ``"pinned at #1 by rule 7"``, ``"boosted x1.5 by rule 3 (brand
+    IKEA)"``."""
 
     bm25: StageHit | None = None
     image: StageHit | None = None
     text: StageHit | None = None
-    fused: StageHit
+    fused: StageHit | None = None
     critic: CriticResult | None = None
+    rules: list[str] = Field(default_factory=list, description="What merchandising rules did to this item, in order.")
 
 
 class ResultItem(BaseModel):
-    """One ranked product with its provenance; ``score`` is the fused RRF score (or the critic's)."""
+    """One ranked product with its provenance; ``score`` is the fused RRF score times any
+    boost/bury factors (0 for a pinned product retrieval did not return), or the critic's score.
+    Pinned products stand at their positions whatever their score."""
 
     rank: int
     id: str
@@ -81,3 +89,15 @@ class SearchResponse(BaseModel):
     fusion: dict[str, float] = Field(description="RRF k and the weight of each list used.")
     timings_ms: dict[str, float]
     items: list[ResultItem]
+    synonyms: list[str] = Field(
+        default_factory=list, description="Synonym rules applied to the query text, e.g. \"'couch' → 'sofa' by rule 5\"."
+    )
+    rewritten_text: str | None = Field(
+        None, description="The query text after the synonyms (what BM25 and the text vector searched, before the room "
+        "context); null when no synonym applied."
+    )
+
+
+#: A catalog row id in a URL path: a positive 32-bit integer (the INTEGER primary keys of
+#: SQLite and PostgreSQL), so an oversized id is a 422, not a database overflow.
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]

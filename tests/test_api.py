@@ -1,4 +1,5 @@
-"""API tests through FastAPI's TestClient on a real slice."""
+"""API tests through FastAPI's TestClient on a real slice (open mode, no rate limit: keys, roles
+and limits are tests/test_api_auth.py's)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def client(ikea_slice, encoders, tmp_path_factory):
     from mars.engine import Engine
     from mars.settings import Settings
 
-    engine = Engine(Settings(home=tmp_path_factory.mktemp("api") / "mars", max_image_pixels=2_000_000), encoders=encoders)
+    settings = Settings(home=tmp_path_factory.mktemp("api") / "mars", max_image_pixels=2_000_000, api_auth="open", rate_limit="")
+    engine = Engine(settings, encoders=encoders)
     engine.ingest(open_source(ikea_slice["corpus"]), "slice")
     with TestClient(create_app(engine=engine)) as c:
         c.engine = engine

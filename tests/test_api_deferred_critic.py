@@ -29,7 +29,7 @@ class GatedCritic:
 
 
 def test_fused_order_first_then_the_critic_reranking(ikea_slice, make_engine, tmp_path):
-    engine = make_engine(tmp_path / "deferred", critic="none")
+    engine = make_engine(tmp_path / "deferred", critic="none", api_auth="open", rate_limit="")
     engine.ingest(open_source(ikea_slice["corpus"]), "slice")
     critic = GatedCritic()
     engine.critic = engine.funnel.critic = critic

@@ -1,6 +1,7 @@
 """The write side of the API in embedded mode (the server process owns the stores): bulk jobs
 from a JSON-lines body and from a server path, job progress, streamed single items and deletes,
-on a real slice of the IKEA catalog with the real encoders."""
+on a real slice of the IKEA catalog with the real encoders. The app runs in open mode without a
+rate limit (keys, roles and limits are tests/test_api_auth.py's)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def client(encoders, tmp_path_factory):
     from mars.engine import Engine
     from mars.settings import Settings
 
-    engine = Engine(Settings(home=tmp_path_factory.mktemp("api-ingest") / "mars"), encoders=encoders)
+    engine = Engine(Settings(home=tmp_path_factory.mktemp("api-ingest") / "mars", api_auth="open", rate_limit=""), encoders=encoders)
     with TestClient(create_app(engine=engine)) as c:
         c.engine = engine
         yield c

@@ -1,5 +1,6 @@
-"""`mars serve` as a real process; `mars ingest --via-api` and `mars jobs` against it, and
-`mars jobs` reading the catalog directly while the server owns the stores."""
+"""`mars serve` as a real process (API keys on, the default); `mars keys create` while it runs,
+`mars ingest --via-api` and `mars jobs` against it with that key, and `mars jobs` reading the
+catalog directly while the server owns the stores."""
 
 from __future__ import annotations
 
@@ -28,13 +29,14 @@ def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("served") / "mars"
     port = free_port()
     env = {**os.environ, "MARS_HOME": str(home)}
+    log = home.parent / "serve.log"  # a file, not a pipe nobody reads: the server's log lines cannot block it
     proc = subprocess.Popen([sys.executable, "-m", "mars.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"mars serve exited: {proc.stdout.read()}")
+            pytest.fail(f"mars serve exited: {log.read_text()[-3000:]}")
         try:
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
                 break
@@ -56,7 +58,22 @@ def test_ingest_via_api_then_jobs(server, tmp_path, monkeypatch):
     catalog.write_text("\n".join(lines) + "\n")
 
     runner = CliRunner()
-    result = runner.invoke(app, ["ingest", str(catalog), "--via-api", server["url"], "--json"])
+    monkeypatch.delenv("MARS_API_KEY", raising=False)
+    assert httpx.get(f"{server['url']}/healthz").json()["auth"] == "keys"
+    refused = runner.invoke(app, ["ingest", str(catalog), "--via-api", server["url"]])
+    assert refused.exit_code == 2 and "HTTP 401" in refused.output and "--api-key" in refused.output.replace("\n", " ")
+    monkeypatch.setenv("MARS_HOME", str(server["home"]))
+    from mars.settings import get_settings
+
+    get_settings.cache_clear()
+    try:  # the key is made in the catalog while the server runs
+        created = runner.invoke(app, ["keys", "create", "--name", "cli test", "--role", "editor", "--json"])
+    finally:
+        get_settings.cache_clear()
+    assert created.exit_code == 0, created.output
+    key = json.loads(created.output)["key"]
+
+    result = runner.invoke(app, ["ingest", str(catalog), "--via-api", server["url"], "--api-key", key, "--json"])
     assert result.exit_code == 0, result.output
     job = json.loads(result.output)
     assert job["status"] == "done" and job["total"] == 22
@@ -64,15 +81,14 @@ def test_ingest_via_api_then_jobs(server, tmp_path, monkeypatch):
     assert {r["position"] for r in job["rejections"]} == {6, 7}
     assert any("invalid JSON" in r["reason"] for r in job["rejections"])
 
-    hits = httpx.post(f"{server['url']}/v1/search", json={"text": "oak side table 13", "mode": "bm25"}).json()["items"]
+    hits = httpx.post(f"{server['url']}/v1/search", json={"text": "oak side table 13", "mode": "bm25"},
+                      headers={"Authorization": f"Bearer {key}"}).json()["items"]
     assert hits[0]["id"] == "sku-13"
 
+    monkeypatch.setenv("MARS_API_KEY", key)  # the option's environment variable
     via_api = runner.invoke(app, ["jobs", "--api", server["url"], "--json"])
     assert via_api.exit_code == 0, via_api.output
     assert json.loads(via_api.output)[0]["id"] == job["id"]
-    monkeypatch.setenv("MARS_HOME", str(server["home"]))
-    from mars.settings import get_settings
-
     get_settings.cache_clear()
     try:  # the server holds the stores; the catalog can still be read
         direct = runner.invoke(app, ["jobs", str(job["id"]), "--json"])

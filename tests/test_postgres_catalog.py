@@ -35,7 +35,8 @@ from catalog.models import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-TABLES = {"products", "categories", "category_synonyms", "product_categories", "ingest_jobs", "rejected_records"}
+TABLES = {"products", "categories", "category_synonyms", "product_categories", "ingest_jobs", "rejected_records", "api_keys",
+          "merch_rules"}
 
 
 @pytest.fixture(scope="session")
@@ -271,3 +272,46 @@ def test_round_trip(engine: Engine) -> None:
         assert s.execute(select(ProductCategory).where(ProductCategory.category_id == leaf_id)).first() is None
         orphans = s.execute(select(RejectedRecord.job_id).where(RejectedRecord.source == "/data/katalog/ä.jsonl"))
         assert set(orphans.scalars()) == {None}
+
+
+def test_merch_rules_on_both_dialects(engine: Engine) -> None:
+    """catalog/rules.py: checks, writes, brand lookups (JSON) and lock membership on each dialect."""
+    from catalog import rules
+
+    sessions = session_factory(engine)
+    suffix = uuid.uuid4().hex[:6]
+    with sessions() as s:
+        cls = Category(key=f"rug-{suffix}", name="Rug", level="class")
+        leaf = Category(key=f"rug-{suffix}/flat", name="Rug, flat", level="type", parent=cls)
+        s.add_all([
+            cls, leaf,
+            Product(id=f"r1-{suffix}", content_hash="c" * 64, attributes={"brand": " Äcme "}, categories=[leaf]),
+            Product(id=f"r2-{suffix}", content_hash="d" * 64, attributes={"material": "jute"}),
+        ])
+        s.commit()
+        assert rules.brands_of(s, [f"r1-{suffix}", f"r2-{suffix}", "missing"]) == {f"r1-{suffix}": "äcme"}
+        both = [f"r1-{suffix}", f"r2-{suffix}", "missing"]
+        assert rules.products_within(s, both, None) == {f"r1-{suffix}", f"r2-{suffix}"}
+        assert rules.products_within(s, both, f"rug-{suffix}") == {f"r1-{suffix}"}  # via its type's class
+        assert rules.products_within(s, both, f"rug-{suffix}/flat") == {f"r1-{suffix}"}
+
+        row = rules.create_rule(s, {"kind": "pin", "product_id": f"r1-{suffix}", "position": 3,
+                                    "category": f"rug-{suffix}", "query_pattern": " Living room "}, created_by="ci")
+        assert (row.active, row.query_pattern, row.created_by) == (True, "Living room", "ci")
+        assert row.created_at.utcoffset() == timedelta(0)
+        with pytest.raises(rules.RuleError, match="does not use factor"):
+            rules.update_rule(s, row.id, {"factor": 2.0})
+        changed = rules.update_rule(s, row.id, {"position": 1, "active": False})
+        assert changed is not None and (changed.position, changed.active) == (1, False)
+        assert changed.updated_at >= changed.created_at
+        assert row.id in [r.id for r in rules.list_rules(s, active=False, kind="pin")]
+        assert row.id not in [r.id for r in rules.list_rules(s, active=True)]
+        assert rules.describe(changed)["summary"] == (f"pin r1-{suffix} at #1 when the lock is rug-{suffix} and the "
+                                                      "query says 'Living room' (inactive)")
+        with pytest.raises(rules.RuleError, match="NUL"):
+            rules.create_rule(s, {"kind": "synonym", "term": "a\x00b", "replacement": "c"})
+        assert rules.delete_rule(s, row.id) is not None and rules.get_rule(s, row.id) is None
+        s.add(rules.MerchRule(kind="pin", product_id="x", position=0))  # the database refuses what the checks refuse
+        with pytest.raises(IntegrityError):
+            s.flush()
+        s.rollback()
