@@ -1,0 +1,548 @@
+/* MARS console: plain JavaScript, no dependencies. Talks to the server's own API:
+ *   GET  /v1/categories, POST /v1/search, GET /v1/items/{id}, GET /v1/items/{id}/image,
+ *   POST /v1/items:bulk, GET /v1/jobs, GET /v1/jobs/{id}.
+ * Every request carries "Authorization: Bearer <key>" when an API key is saved (localStorage).
+ * Pages are hash routes: #/search, #/item/<id>, #/ingest, #/jobs, #/jobs/<id>.
+ * Text from the server is always set with textContent (never parsed as HTML). */
+"use strict";
+
+(function () {
+  const KEY_STORE = "mars.apiKey";
+  // The API lives at the path the console is served under, minus "/console/...".
+  const BASE = location.pathname.replace(/\/console(\/.*)?$/, "");
+  const POLL_MS = 500;
+
+  const state = {
+    roomFile: null,        // File of the room photo (picker or drop)
+    roomPreviewUrl: null,
+    cardUrls: [],          // blob: URLs of the shown product photos (revoked on the next render)
+    movedWeights: new Set(),
+    jobTimers: new Map(),  // panel id -> timeout of the job being followed there
+  };
+
+  const $ = (id) => document.getElementById(id);
+
+  /** Build an element: el("p", {class: "x"}, "text", child, ...). */
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (name === "class") node.className = value;
+      else if (name === "text") node.textContent = value;
+      else node.setAttribute(name, value === true ? "" : String(value));
+    }
+    for (const child of children) {
+      if (child === null || child === undefined || child === false) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  // ---------------------------------------------------------------- API access
+
+  function apiKey() {
+    try { return localStorage.getItem(KEY_STORE) || ""; } catch (_) { return ""; }
+  }
+
+  class ApiError extends Error {
+    constructor(status, message) { super(message); this.status = status; }
+  }
+
+  async function errorDetail(res) {
+    let text = "";
+    try { text = await res.text(); } catch (_) { return res.statusText; }
+    try {
+      // {"detail": ...} (FastAPI) or a problem+json body (RFC 9457: detail, and errors for bad fields).
+      const body = JSON.parse(text);
+      const fieldErrors = (list) => list.map((d) => (d.loc ? d.loc.join(".") + ": " : "") + (d.msg || JSON.stringify(d))).join("; ");
+      const detail = body && body.detail !== undefined ? body.detail : body;
+      let message = Array.isArray(detail) ? fieldErrors(detail) : typeof detail === "string" ? detail : JSON.stringify(detail);
+      if (body && Array.isArray(body.errors) && body.errors.length) message += " (" + fieldErrors(body.errors) + ")";
+      return message;
+    } catch (_) {
+      return text.slice(0, 300) || res.statusText;
+    }
+  }
+
+  /** fetch() against the API with the key; throws ApiError on failure (401/403 also show the key notice). */
+  async function api(path, options) {
+    const opts = options || {};
+    const headers = Object.assign({}, opts.headers || {});
+    const key = apiKey();
+    if (key) headers["Authorization"] = "Bearer " + key;
+    let body = opts.body;
+    if (opts.json !== undefined) {
+      headers["Content-Type"] = "application/json";
+      body = JSON.stringify(opts.json);
+    }
+    let res;
+    try {
+      res = await fetch(BASE + path, { method: opts.method || "GET", headers, body, cache: "no-cache" });
+    } catch (err) {
+      throw new ApiError(0, "Cannot reach the MARS server (" + err.message + ").");
+    }
+    if (res.ok) return res;
+    const detail = await errorDetail(res);
+    if (res.status === 401 || res.status === 403) {
+      showAuthProblem(res.status, detail);
+      throw new ApiError(res.status, authMessage(res.status, detail));
+    }
+    throw new ApiError(res.status, "Error " + res.status + ": " + detail);
+  }
+
+  async function apiJson(path, options) {
+    return (await api(path, options)).json();
+  }
+
+  function authMessage(status, detail) {
+    if (status === 401) {
+      return (apiKey() ? "The server did not accept the saved API key (401). "
+                       : "The server needs an API key (401). ") +
+        "Enter a valid key in the “API key” field at the top and press Save key." +
+        (detail ? " Server said: " + detail : "");
+    }
+    return "This API key is not allowed to do that (403)" + (detail ? ": " + detail : "") +
+      ". Use a key with the right role.";
+  }
+
+  // ---------------------------------------------------------------- notices
+
+  function showNotice(message, kind) {
+    $("notice-text").textContent = message;
+    $("notice").className = "notice" + (kind ? " notice-" + kind : "");
+    $("notice").hidden = false;
+  }
+
+  function hideNotice() { $("notice").hidden = true; }
+
+  function showAuthProblem(status, detail) {
+    showNotice(authMessage(status, detail), "auth");
+    if (status === 401) $("api-key").setAttribute("aria-invalid", "true");  // 403: the key is fine, its role is not
+  }
+
+  function showError(err) {
+    if (err instanceof ApiError && (err.status === 401 || err.status === 403)) return; // already shown
+    showNotice(err.message || String(err), "error");
+  }
+
+  // ---------------------------------------------------------------- API key
+
+  function initKey() {
+    $("api-key").value = apiKey();
+    renderKeyState();
+    $("key-form").addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const value = $("api-key").value.trim();
+      try {
+        if (value) localStorage.setItem(KEY_STORE, value); else localStorage.removeItem(KEY_STORE);
+      } catch (_) { /* private mode: the key lives for this page only */ }
+      $("api-key").removeAttribute("aria-invalid");
+      hideNotice();
+      renderKeyState(value ? "Key saved." : "Key removed.");
+      loadCategories();
+      route();  // reload what the current page shows with the new key
+    });
+  }
+
+  function renderKeyState(message) {
+    $("key-state").textContent = message || (apiKey() ? "Key set" : "No key");
+  }
+
+  // ---------------------------------------------------------------- routing
+
+  const VIEWS = ["search", "item", "ingest", "jobs"];
+
+  function route() {
+    const hash = location.hash || "#/search";
+    let view = "search";
+    let arg = null;
+    let m;
+    if ((m = hash.match(/^#\/item\/(.+)$/))) { view = "item"; arg = decodeURIComponent(m[1]); }
+    else if (hash === "#/ingest") view = "ingest";
+    else if ((m = hash.match(/^#\/jobs(?:\/(\d+))?$/))) { view = "jobs"; arg = m[1] || null; }
+    for (const name of VIEWS) $("view-" + name).hidden = name !== view;
+    for (const link of document.querySelectorAll(".nav a")) {
+      if (link.dataset.view === view) link.setAttribute("aria-current", "page");
+      else link.removeAttribute("aria-current");
+    }
+    if (view === "item") showItem(arg);
+    else if (view === "jobs") showJobs(arg);
+    document.title = ({ search: "Search", item: "Item", ingest: "Ingest", jobs: "Jobs" })[view] + " · MARS console";
+    return view;
+  }
+
+  function focusHeading(id) {
+    const heading = $(id);
+    if (heading) heading.focus({ preventScroll: false });
+  }
+
+  // ---------------------------------------------------------------- categories
+
+  async function loadCategories() {
+    let cats;
+    try { cats = await apiJson("/v1/categories"); } catch (err) { showError(err); return; }
+    const select = $("category");
+    const chosen = select.value;
+    select.replaceChildren(el("option", { value: "" }, "Any (auto)"));
+    const classes = el("optgroup", { label: "Classes" });
+    const types = el("optgroup", { label: "Types" });
+    for (const c of cats) {
+      const option = el("option", { value: c.key }, c.name + " (" + c.products + ")");
+      (c.level === "class" ? classes : types).append(option);
+    }
+    select.append(classes, types);
+    select.value = chosen;
+  }
+
+  // ---------------------------------------------------------------- room photo
+
+  function setRoomFile(file) {
+    if (file && !file.type.startsWith("image/")) {
+      showNotice("“" + file.name + "” is not an image; choose a JPEG or PNG room photo.", "error");
+      return;
+    }
+    if (state.roomPreviewUrl) URL.revokeObjectURL(state.roomPreviewUrl);
+    state.roomFile = file || null;
+    state.roomPreviewUrl = file ? URL.createObjectURL(file) : null;
+    $("room-figure").hidden = !file;
+    if (file) {
+      $("room-preview").src = state.roomPreviewUrl;
+      $("room-name").textContent = file.name;
+    } else {
+      $("room-preview").removeAttribute("src");
+      $("room-file").value = "";
+    }
+  }
+
+  function initRoomPhoto() {
+    const zone = $("drop-zone");
+    $("room-file").addEventListener("change", () => setRoomFile($("room-file").files[0] || null));
+    $("room-clear").addEventListener("click", () => { setRoomFile(null); $("room-file").focus(); });
+    for (const type of ["dragenter", "dragover"]) {
+      zone.addEventListener(type, (ev) => { ev.preventDefault(); zone.classList.add("dragging"); });
+    }
+    for (const type of ["dragleave", "dragend"]) {
+      zone.addEventListener(type, () => zone.classList.remove("dragging"));
+    }
+    zone.addEventListener("drop", (ev) => {
+      ev.preventDefault();
+      zone.classList.remove("dragging");
+      const files = ev.dataTransfer && ev.dataTransfer.files;
+      if (files && files.length) setRoomFile(files[0]);
+    });
+  }
+
+  function fileBase64(file) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(String(reader.result).split(",", 2)[1] || "");
+      reader.onerror = () => reject(new Error("could not read " + file.name));
+      reader.readAsDataURL(file);
+    });
+  }
+
+  // ---------------------------------------------------------------- fusion weights
+
+  function initWeights() {
+    for (const input of document.querySelectorAll("input[data-weight]")) {
+      input.addEventListener("input", () => {
+        state.movedWeights.add(input.dataset.weight);
+        $(input.id + "-out").textContent = Number(input.value).toFixed(2);
+      });
+    }
+    $("weights-reset").addEventListener("click", () => {
+      state.movedWeights.clear();
+      for (const input of document.querySelectorAll("input[data-weight]")) $(input.id + "-out").textContent = "default";
+    });
+  }
+
+  /** After a search: sliders the user has not moved show the weights the server used. */
+  function showUsedWeights(fusion) {
+    for (const input of document.querySelectorAll("input[data-weight]")) {
+      const name = input.dataset.weight;
+      if (state.movedWeights.has(name)) continue;
+      const used = fusion ? fusion[name] : undefined;
+      if (typeof used === "number") input.value = String(used);
+      $(input.id + "-out").textContent = typeof used === "number" ? "default " + used.toFixed(2) : "default";
+    }
+  }
+
+  // ---------------------------------------------------------------- search
+
+  async function runSearch(ev) {
+    if (ev) ev.preventDefault();
+    const text = $("q").value.trim();
+    if (!text && !state.roomFile) {
+      setSearchStatus("Type a query or add a room photo first.");
+      $("q").focus();
+      return;
+    }
+    const topK = Math.min(Math.max(parseInt($("top-k").value, 10) || 20, 1), 1000);
+    const body = {
+      text: text || null,
+      category: $("category").value || null,
+      auto_lock: $("auto-lock").checked,
+      top_k: topK,
+      mode: $("mode").value,
+      weights: {},
+    };
+    for (const input of document.querySelectorAll("input[data-weight]")) {
+      if (state.movedWeights.has(input.dataset.weight)) body.weights[input.dataset.weight] = Number(input.value);
+    }
+    const button = $("search-button");
+    button.disabled = true;
+    setSearchStatus(body.mode === "full" ? "Searching (with the critic)…" : "Searching…");
+    const started = performance.now();
+    try {
+      if (state.roomFile) body.image_base64 = await fileBase64(state.roomFile);
+      const response = await apiJson("/v1/search", { method: "POST", json: body });
+      hideNotice();
+      renderResults(response, performance.now() - started);
+    } catch (err) {
+      setSearchStatus("The search failed.");
+      showError(err);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function setSearchStatus(message) { $("search-status").textContent = message; }
+
+  function renderResults(res, elapsedMs) {
+    for (const url of state.cardUrls) URL.revokeObjectURL(url);
+    state.cardUrls = [];
+    const n = res.items.length;
+    setSearchStatus(n + (n === 1 ? " result" : " results") + " in " + Math.round(elapsedMs) + " ms (" + res.mode + " mode).");
+
+    const lock = res.lock;
+    $("lock-what").textContent = lock.applied ? (lock.name || lock.key) + " (" + lock.level + ")" : "none";
+    $("lock-reason").textContent = lock.reason;
+    const critic = res.critic;
+    $("critic-line").textContent = "Critic: " + critic.backend + " — " + critic.status +
+      (critic.scored ? " " + critic.scored + " items" : "") + (critic.detail ? " — " + critic.detail : "");
+    $("lock-why").hidden = false;
+    showUsedWeights(res.fusion);
+
+    const list = $("results");
+    list.replaceChildren(...res.items.map(card));
+  }
+
+  function stageText(hit) { return hit ? "#" + hit.rank : "–"; }
+
+  function card(item) {
+    const p = item.provenance;
+    const link = "#/item/" + encodeURIComponent(item.id);
+    const img = el("img", { class: "card-img", alt: item.title || item.id, loading: "lazy", decoding: "async" });
+    const ranks = el("dl", { class: "ranks" });
+    for (const [label, hit] of [["BM25", p.bm25], ["Image", p.image], ["Text", p.text], ["Fused", p.fused]]) {
+      ranks.append(el("div", null, el("dt", null, label), el("dd", null, stageText(hit))));
+    }
+    const node = el("li", { class: "card", "data-id": item.id },
+      el("a", { href: link, class: "card-photo", tabindex: "-1", "aria-hidden": "true" }, img),
+      el("h3", { class: "card-title" }, el("span", { class: "rank" }, item.rank + ". "), el("a", { href: link }, item.title || item.id)),
+      el("p", { class: "card-meta" }, [item.type, item.colour].filter(Boolean).join(" · ") || "—"),
+      el("p", { class: "card-score" }, "Score ", el("strong", null, item.score.toFixed(4))),
+      ranks,
+      p.critic
+        ? el("p", { class: "rationale" }, el("span", { class: "critic-score" }, "Critic " + p.critic.score.toFixed(2) + ": "), p.critic.rationale)
+        : null,
+      // Merchandising rules (pin / boost / bury) will add their per-card controls here.
+      el("div", { class: "card-rules", "data-slot": "merch-rules", hidden: true }),
+    );
+    loadPhoto(img, item.id, item.image);
+    return node;
+  }
+
+  /** Show a product photo: a catalog URL as it is, a stored file through the API (with the key). */
+  async function loadPhoto(img, id, image) {
+    if (!image) { img.replaceWith(el("span", { class: "no-photo" }, "no photo")); return; }
+    if (/^https?:\/\//i.test(image)) { img.src = image; return; }
+    try {
+      const res = await api("/v1/items/" + encodeURIComponent(id) + "/image");
+      const url = URL.createObjectURL(await res.blob());
+      state.cardUrls.push(url);
+      img.src = url;
+    } catch (err) {
+      img.replaceWith(el("span", { class: "no-photo" }, "photo unavailable"));
+    }
+  }
+
+  /** Back on the search page: focus the card the user came from, else the query box. */
+  function focusSearch() {
+    const from = state.lastItem && document.querySelector('.card[data-id="' + CSS.escape(state.lastItem) + '"] .card-title a');
+    (from || $("q")).focus();
+  }
+
+  // ---------------------------------------------------------------- item page
+
+  async function showItem(id) {
+    state.lastItem = id;
+    const body = $("item-body");
+    $("item-heading").textContent = "Item " + id;
+    body.replaceChildren(el("p", { role: "status" }, "Loading…"));
+    const token = (state.itemToken = (state.itemToken || 0) + 1);
+    let item;
+    try {
+      item = await apiJson("/v1/items/" + encodeURIComponent(id));
+    } catch (err) {
+      if (token !== state.itemToken) return;
+      body.replaceChildren(el("p", { class: "error", role: "status" }, err.status === 404 ? "No item " + id + "." : err.message));
+      return;
+    }
+    if (token !== state.itemToken) return;  // a newer item page was opened meanwhile
+    $("item-heading").textContent = item.title || item.id;
+    const img = el("img", { class: "item-img", alt: item.title || item.id });
+    const facts = el("dl", { class: "facts" });
+    const rows = [["ID", item.id], ["Type", item.type], ["Colour", item.colour], ["Size", item.size],
+                  ["Categories", item.categories.join(", ")], ["Photo", item.image || "none"],
+                  ["Content hash", item.content_hash]];
+    for (const [name, value] of Object.entries(item.attributes || {})) {
+      rows.push([name, typeof value === "string" ? value : JSON.stringify(value)]);
+    }
+    for (const [label, value] of rows) facts.append(el("dt", null, label), el("dd", null, value || "—"));
+    body.replaceChildren(
+      el("div", { class: "item-photo" }, img),
+      el("div", { class: "item-info" }, el("p", { class: "item-text" }, item.text || ""), facts),
+    );
+    loadPhoto(img, item.id, item.image);
+  }
+
+  // ---------------------------------------------------------------- jobs
+
+  function percent(job) {
+    if (job.status === "done") return 100;
+    return job.total ? Math.floor((100 * job.done) / job.total) : 0;
+  }
+
+  function renderJob(panel, job) {
+    const pct = percent(job);
+    const label = "job-" + panel.id + "-progress";
+    const counts = "indexed " + job.indexed + ", unchanged " + job.unchanged + ", rejected " + job.rejected +
+      (job.queued ? ", waiting " + job.queued : "");
+    const children = [
+      el("h2", null, "Job #" + job.id + " — " + job.status),
+      el("p", { class: "muted" }, "Source: " + job.source),
+      el("label", { for: label }, "Progress"),
+      el("div", { class: "progress-row" },
+        el("progress", { id: label, class: "job-progress", max: "100", value: String(pct), "data-percent": String(pct) }),
+        el("span", { class: "percent" }, pct + "%")),
+      el("p", { class: "job-counts" }, job.done + " of " + job.total + " records: " + counts +
+        (job.eta_s !== null && job.eta_s !== undefined ? " — about " + Math.ceil(job.eta_s) + " s left" : "") +
+        (job.items_per_s ? " — " + job.items_per_s.toFixed(1) + " items/s" : "")),
+    ];
+    if (job.error) children.push(el("p", { class: "error" }, "Error: " + job.error));
+    if (job.rejections && job.rejections.length) {
+      const list = el("ul", { class: "rejections" });
+      for (const r of job.rejections) {
+        list.append(el("li", null, "Record " + r.position + (r.record_id ? " (" + r.record_id + ")" : "") + ": " + r.reason));
+      }
+      children.push(el("h3", null, "Rejected records"), list);
+    }
+    panel.replaceChildren(...children);
+    panel.hidden = false;
+    panel.dataset.status = job.status;
+  }
+
+  /** Poll GET /v1/jobs/{id} into `panel` until the job is done or failed. */
+  function followJob(panel, jobId) {
+    clearTimeout(state.jobTimers.get(panel.id));
+    const tick = async () => {
+      let job;
+      try {
+        job = await apiJson("/v1/jobs/" + jobId);
+      } catch (err) {
+        showError(err);
+        return;
+      }
+      renderJob(panel, job);
+      if (job.status !== "done" && job.status !== "failed") {
+        state.jobTimers.set(panel.id, setTimeout(tick, POLL_MS));
+      } else if (!$("view-jobs").hidden) {
+        loadJobs();
+      }
+    };
+    tick();
+  }
+
+  async function startBulk(ev, request) {
+    ev.preventDefault();
+    const button = ev.target.querySelector("button[type=submit]");
+    button.disabled = true;
+    try {
+      const accepted = await apiJson("/v1/items:bulk", request);
+      hideNotice();
+      const panel = $("ingest-job");
+      panel.replaceChildren(el("p", { role: "status" }, "Job #" + accepted.job_id + " queued (" + accepted.total + " records)…"));
+      panel.hidden = false;
+      followJob(panel, accepted.job_id);
+    } catch (err) {
+      showError(err);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function initIngest() {
+    $("ingest-lines-form").addEventListener("submit", (ev) => {
+      const lines = $("jsonl").value.trim();
+      if (!lines) { ev.preventDefault(); showNotice("Paste at least one JSON line.", "error"); $("jsonl").focus(); return; }
+      startBulk(ev, { method: "POST", body: lines + "\n", headers: { "Content-Type": "application/x-ndjson" } });
+    });
+    $("ingest-path-form").addEventListener("submit", (ev) => {
+      const path = $("server-path").value.trim();
+      if (!path) { ev.preventDefault(); showNotice("Give the path of a catalog on the server.", "error"); $("server-path").focus(); return; }
+      const mapping = $("mapping").value.split(/[\s,]+/).filter(Boolean);
+      startBulk(ev, { method: "POST", json: { path, mapping } });
+    });
+  }
+
+  async function loadJobs() {
+    let jobs;
+    try { jobs = await apiJson("/v1/jobs?limit=50"); } catch (err) { showError(err); return; }
+    const rows = jobs.map((job) => {
+      const pct = percent(job);
+      return el("tr", null,
+        el("td", null, el("a", { href: "#/jobs/" + job.id }, "#" + job.id)),
+        el("td", { class: "source" }, job.source),
+        el("td", null, job.status),
+        el("td", null, el("progress", { max: "100", value: String(pct), "aria-label": "Job " + job.id + " progress" }), " " + pct + "%"),
+        el("td", { class: "num" }, String(job.indexed)),
+        el("td", { class: "num" }, String(job.unchanged)),
+        el("td", { class: "num" }, String(job.rejected)),
+        el("td", null, job.started_at ? new Date(job.started_at).toLocaleString() : "—"));
+    });
+    if (!rows.length) rows.push(el("tr", null, el("td", { colspan: "8" }, "No jobs yet.")));
+    $("jobs-table").tBodies[0].replaceChildren(...rows);
+  }
+
+  function showJobs(jobId) {
+    loadJobs();
+    const panel = $("jobs-detail");
+    if (jobId) followJob(panel, jobId);
+    else { clearTimeout(state.jobTimers.get(panel.id)); panel.hidden = true; }
+  }
+
+  // ---------------------------------------------------------------- start
+
+  function init() {
+    initKey();
+    initRoomPhoto();
+    initWeights();
+    initIngest();
+    $("notice-close").addEventListener("click", hideNotice);
+    $("search-form").addEventListener("submit", runSearch);
+    $("jobs-refresh").addEventListener("click", loadJobs);
+    window.addEventListener("hashchange", () => {
+      const view = route();
+      if (view === "search") focusSearch();
+      else if (view === "item") focusHeading("item-heading");
+      else if (view === "ingest") focusHeading("ingest-heading");
+      else if (view === "jobs") focusHeading("jobs-heading");
+    });
+    route();
+    loadCategories();
+    if ($("view-search").hidden === false) $("q").focus();
+  }
+
+  document.addEventListener("DOMContentLoaded", init);
+})();

@@ -1,0 +1,290 @@
+"""The web console in a real browser: headless Chromium (Debian's ``chromium`` package, at
+``/usr/bin/chromium`` or ``$MARS_CHROMIUM``) driven by Playwright for Python, against a real
+``mars serve`` process on a temp MARS_HOME holding a real slice of the IKEA catalog, with the
+VLM critic on a tiny random-init Qwen2-VL (its fast-path rationale is ``P(yes)=...``).
+
+The server asks for API keys: an editor key and a viewer key are made with ``mars keys create``
+before it starts. With ``MARS_SCREENSHOTS=1`` the search and ingest pages are saved (1366x768)
+to ``docs/console-search.png`` and ``docs/console-ingest.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import REPO
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
+
+CHROMIUM = os.environ.get("MARS_CHROMIUM", "/usr/bin/chromium")
+VIEWPORT = {"width": 1366, "height": 768}
+SCREENSHOTS = os.environ.get("MARS_SCREENSHOTS") == "1"
+TIMEOUT_MS = 30_000
+sync_api.expect.set_options(timeout=TIMEOUT_MS)  # searches with the critic on 2 busy cores can take seconds
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def mars_home_env(home: Path):
+    """``MARS_HOME`` set to ``home`` for an in-process ``mars`` command, settings cache cleared."""
+    from mars.settings import get_settings
+
+    old = os.environ.get("MARS_HOME")
+    os.environ["MARS_HOME"] = str(home)
+    get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MARS_HOME", None)
+        else:
+            os.environ["MARS_HOME"] = old
+        get_settings.cache_clear()
+
+
+def create_key(home: Path, name: str, role: str) -> str:
+    """``mars keys create --name NAME --role ROLE --json`` on ``home``; the key."""
+    from typer.testing import CliRunner
+
+    from mars.cli import app
+
+    with mars_home_env(home):
+        result = CliRunner().invoke(app, ["keys", "create", "--name", name, "--role", role, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)["key"]
+
+
+@pytest.fixture(scope="module")
+def server(ikea_slice, tiny_qwen2vl_dir, tmp_path_factory):
+    """``mars serve`` on a free port with the IKEA slice ingested through its bulk API."""
+    home = tmp_path_factory.mktemp("console") / "mars"
+    keys = {"editor": create_key(home, "console test", "editor"), "viewer": create_key(home, "console viewer", "viewer")}
+    port = free_port()
+    env = {**os.environ, "MARS_HOME": str(home), "MARS_CRITIC": "vlm", "MARS_CRITIC_MODEL": str(tiny_qwen2vl_dir),
+           "MARS_CRITIC_RATIONALE_TOP_K": "0", "MARS_RATE_LIMIT": ""}
+    log = (home.parent / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "mars.cli", "serve", "--port", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mars serve exited: {(home.parent / 'serve.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("mars serve did not come up in 120 s")
+            time.sleep(0.3)
+        auth = {"Authorization": f"Bearer {keys['editor']}"}
+        job = httpx.post(f"{url}/v1/items:bulk", json={"path": str(ikea_slice["corpus"])}, headers=auth, timeout=30)
+        assert job.status_code == 202, job.text
+        status_url = url + job.json()["status_url"]
+        deadline = time.monotonic() + 120
+        while (progress := httpx.get(status_url, headers=auth, timeout=10).json())["status"] not in ("done", "failed"):
+            assert time.monotonic() < deadline, progress
+            time.sleep(0.3)
+        assert progress["status"] == "done" and progress["indexed"] == len(ikea_slice["records"]), progress
+        yield {"url": url, "keys": keys, "slice": ikea_slice}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: `apt-get install -y chromium` (or set MARS_CHROMIUM)")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport=VIEWPORT)
+    context.set_default_timeout(TIMEOUT_MS)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield pg
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def open_console(page, server, key: str | None = "editor", hash_: str = "") -> None:
+    """Load the console from ``/`` (redirect), save ``key`` in the header bar's key field."""
+    page.goto(server["url"] + "/" + hash_)
+    assert "/console/" in page.url
+    # A fresh browser has no key: the console's first request is refused and it says so.
+    sync_api.expect(page.locator("#notice")).to_contain_text("needs an API key (401)")
+    if key is not None:
+        page.get_by_label("API key").fill(server["keys"][key])
+        page.get_by_label("API key").press("Enter")
+        sync_api.expect(page.locator("#key-state")).to_have_text("Key saved.")
+        sync_api.expect(page.locator("#category optgroup[label=Classes] option").first).to_be_attached()
+        sync_api.expect(page.locator("#notice")).to_be_hidden()
+
+
+def shoot(page, name: str) -> None:
+    if SCREENSHOTS:
+        (REPO / "docs").mkdir(exist_ok=True)
+        page.screenshot(path=str(REPO / "docs" / name))
+
+
+def test_console_asks_for_a_key_and_says_why_when_refused(page, server):
+    open_console(page, server, key=None)
+    notice = page.locator("#notice")
+    sync_api.expect(notice).to_be_visible()
+    sync_api.expect(notice).to_contain_text("Enter a valid key in the “API key” field")
+    sync_api.expect(page.get_by_label("API key")).to_have_attribute("aria-invalid", "true")
+
+    # Every form control has an accessible name (a label or aria-label).
+    unnamed = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea, button')]
+        .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
+        .map(e => e.id || e.outerHTML)""")
+    assert unnamed == []
+    # Focus order: the query box, then the room photo's file picker, then the category.
+    page.get_by_label("What are you looking for?").focus()
+    order = []
+    for _ in range(3):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.id"))
+    assert order == ["room-file", "category", "mode"]
+
+    open_console(page, server, key="viewer")  # a viewer may read: the categories load
+    page.get_by_role("link", name="Ingest").click()
+    page.get_by_label("One product per line").fill(json.dumps({"id": "sku-x", "title": "Stool"}))
+    page.get_by_role("button", name="Start bulk job", exact=True).click()
+    sync_api.expect(notice).to_contain_text("not allowed to do that (403)")
+    sync_api.expect(notice).to_contain_text("editor")  # the server's reason is shown
+
+
+def test_search_with_a_room_photo_shows_cards_with_photos_and_rationales(page, server):
+    open_console(page, server)
+    room = server["slice"]["room"]
+    page.get_by_label("Choose a photo…").set_input_files(str(room))
+    sync_api.expect(page.get_by_alt_text("Preview of the room photo")).to_be_visible()
+    assert page.eval_on_selector("#room-preview", "img => img.complete && img.naturalWidth") > 0
+
+    query = page.get_by_label("What are you looking for?")
+    query.fill("a lamp for this bedroom")
+    query.press("Enter")  # keyboard search, category lock on: the lock's why names the lamp class
+    sync_api.expect(page.locator("#lock-what")).to_have_text("lamp (class)")
+    sync_api.expect(page.locator("#lock-reason")).not_to_be_empty()
+
+    # The slice has few lamps: the whole-room search (auto lock off) in mode full with the critic.
+    page.get_by_label("Auto lock category from the text").uncheck()
+    page.get_by_label("Mode").select_option("full")
+    page.get_by_label("Image", exact=True).focus()
+    page.keyboard.press("ArrowRight")  # 1.00 -> 1.05 by keyboard
+    sync_api.expect(page.locator("#w-image-out")).to_have_text("1.05")
+    with page.expect_request(lambda r: r.url.endswith("/v1/search")) as sent:
+        query.press("Enter")
+    body = sent.value.post_data_json
+    assert body["mode"] == "full" and body["auto_lock"] is False and body["weights"] == {"image": 1.05}
+    assert body["image_base64"] and sent.value.headers["authorization"] == f"Bearer {server['keys']['editor']}"
+
+    sync_api.expect(page.locator("#search-status")).to_contain_text("full mode")
+    cards = page.locator("#results .card")
+    assert cards.count() >= 10
+    sync_api.expect(page.locator("#lock-why")).to_be_visible()
+    sync_api.expect(page.locator("#lock-what")).to_have_text("none")
+    assert page.locator("#lock-reason").inner_text().strip()
+    sync_api.expect(page.locator("#critic-line")).to_contain_text("qwen2-vl — scored 20 items")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#results .card img')].filter(i => i.complete && i.naturalWidth > 0).length"
+        " === document.querySelectorAll('#results .card').length")
+    for i in range(cards.count()):
+        card = cards.nth(i)
+        assert card.locator("img").evaluate("img => img.naturalWidth") > 0
+        assert card.locator(".rationale").inner_text().strip().startswith("Critic")
+        assert "P(yes)=" in card.locator(".rationale").inner_text()
+        assert card.locator(".card-title").inner_text().strip()
+        assert card.locator(".ranks dd").count() == 4
+    shoot(page, "console-search.png")
+
+    # A card's title opens its item page; going back returns to the same results.
+    first_id = cards.first.get_attribute("data-id")
+    cards.first.locator(".card-title a").click()
+    sync_api.expect(page).to_have_url(f"{server['url']}/console/#/item/{first_id}")
+    sync_api.expect(page.locator("#item-body dd").first).to_have_text(first_id)
+    page.go_back()
+    sync_api.expect(cards.first.locator(".card-title a")).to_be_focused()
+
+
+def test_room_photo_by_drag_and_drop(page, server):
+    open_console(page, server)
+    data = list(server["slice"]["room"].read_bytes())
+    page.evaluate("""data => {
+        const dt = new DataTransfer();
+        dt.items.add(new File([new Uint8Array(data)], 'room.jpg', {type: 'image/jpeg'}));
+        const zone = document.getElementById('drop-zone');
+        for (const type of ['dragenter', 'dragover', 'drop'])
+            zone.dispatchEvent(new DragEvent(type, {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }""", data)
+    sync_api.expect(page.locator("#room-name")).to_have_text("room.jpg")
+    page.wait_for_function("() => document.getElementById('room-preview').naturalWidth > 0")
+    page.get_by_role("button", name="Remove photo").click()
+    sync_api.expect(page.locator("#room-figure")).to_be_hidden()
+
+
+def test_item_page_shows_the_item(page, server, ikea):
+    record = next(r for r in server["slice"]["records"] if r["image"])
+    open_console(page, server, hash_=f"#/item/{record['_id']}")
+    sync_api.expect(page.locator("#item-heading")).to_have_text(record["title"])
+    sync_api.expect(page.locator("#item-body dd").first).to_have_text(record["_id"])
+    page.wait_for_function("() => (document.querySelector('.item-img') || {}).naturalWidth > 0")
+    image = httpx.get(f"{server['url']}/v1/items/{record['_id']}/image",
+                      headers={"Authorization": f"Bearer {server['keys']['viewer']}"})
+    assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    assert image.content == (ikea / record["image"]).read_bytes()
+    assert httpx.get(f"{server['url']}/v1/items/{record['_id']}/image").status_code == 401
+
+
+def test_ingest_page_runs_a_bulk_job_to_100_percent_and_lists_it(page, server, ikea):
+    open_console(page, server, hash_="#/ingest")
+    photo = str(ikea / next(r["image"] for r in server["slice"]["records"] if r["image"]))
+    lines = [
+        {"id": "console-1", "title": "Console test lamp", "type": "Table lamp", "colour": "white", "image": photo},
+        {"id": "console-2", "title": "Console test rug", "type": "Rug, flatwoven", "colour": "blue"},
+        {"id": "console-3", "title": "Console test stool", "type": "Stool", "colour": "oak"},
+    ]
+    page.get_by_label("One product per line").fill("\n".join(json.dumps(r) for r in lines) + "\n{broken")
+    page.get_by_role("button", name="Start bulk job", exact=True).click()
+    progress = page.locator("#ingest-job progress")
+    sync_api.expect(progress).to_have_attribute("value", "100")
+    panel = page.locator("#ingest-job")
+    sync_api.expect(panel.locator("h2")).to_contain_text("done")
+    sync_api.expect(panel).to_contain_text("4 of 4 records: indexed 3")
+    sync_api.expect(panel.locator(".rejections li")).to_contain_text("Record 4")
+    shoot(page, "console-ingest.png")
+
+    job_title = panel.locator("h2").inner_text().split(" ")[1]  # "#N"
+    page.get_by_role("link", name="Jobs").click()
+    row = page.locator("#jobs-table tbody tr").filter(has_text=job_title)
+    sync_api.expect(row).to_contain_text("done")
+    sync_api.expect(row.locator("progress")).to_have_attribute("value", "100")
