@@ -4,14 +4,16 @@
 VLM critic on a tiny random-init Qwen2-VL (its fast-path rationale is ``P(yes)=...``).
 
 The server asks for API keys: an editor key and a viewer key are made with ``mars keys create``
-before it starts. With ``MARS_SCREENSHOTS=1`` the search and ingest pages are saved (1366x768)
-to ``docs/console-search.png`` and ``docs/console-ingest.png``.
+before it starts. With ``MARS_SCREENSHOTS=1`` the search and ingest pages and the merchandising
+rules are saved (1366x768) to ``docs/console-search.png``, ``docs/console-ingest.png`` and
+``docs/console-rules.png``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -288,3 +290,146 @@ def test_ingest_page_runs_a_bulk_job_to_100_percent_and_lists_it(page, server, i
     row = page.locator("#jobs-table tbody tr").filter(has_text=job_title)
     sync_api.expect(row).to_contain_text("done")
     sync_api.expect(row.locator("progress")).to_have_attribute("value", "100")
+
+
+# ---------------------------------------------------------------- merchandising rules
+
+RUGS = "a rug for the living room"  # locks to the rug class; the slice has several rugs
+
+
+@pytest.fixture
+def no_rules_left(server):
+    """Rules made by a test are gone after it (the server is shared by the module)."""
+    yield
+    auth = {"Authorization": f"Bearer {server['keys']['editor']}"}
+    for rule in httpx.get(f"{server['url']}/v1/rules", headers=auth).json():
+        httpx.delete(f"{server['url']}/v1/rules/{rule['id']}", headers=auth)
+
+
+def search_text(page, text: str) -> list[str]:
+    """Search ``text`` from the query box (hybrid mode); the ids of the result cards."""
+    query = page.get_by_label("What are you looking for?")
+    query.fill(text)
+    with page.expect_response(lambda r: r.url.endswith("/v1/search")):
+        query.press("Enter")
+    sync_api.expect(page.locator("#search-status")).to_contain_text("hybrid mode")
+    return card_ids(page)
+
+
+def card_ids(page) -> list[str]:
+    return page.eval_on_selector_all("#results .card", "cards => cards.map(c => c.dataset.id)")
+
+
+def test_pin_from_a_card_then_turn_off_and_delete_it_in_the_rules_panel(page, server, no_rules_left):
+    open_console(page, server)
+    before = search_text(page, RUGS)
+    sync_api.expect(page.locator("#lock-what")).to_have_text("rug (class)")
+    assert len(before) >= 5
+    target = before[-1]  # the last card, pinned to the top by keyboard
+    sync_api.expect(page.get_by_label("Pin / Boost / Bury on a card apply to")).to_contain_text("auto: the lock rug (class)")
+    title = page.locator(f'#results .card[data-id="{target}"] .card-title a').inner_text()
+    page.locator(f'#results .card[data-id="{target}"]').get_by_role("button", name="Pin").focus()
+    page.keyboard.press("Enter")
+
+    confirm = page.locator("#rule-confirm")
+    sync_api.expect(confirm).to_contain_text(f"added: pin {title} at #1 for searches locked to rug (class)")
+    cards = page.locator("#results .card")
+    sync_api.expect(cards.first).to_have_attribute("data-id", target)
+    sync_api.expect(page.locator("#search-status")).to_contain_text("re-run after rule")
+    notes = cards.first.locator(".card-rules .rule-notes")
+    sync_api.expect(notes).to_have_text(re.compile(r"pinned at #1 by rule \d+"))
+    rule_id = int(re.search(r"rule (\d+)", notes.inner_text()).group(1))
+    assert card_ids(page) == [target, *before[:-1]]
+    sync_api.expect(cards.first.get_by_role("button", name="Pin")).to_be_focused()  # keyboard focus stays on the product
+    auth = {"Authorization": f"Bearer {server['keys']['editor']}"}
+    stored = httpx.get(f"{server['url']}/v1/rules/{rule_id}", headers=auth).json()
+    assert (stored["kind"], stored["product_id"], stored["position"], stored["category"], stored["query_pattern"]) == \
+        ("pin", target, 1, "rug", None)
+
+    # The rules panel (a disclosure, opened by keyboard) lists it; turn it off: the order is back.
+    page.locator("#rules-panel > summary").focus()
+    page.keyboard.press("Enter")
+    row = page.locator(f'#rules-table tr[data-rule="{rule_id}"]')
+    sync_api.expect(row).to_contain_text("pin")
+    sync_api.expect(row).to_contain_text("lock rug")
+    sync_api.expect(row).to_contain_text("#1")
+    sync_api.expect(page.locator("#rules-count")).to_have_text("— 1 rule, 1 active")
+    toggle = page.get_by_label(f"Rule {rule_id} active")
+    sync_api.expect(toggle).to_be_checked()
+    toggle.focus()
+    page.keyboard.press("Space")
+    sync_api.expect(page.locator("#search-status")).to_contain_text(f"rule {rule_id} was turned off")
+    assert card_ids(page) == before
+    sync_api.expect(row).to_have_class(re.compile("inactive"))
+    sync_api.expect(page.get_by_label(f"Rule {rule_id} active")).not_to_be_checked()
+    sync_api.expect(page.locator("#rules-count")).to_have_text("— 1 rule, 0 active")
+
+    page.get_by_label(f"Rule {rule_id} active").press("Space")  # on again: pinned again
+    sync_api.expect(page.locator("#search-status")).to_contain_text(f"rule {rule_id} was turned on")
+    assert card_ids(page)[0] == target
+
+    page.get_by_role("button", name=f"Delete rule {rule_id}").press("Enter")
+    sync_api.expect(page.locator("#search-status")).to_contain_text(f"rule {rule_id} was deleted")
+    assert card_ids(page) == before
+    sync_api.expect(row).to_have_count(0)
+    sync_api.expect(page.locator("#rules-count")).to_have_text("— none yet")
+    assert cards.first.locator(".rule-notes").count() == 0
+    assert httpx.get(f"{server['url']}/v1/rules/{rule_id}", headers=auth).status_code == 404
+
+
+def test_a_viewer_key_gets_the_403_message_when_pinning(page, server, no_rules_left):
+    open_console(page, server, key="viewer")
+    before = search_text(page, RUGS)
+    page.locator("#results .card").nth(2).get_by_role("button", name="Pin").click()
+    notice = page.locator("#notice")
+    sync_api.expect(notice).to_contain_text("not allowed to do that (403)")
+    sync_api.expect(notice).to_contain_text("editor")
+    sync_api.expect(page.locator("#rule-confirm")).to_be_hidden()
+    assert card_ids(page) == before
+    auth = {"Authorization": f"Bearer {server['keys']['viewer']}"}
+    assert httpx.get(f"{server['url']}/v1/rules", headers=auth).json() == []
+
+
+def test_rules_form_adds_a_synonym_shown_above_the_results_and_explains_a_422(page, server, no_rules_left):
+    open_console(page, server)
+    page.locator("#rules-panel > summary").click()
+    page.get_by_label("Kind").select_option("synonym")
+    sync_api.expect(page.get_by_label("Product ID")).to_be_hidden()
+    page.get_by_label("Term").fill("carpet")
+    page.get_by_label("Replacement").fill("rug")
+    page.get_by_role("button", name="Add rule").click()
+    status = page.locator("#rule-form-status")
+    sync_api.expect(status).to_contain_text("search 'carpet' as 'rug' on every search")
+    synonym_id = int(re.search(r"Rule (\d+)", status.inner_text()).group(1))
+
+    search_text(page, "a carpet for the living room")
+    sync_api.expect(page.locator("#synonyms-line")).to_be_visible()
+    sync_api.expect(page.locator("#synonyms-what")).to_have_text(f"'carpet' → 'rug' by rule {synonym_id}")
+    sync_api.expect(page.locator("#rewritten-text")).to_have_text("a rug for the living room")
+
+    # An invalid rule: 422 with the server's reason, in the form and in the notice.
+    page.get_by_label("Kind").select_option("boost")
+    sync_api.expect(page.get_by_label("Factor")).to_have_value("1.5")
+    page.get_by_label("Product ID").fill("no-such-product")
+    page.get_by_role("button", name="Add rule").click()
+    sync_api.expect(status).to_contain_text("Not added: Error 422")
+    sync_api.expect(status).to_contain_text("no product 'no-such-product' in the catalog")
+    sync_api.expect(page.locator("#notice")).to_contain_text("Error 422")
+
+    # A rugs search with a pin and a boost from the cards: the cards say which rule did what.
+    ids = search_text(page, RUGS)
+    sync_api.expect(page.locator("#synonyms-line")).to_be_hidden()
+    page.locator(f'#results .card[data-id="{ids[3]}"]').get_by_role("button", name="Pin").click()
+    sync_api.expect(page.locator("#results .card").first).to_have_attribute("data-id", ids[3])
+    page.locator(f'#results .card[data-id="{ids[-1]}"]').get_by_role("button", name="Boost").click()
+    boosted = page.locator(f'#results .card[data-id="{ids[-1]}"] .rule-notes')
+    sync_api.expect(boosted).to_contain_text("boosted x1.5 by rule")
+    sync_api.expect(page.locator("#rules-table tbody tr")).to_have_count(3)
+    sync_api.expect(page.locator("#notice")).to_be_hidden()  # the next successful call cleared the 422
+    sync_api.expect(status).to_be_empty()
+    if SCREENSHOTS:  # the confirmation, the rules and the cards with their rules in view
+        page.wait_for_function("() => [...document.querySelectorAll('#results .card img')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)")
+        page.evaluate("""() => window.scrollBy(0, document.getElementById('rule-confirm').getBoundingClientRect().top
+                                            - document.querySelector('.topbar').offsetHeight - 12)""")
+        shoot(page, "console-rules.png")

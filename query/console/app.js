@@ -1,6 +1,7 @@
 /* MARS console: plain JavaScript, no dependencies. Talks to the server's own API:
  *   GET  /v1/categories, POST /v1/search, GET /v1/items/{id}, GET /v1/items/{id}/image,
- *   POST /v1/items:bulk, GET /v1/jobs, GET /v1/jobs/{id}.
+ *   POST /v1/items:bulk, GET /v1/jobs, GET /v1/jobs/{id},
+ *   GET/POST /v1/rules, PATCH/DELETE /v1/rules/{id} (merchandising rules: card buttons and the rules panel).
  * Every request carries "Authorization: Bearer <key>" when an API key is saved (localStorage).
  * Pages are hash routes: #/search, #/item/<id>, #/ingest, #/jobs, #/jobs/<id>.
  * Text from the server is always set with textContent (never parsed as HTML). */
@@ -18,6 +19,11 @@
     cardUrls: [],          // blob: URLs of the shown product photos (revoked on the next render)
     movedWeights: new Set(),
     jobTimers: new Map(),  // panel id -> timeout of the job being followed there
+    lastSearch: null,      // the body of the last search shown (re-sent after a rule changes)
+    lastResponse: null,
+    rules: null,           // GET /v1/rules, as last loaded
+    titles: new Map(),     // product id -> title, from the results seen (names rule targets)
+    confirmRule: null,     // id of the rule the confirmation talks about (Undo deletes it)
   };
 
   const $ = (id) => document.getElementById(id);
@@ -140,6 +146,7 @@
       hideNotice();
       renderKeyState(value ? "Key saved." : "Key removed.");
       loadCategories();
+      loadRules();
       route();  // reload what the current page shows with the new key
     });
   }
@@ -192,6 +199,16 @@
     }
     select.append(classes, types);
     select.value = chosen;
+    // The rule form's scope: the same categories (a rule stores the key).
+    const scope = $("rule-category");
+    const scoped = scope.value;
+    scope.replaceChildren(el("option", { value: "" }, "any search"),
+      ...[classes, types].map((group) => {
+        const copy = el("optgroup", { label: group.label });
+        for (const o of group.children) copy.append(el("option", { value: o.value }, o.textContent.replace(/ \(\d+\)$/, "")));
+        return copy;
+      }));
+    scope.value = scoped;
   }
 
   // ---------------------------------------------------------------- room photo
@@ -291,40 +308,71 @@
     }
     const button = $("search-button");
     button.disabled = true;
+    try {
+      if (state.roomFile) body.image_base64 = await fileBase64(state.roomFile);
+    } catch (err) {
+      button.disabled = false;
+      setSearchStatus("The search failed.");
+      showError(err);
+      return;
+    }
+    $("rule-confirm").hidden = true;  // a confirmation belongs to the search it re-ran
+    await sendSearch(body, "");
+    button.disabled = false;
+  }
+
+  /** POST /v1/search with `body` and show the answer (only the newest of overlapping searches
+   *  is shown). `why` is added to the status line, e.g. after a rule change re-ran the search. */
+  async function sendSearch(body, why) {
+    const token = (state.searchToken = (state.searchToken || 0) + 1);
     setSearchStatus(body.mode === "full" ? "Searching (with the critic)…" : "Searching…");
     const started = performance.now();
     try {
-      if (state.roomFile) body.image_base64 = await fileBase64(state.roomFile);
       const response = await apiJson("/v1/search", { method: "POST", json: body });
+      if (token !== state.searchToken) return;
       hideNotice();
-      renderResults(response, performance.now() - started);
+      state.lastSearch = body;
+      state.lastResponse = response;
+      renderResults(response, performance.now() - started, why);
     } catch (err) {
+      if (token !== state.searchToken) return;
       setSearchStatus("The search failed.");
       showError(err);
-    } finally {
-      button.disabled = false;
     }
+  }
+
+  /** Run the last search again (after a rule changed); nothing when there was none. */
+  async function rerunSearch(why) {
+    if (state.lastSearch) await sendSearch(state.lastSearch, why);
   }
 
   function setSearchStatus(message) { $("search-status").textContent = message; }
 
-  function renderResults(res, elapsedMs) {
+  function renderResults(res, elapsedMs, why) {
     for (const url of state.cardUrls) URL.revokeObjectURL(url);
     state.cardUrls = [];
     const n = res.items.length;
-    setSearchStatus(n + (n === 1 ? " result" : " results") + " in " + Math.round(elapsedMs) + " ms (" + res.mode + " mode).");
+    setSearchStatus(n + (n === 1 ? " result" : " results") + " in " + Math.round(elapsedMs) + " ms (" + res.mode + " mode)" +
+      (why ? " — " + why : "") + ".");
 
     const lock = res.lock;
     $("lock-what").textContent = lock.applied ? (lock.name || lock.key) + " (" + lock.level + ")" : "none";
     $("lock-reason").textContent = lock.reason;
+    const synonyms = res.synonyms || [];
+    $("synonyms-what").textContent = synonyms.join("; ");
+    $("rewritten-text").textContent = res.rewritten_text || "";
+    $("synonyms-line").hidden = !synonyms.length;
     const critic = res.critic;
     $("critic-line").textContent = "Critic: " + critic.backend + " — " + critic.status +
       (critic.scored ? " " + critic.scored + " items" : "") + (critic.detail ? " — " + critic.detail : "");
     $("lock-why").hidden = false;
     showUsedWeights(res.fusion);
+    renderScopeChoices();
 
+    for (const item of res.items) state.titles.set(item.id, item.title);
     const list = $("results");
     list.replaceChildren(...res.items.map(card));
+    renderRules();  // the targets' titles may be known now
   }
 
   function stageText(hit) { return hit ? "#" + hit.rank : "–"; }
@@ -337,17 +385,29 @@
     for (const [label, hit] of [["BM25", p.bm25], ["Image", p.image], ["Text", p.text], ["Fused", p.fused]]) {
       ranks.append(el("div", null, el("dt", null, label), el("dd", null, stageText(hit))));
     }
-    const node = el("li", { class: "card", "data-id": item.id },
+    const notes = p.rules || [];
+    const name = item.title || item.id;
+    const node = el("li", { class: "card" + (notes.some((n) => n.startsWith("pinned")) ? " card-pinned" : ""), "data-id": item.id },
       el("a", { href: link, class: "card-photo", tabindex: "-1", "aria-hidden": "true" }, img),
-      el("h3", { class: "card-title" }, el("span", { class: "rank" }, item.rank + ". "), el("a", { href: link }, item.title || item.id)),
+      el("h3", { class: "card-title" }, el("span", { class: "rank" }, item.rank + ". "), el("a", { href: link }, name)),
       el("p", { class: "card-meta" }, [item.type, item.colour].filter(Boolean).join(" · ") || "—"),
       el("p", { class: "card-score" }, "Score ", el("strong", null, item.score.toFixed(4))),
       ranks,
       p.critic
         ? el("p", { class: "rationale" }, el("span", { class: "critic-score" }, "Critic " + p.critic.score.toFixed(2) + ": "), p.critic.rationale)
         : null,
-      // Merchandising rules (pin / boost / bury) will add their per-card controls here.
-      el("div", { class: "card-rules", "data-slot": "merch-rules", hidden: true }),
+      // Merchandising rules: what they did to this item, and buttons to add one for it.
+      el("div", { class: "card-rules", "data-slot": "merch-rules" },
+        notes.length
+          ? el("ul", { class: "rule-notes", "aria-label": "Rules applied to " + name }, ...notes.map((n) => el("li", null, n)))
+          : null,
+        el("div", { class: "rule-actions", role: "group", "aria-label": "Add a rule for " + name },
+          ...CARD_ACTIONS.map((a) => {
+            const button = el("button", { type: "button", "data-action": a.kind, "aria-label": a.label + " " + name + " " + a.what,
+                                          title: a.label + " " + a.what }, a.label);
+            button.addEventListener("click", () => cardRule(a, item, button));
+            return button;
+          }))),
     );
     loadPhoto(img, item.id, item.image);
     return node;
@@ -371,6 +431,262 @@
   function focusSearch() {
     const from = state.lastItem && document.querySelector('.card[data-id="' + CSS.escape(state.lastItem) + '"] .card-title a');
     (from || $("q")).focus();
+  }
+
+  // ---------------------------------------------------------------- merchandising rules
+
+  /** The buttons of a result card: each makes one rule for the card's product, scoped by #rule-scope. */
+  const CARD_ACTIONS = [
+    { kind: "pin", label: "Pin", what: "at #1", fields: { position: 1 } },
+    { kind: "boost", label: "Boost", what: "x1.5", fields: { factor: 1.5 } },
+    { kind: "bury", label: "Bury", what: "x0.5", fields: { factor: 0.5 } },
+  ];
+
+  const MAX_PATTERN = 200;  // the API's longest query_pattern
+
+  function hasWords(text) { return /[\p{L}\p{N}_]/u.test(text || ""); }
+
+  function lockName(lock) { return (lock.name || lock.key) + " (" + lock.level + ")"; }
+
+  /** The scope fields of a card's rule from #rule-scope and the last search, and how to say it;
+   *  {error} when the last search cannot give that scope. */
+  function cardScope() {
+    const res = state.lastResponse;
+    const lock = res && res.lock.applied ? res.lock : null;
+    const text = ((state.lastSearch && state.lastSearch.text) || "").trim();
+    const usable = hasWords(text) && text.length <= MAX_PATTERN;
+    const lockScope = lock && { fields: { category: lock.key }, says: "searches locked to " + lockName(lock) };
+    const textScope = usable && { fields: { query_pattern: text }, says: "queries saying “" + text + "”" };
+    const textProblem = !hasWords(text) ? "this search has no query text"
+      : "its text is longer than " + MAX_PATTERN + " characters";
+    switch ($("rule-scope").value) {
+      case "lock": return lockScope || { error: "this search has no category lock" };
+      case "query": return textScope || { error: textProblem };
+      case "both":
+        if (!lockScope) return { error: "this search has no category lock" };
+        if (!textScope) return { error: textProblem };
+        return { fields: Object.assign({}, lockScope.fields, textScope.fields), says: lockScope.says + " whose text says “" + text + "”" };
+      case "all": return { fields: {}, says: "every search" };
+      default:
+        return lockScope || textScope ||
+          { error: "this search has neither a category lock nor usable query text (" + textProblem + ")" };
+    }
+  }
+
+  /** After a search: the scope choices name this search's lock and text. */
+  function renderScopeChoices() {
+    const res = state.lastResponse;
+    const lock = res && res.lock.applied ? res.lock : null;
+    const text = ((state.lastSearch && state.lastSearch.text) || "").trim();
+    const quoted = hasWords(text) ? "“" + (text.length > 40 ? text.slice(0, 39) + "…" : text) + "”" : "(no text)";
+    const labels = {
+      auto: "auto: " + (lock ? "the lock " + lockName(lock) : hasWords(text) ? "the text " + quoted : "— no lock, no text"),
+      lock: "this search's lock" + (lock ? " " + lockName(lock) : " (none)"),
+      query: "this search's text " + quoted,
+      both: "this lock and this text",
+      all: "every search",
+    };
+    for (const option of $("rule-scope").options) option.textContent = labels[option.value];
+  }
+
+  /** A card's Pin / Boost / Bury: create the rule, say what and where, re-run the search. */
+  async function cardRule(action, item, button) {
+    const scope = cardScope();
+    if (scope.error) {
+      showNotice("Cannot " + action.label.toLowerCase() + " “" + (item.title || item.id) + "” for this search: " + scope.error +
+        ". Choose another scope in “Pin / Boost / Bury on a card apply to”.", "error");
+      $("rule-scope").focus();
+      return;
+    }
+    const body = Object.assign({ kind: action.kind, product_id: item.id }, action.fields, scope.fields);
+    button.disabled = true;
+    let rule;
+    try {
+      rule = await apiJson("/v1/rules", { method: "POST", json: body });
+    } catch (err) {
+      button.disabled = false;
+      showError(err);
+      return;
+    }
+    hideNotice();
+    $("rule-form-status").textContent = "";  // an older message of the form is stale now
+    showRuleConfirm(rule, action.label.toLowerCase() + " " + (item.title || item.id) + " " + action.what + " for " + scope.says);
+    await Promise.all([loadRules(), rerunSearch("re-run after rule " + rule.id + " was added")]);
+    // Keyboard users stay on the product they acted on (its card moved or was re-drawn).
+    const again = document.querySelector('.card[data-id="' + CSS.escape(item.id) + '"] button[data-action="' + action.kind + '"]');
+    if (again) again.focus(); else $("results-heading").focus();
+  }
+
+  function showRuleConfirm(rule, message) {
+    state.confirmRule = rule.id;
+    $("rule-confirm-text").textContent = "Rule " + rule.id + " added: " + message + ".";
+    $("rule-confirm-text").title = rule.summary;  // the server's wording (product id, lock key)
+    $("rule-undo").hidden = false;
+    $("rule-confirm").hidden = false;
+  }
+
+  async function undoRule() {
+    const id = state.confirmRule;
+    if (!id) return;
+    if (await deleteRule(id)) {
+      $("rule-confirm-text").textContent = "Rule " + id + " removed.";
+      $("rule-undo").hidden = true;
+      $("results-heading").focus();
+    }
+  }
+
+  /** GET /v1/rules into the panel. */
+  async function loadRules() {
+    try {
+      state.rules = await apiJson("/v1/rules");
+    } catch (err) {
+      showError(err);
+      return;
+    }
+    renderRules();
+  }
+
+  function ruleTarget(rule) {
+    if (rule.kind === "synonym") return "“" + rule.term + "”";
+    if (rule.brand) return "brand " + rule.brand;
+    const title = state.titles.get(rule.product_id);
+    return rule.product_id + (title ? " (" + title + ")" : "");
+  }
+
+  function ruleScopeText(rule) {
+    const parts = [];
+    if (rule.category) parts.push("lock " + rule.category);
+    if (rule.query_pattern) parts.push("query says “" + rule.query_pattern + "”");
+    return parts.length ? parts.join(" and ") : "every search";
+  }
+
+  function ruleSetting(rule) {
+    if (rule.kind === "pin") return "#" + rule.position;
+    if (rule.kind === "synonym") return "→ “" + rule.replacement + "”";
+    return "x" + rule.factor;
+  }
+
+  function renderRules() {
+    const rules = state.rules;
+    if (!rules) return;
+    const active = rules.filter((r) => r.active).length;
+    $("rules-count").textContent = rules.length
+      ? "— " + rules.length + (rules.length === 1 ? " rule, " : " rules, ") + active + " active"
+      : "— none yet";
+    const rows = rules.map((rule) => {
+      const toggle = el("input", { type: "checkbox", "aria-label": "Rule " + rule.id + " active", checked: rule.active });
+      toggle.addEventListener("change", () => setRuleActive(rule.id, toggle));
+      const remove = el("button", { type: "button", class: "small", "aria-label": "Delete rule " + rule.id }, "Delete");
+      remove.addEventListener("click", () => deleteRule(rule.id, remove));
+      return el("tr", { "data-rule": rule.id, class: rule.active ? null : "inactive", title: rule.summary +
+                        (rule.created_by ? " — by " + rule.created_by : "") },
+        el("td", null, "#" + rule.id),
+        el("td", null, rule.kind),
+        el("td", { class: "target" }, ruleTarget(rule)),
+        el("td", null, ruleScopeText(rule)),
+        el("td", null, ruleSetting(rule)),
+        el("td", null, toggle),
+        el("td", null, remove));
+    });
+    if (!rows.length) rows.push(el("tr", null, el("td", { colspan: "7", class: "muted" }, "No rules yet: use a card's Pin, Boost or Bury, or the form.")));
+    $("rules-table").tBodies[0].replaceChildren(...rows);
+  }
+
+  async function setRuleActive(id, toggle) {
+    toggle.disabled = true;
+    try {
+      await apiJson("/v1/rules/" + id, { method: "PATCH", json: { active: toggle.checked } });
+      hideNotice();
+    } catch (err) {
+      toggle.checked = !toggle.checked;
+      toggle.disabled = false;
+      showError(err);
+      return;
+    }
+    const on = toggle.checked;
+    await Promise.all([loadRules(), rerunSearch("re-run after rule " + id + " was turned " + (on ? "on" : "off"))]);
+    const again = document.querySelector('#rules-table tr[data-rule="' + id + '"] input[type=checkbox]');
+    if (again) again.focus();
+  }
+
+  /** DELETE /v1/rules/{id}, then reload the list and re-run the search; true when deleted. */
+  async function deleteRule(id, button) {
+    if (button) button.disabled = true;
+    try {
+      await api("/v1/rules/" + id, { method: "DELETE" });
+      hideNotice();
+    } catch (err) {
+      if (button) button.disabled = false;
+      showError(err);
+      return false;
+    }
+    if (state.confirmRule === id && button) $("rule-confirm").hidden = true;
+    const rows = [...$("rules-table").tBodies[0].rows];
+    const index = rows.findIndex((row) => row.dataset.rule === String(id));
+    await Promise.all([loadRules(), rerunSearch("re-run after rule " + id + " was deleted")]);
+    if (button) {  // keyboard: on to the next rule's Delete (or the form when none is left)
+      const next = $("rules-table").tBodies[0].rows[Math.max(index, 0)];
+      const target = next && next.querySelector("button");
+      (target || $("rule-kind")).focus();
+    }
+    return true;
+  }
+
+  /** Show the form's fields that the chosen kind uses (hidden ones are not sent). */
+  function showRuleFields() {
+    const kind = $("rule-kind").value;
+    for (const field of document.querySelectorAll("#rule-form [data-kinds]")) {
+      field.hidden = !field.dataset.kinds.split(" ").includes(kind);
+    }
+    if (kind === "boost" || kind === "bury") {
+      const factor = $("rule-factor");
+      const value = Number(factor.value);
+      if (kind === "boost" && !(value > 1)) factor.value = "1.5";
+      if (kind === "bury" && !(value > 0 && value < 1)) factor.value = "0.5";
+    }
+  }
+
+  async function addRule(ev) {
+    ev.preventDefault();
+    const kind = $("rule-kind").value;
+    const body = { kind, active: $("rule-active").checked };
+    const text = (id) => $(id).value.trim() || null;
+    const number = (id) => ($(id).value.trim() === "" ? null : Number($(id).value));
+    if (kind === "pin") Object.assign(body, { product_id: text("rule-product"), position: number("rule-position") });
+    else if (kind === "synonym") Object.assign(body, { term: text("rule-term"), replacement: text("rule-replacement") });
+    else Object.assign(body, { product_id: text("rule-product"), brand: text("rule-brand"), factor: number("rule-factor") });
+    body.category = $("rule-category").value || null;
+    body.query_pattern = text("rule-pattern");
+    for (const name of Object.keys(body)) if (body[name] === null) delete body[name];
+    const status = $("rule-form-status");
+    const button = $("rule-add");
+    button.disabled = true;
+    status.className = "rule-form-status";
+    status.textContent = "Adding…";
+    let rule;
+    try {
+      rule = await apiJson("/v1/rules", { method: "POST", json: body });
+    } catch (err) {
+      status.className = "rule-form-status error";
+      status.textContent = "Not added: " + err.message;
+      showError(err);
+      return;
+    } finally {
+      button.disabled = false;
+    }
+    hideNotice();
+    status.textContent = "Rule " + rule.id + " added: " + rule.summary + ".";
+    for (const id of ["rule-product", "rule-brand", "rule-term", "rule-replacement"]) $(id).value = "";
+    await Promise.all([loadRules(), rerunSearch("re-run after rule " + rule.id + " was added")]);
+  }
+
+  function initRules() {
+    $("rule-kind").addEventListener("change", showRuleFields);
+    $("rule-form").addEventListener("input", () => { $("rule-form-status").textContent = ""; });
+    $("rule-form").addEventListener("submit", addRule);
+    $("rule-undo").addEventListener("click", undoRule);
+    $("rule-confirm-close").addEventListener("click", () => { $("rule-confirm").hidden = true; $("results-heading").focus(); });
+    showRuleFields();
   }
 
   // ---------------------------------------------------------------- item page
@@ -529,6 +845,7 @@
     initRoomPhoto();
     initWeights();
     initIngest();
+    initRules();
     $("notice-close").addEventListener("click", hideNotice);
     $("search-form").addEventListener("submit", runSearch);
     $("jobs-refresh").addEventListener("click", loadJobs);
@@ -541,6 +858,7 @@
     });
     route();
     loadCategories();
+    loadRules();
     if ($("view-search").hidden === false) $("q").focus();
   }
 
