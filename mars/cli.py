@@ -554,6 +554,40 @@ def eval_(
         console.print(format_table(report))
 
 
+@app.command("lock-accuracy")
+def lock_accuracy_(
+    queries: Annotated[Path, typer.Option("--queries", help="BEIR-style queries.jsonl with room-class / room-type queries.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report with every miss as JSON.")] = False,
+) -> None:
+    """Share of room-class and room-type queries whose category lock is exactly the class or
+    type they ask for (the last `::` part of the query id), with the misses."""
+    from catalog.db import make_engine, session_factory, upgrade_to_head
+    from catalog.locking import Taxonomy
+    from evaluation.beir import load_queries
+    from evaluation.lock_accuracy import lock_accuracy
+
+    db = make_engine(get_settings().catalog_url)
+    try:
+        upgrade_to_head(db)
+        with session_factory(db)() as session:
+            taxonomy = Taxonomy.load(session)
+    finally:
+        db.dispose()
+    report = lock_accuracy(taxonomy, load_queries(queries))
+    if as_json:
+        console.print_json(json.dumps(report))
+        return
+    table = Table(title="category-lock accuracy")
+    for col in ("task", "queries", "exact", "accuracy"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for task, row in report.items():
+        table.add_row(task, str(row["queries"]), str(row["exact"]), f"{row['accuracy']:.4f}")
+    console.print(table)
+    for task, row in report.items():
+        for miss in row["misses"][:50]:
+            console.print(f"[yellow]miss[/yellow] {task}: {miss['text']!r} asks {miss['asked']!r}, locked {miss['locked']!r} ({miss['reason']})")
+
+
 train_app = typer.Typer(help="Train MARS models on a catalog's own data.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
