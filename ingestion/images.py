@@ -14,9 +14,13 @@ class ImageRejected(ValueError):
 
 
 def decode_image(
-    data: bytes, *, max_pixels: int, what: str = "image", formats: tuple[str, ...] | None = None
+    data: bytes, *, max_pixels: int, what: str = "image", formats: tuple[str, ...] | None = None, lazy: bool = False
 ) -> Image.Image:
     """Decode image bytes into an RGB :class:`PIL.Image.Image`.
+
+    With ``lazy`` the header is checked as below but no pixel is decoded: PIL decodes them on
+    first use, in the image's own mode (for bytes known to decode, e.g. a room photo whose
+    region vectors are already cached, so that a repeat search costs no decoding).
 
     The content is sniffed, never trusted from a file name or a Content-Type: with
     ``formats`` (PIL format names, e.g. ``("JPEG", "PNG", "WEBP")``) only those decoders may
@@ -36,6 +40,8 @@ def decode_image(
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageRejected(f"{what} has {width}x{height} pixels, over the limit of {max_pixels}")
+            if lazy:
+                return img
             img.load()
     except ImageRejected:
         raise

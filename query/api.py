@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
 from dataclasses import replace
 from contextlib import asynccontextmanager
@@ -147,10 +148,16 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
     def room_image(data: bytes, eng: Engine):  # noqa: ANN202
         if len(data) > eng.settings.max_image_bytes:
             raise HTTPException(413, f"image is {len(data)} bytes, over the limit of {eng.settings.max_image_bytes}")
+        # Keyed on the uploaded bytes: a photo whose region vectors are cached (a merchandiser
+        # refining a search for the same room) is checked but neither decoded nor hashed again.
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
         try:
-            return decode_image(data, max_pixels=eng.settings.max_image_pixels, what="uploaded image", formats=ROOM_FORMATS)
+            image = decode_image(data, max_pixels=eng.settings.max_image_pixels, what="uploaded image",
+                                 formats=ROOM_FORMATS, lazy=eng.funnel.has_region_vectors(digest))
         except ImageRejected as exc:
             raise HTTPException(422, str(exc)) from exc
+        image.info["mars_digest"] = digest
+        return image
 
     @app.post(
         "/v1/search",

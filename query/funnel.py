@@ -181,9 +181,20 @@ class Funnel:
                 cache.popitem(last=False)
         return value
 
+    @staticmethod
+    def region_key(image: Image.Image) -> str:
+        """The region-cache key of a photo: ``image.info["mars_digest"]`` when the caller set
+        one (the API sets the SHA-256 of the uploaded bytes), else the SHA-256 of the pixels."""
+        return image.info.get("mars_digest") or hashlib.sha256(image.tobytes()).hexdigest() + repr(image.size)
+
+    def has_region_vectors(self, key: str) -> bool:
+        """Whether the region vectors of the photo with :meth:`region_key` ``key`` are cached."""
+        with self._cache_lock:
+            return key in self._region_cache
+
     def region_vectors(self, image: Image.Image) -> np.ndarray:
-        """Embeddings of the photo's grid regions, float32 (regions, dim), cached by pixel content."""
-        key = hashlib.sha256(image.tobytes()).hexdigest() + repr(image.size)
+        """Embeddings of the photo's grid regions, float32 (regions, dim), cached by :meth:`region_key`."""
+        key = self.region_key(image)
         return self._cached(
             self._region_cache,
             key,

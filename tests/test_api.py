@@ -74,3 +74,18 @@ def test_bad_uploads_are_clear_4xx_and_store_nothing(client):
     assert client.post("/v1/search", json={"text": "lamp", "unknown": 1}).status_code == 422
     assert client.post("/v1/search", content=b"text", headers={"content-type": "text/plain"}).status_code == 415
     assert client.get("/healthz").json() == before
+
+
+def test_repeat_photo_is_keyed_on_its_bytes_and_answers_the_same(client, ikea_slice):
+    import hashlib
+
+    from ingestion.images import decode_image
+
+    room = ikea_slice["room"].read_bytes()
+    body = {"text": "a lamp for this bedroom", "image_base64": base64.b64encode(room).decode()}
+    first = client.post("/v1/search", json=body).json()
+    assert client.engine.funnel.has_region_vectors("sha256:" + hashlib.sha256(room).hexdigest())
+    second = client.post("/v1/search", json=body).json()
+    assert [(i["id"], i["score"]) for i in second["items"]] == [(i["id"], i["score"]) for i in first["items"]]
+    lazy = decode_image(room, max_pixels=10**8, lazy=True)
+    assert lazy.convert("RGB").tobytes() == decode_image(room, max_pixels=10**8).tobytes()
