@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from rich.progress import Progress
 from rich.table import Table
 
-from evaluation.beir import QueryImages, load_qrels, load_queries
+from evaluation.beir import BenchmarkQuery, QueryImages, load_qrels, load_queries
 from evaluation.metrics import METRICS, score_queries
 from query.funnel import SearchQuery
 
@@ -22,6 +23,55 @@ EVAL_DEPTH = 100
 #: a merchandiser looking for a room's look would (`--no-lock`). Product-request tasks
 #: (room-class, room-type, text-to-image) keep the automatic lock.
 ROOM_LEVEL_TASKS = frozenset({"room-scene", "room-title"})
+
+
+def select_queries(
+    queries_path: Path,
+    qrels_path: Path,
+    *,
+    tasks: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> tuple[list[BenchmarkQuery], dict[str, set[str]]]:
+    """The queries to evaluate and the qrels: those of ``tasks`` (all when None) that have
+    judgments, at most ``limit`` per task in file order.
+
+    Raises:
+        FileNotFoundError: a queries or qrels file is missing.
+    """
+    queries = [q for q in load_queries(queries_path) if not tasks or q.task in tasks]
+    qrels = load_qrels(qrels_path)
+    queries = [q for q in queries if qrels.get(q.id)]
+    if limit is not None:
+        taken: dict[str, int] = defaultdict(int)
+        kept = []
+        for q in queries:
+            if taken[q.task] < limit:
+                taken[q.task] += 1
+                kept.append(q)
+        queries = kept
+    return queries, qrels
+
+
+def eval_query(
+    q: BenchmarkQuery,
+    image: Image.Image | None,
+    *,
+    mode: str = "hybrid",
+    top_k: int = EVAL_DEPTH,
+    weights: Mapping[str, float] | None = None,
+) -> SearchQuery:
+    """The search the runner asks for a benchmark query: its text and photo, its room type as
+    room context, no automatic lock for :data:`ROOM_LEVEL_TASKS`, and optional RRF weight
+    overrides (``weights``)."""
+    return SearchQuery(
+        text=q.text,
+        image=image,
+        room=q.room_category,
+        auto_lock=q.task not in ROOM_LEVEL_TASKS,
+        top_k=top_k,
+        mode=mode,  # type: ignore[arg-type]
+        weights=dict(weights or {}),
+    )
 
 
 def run_eval(
@@ -44,17 +94,7 @@ def run_eval(
     Raises:
         FileNotFoundError: a queries/qrels file or a query image is missing.
     """
-    queries = [q for q in load_queries(queries_path) if not tasks or q.task in tasks]
-    qrels = load_qrels(qrels_path)
-    queries = [q for q in queries if qrels.get(q.id)]
-    if limit is not None:
-        taken: dict[str, int] = defaultdict(int)
-        kept = []
-        for q in queries:
-            if taken[q.task] < limit:
-                taken[q.task] += 1
-                kept.append(q)
-        queries = kept
+    queries, qrels = select_queries(queries_path, qrels_path, tasks=tasks, limit=limit)
     settings = engine.settings
     images = QueryImages(settings.max_image_bytes, settings.max_image_pixels)
     runs: dict[str, list[str]] = {}
@@ -63,14 +103,7 @@ def run_eval(
     with Progress(disable=not progress, transient=True) as bar:
         task_id = bar.add_task(f"eval ({mode})", total=len(queries))
         for q in queries:
-            response = engine.search(SearchQuery(
-                    text=q.text,
-                    image=images(q),
-                    room=q.room_category,
-                    auto_lock=q.task not in ROOM_LEVEL_TASKS,
-                    top_k=EVAL_DEPTH,
-                    mode=mode,
-                ))
+            response = engine.search(eval_query(q, images(q), mode=mode))
             runs[q.id] = [item.id for item in response.items]
             locks[q.id] = response.lock.key if response.lock.applied else None
             by_task[q.task].append(q.id)

@@ -1,10 +1,11 @@
 """Speed benchmark (not a test): ingest items/s and query latency p50/p95, MARS vs a naive
 seed-style baseline measured in the same run.
 
-Baseline ("as the seed projects did"): embeddings in numpy, ``rank_bm25.BM25Okapi`` over
-whitespace tokens, brute-force cosine over all items (``matrix @ q``), Python RRF, no
-category lock and no catalog. Query latencies exclude query encoding on both sides (the
-query vectors are computed once beforehand), so they compare retrieval + fusion.
+Baseline ("as the seed projects did", :class:`evaluation.baseline.NaiveIndex`): embeddings
+in numpy, ``rank_bm25.BM25Okapi`` over whitespace tokens, brute-force cosine over all items
+(``matrix @ q``), Python RRF, no category lock and no catalog. Query latencies exclude query
+encoding on both sides (the query vectors are computed once beforehand), so they compare
+retrieval + fusion.
 
 Usage::
 
@@ -22,8 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from rank_bm25 import BM25Okapi
 
+from evaluation.baseline import NaiveIndex, naive_text
 from evaluation.beir import QueryImages, load_queries
 from ingestion.images import decode_image, read_image_bytes
 from ingestion.readers import RawRecord, open_source
@@ -31,35 +32,11 @@ from ingestion.records import ProductRecord
 from mars.engine import Engine
 from mars.settings import Settings
 from query.funnel import SearchQuery, max_over_regions
-from query.fusion import weighted_rrf
 from query.regions import crop_regions
 
 
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
-
-
-class NaiveIndex:
-    """The seed-style baseline: rank_bm25 + numpy brute force + Python RRF."""
-
-    def __init__(self, ids: list[str], texts: list[str], text_vecs: np.ndarray, image_vecs: dict[str, np.ndarray]):
-        self.ids = ids
-        self.bm25 = BM25Okapi([t.lower().split() for t in texts])
-        self.text = text_vecs
-        self.image_ids = list(image_vecs)
-        self.image = np.stack([image_vecs[i] for i in self.image_ids]) if image_vecs else None
-
-    def search(self, text: str | None, text_vec: np.ndarray | None, regions: np.ndarray | None, depth: int = 200) -> list[str]:
-        lists = {}
-        if text:
-            scores = self.bm25.get_scores(text.lower().split())
-            lists["bm25"] = [self.ids[i] for i in np.argsort(-scores)[:depth]]
-        if text_vec is not None:
-            lists["text"] = [self.ids[i] for i in np.argsort(-(self.text @ text_vec))[:depth]]
-        if regions is not None and self.image is not None:
-            best = (self.image @ regions.T).max(axis=1)
-            lists["image"] = [self.image_ids[i] for i in np.argsort(-best)[:depth]]
-        return [f.id for f in weighted_rrf(lists)]
 
 
 def bench_catalog(name: str, records: list[RawRecord], queries: list[dict], encoders, out: dict) -> None:
@@ -81,7 +58,7 @@ def bench_catalog(name: str, records: list[RawRecord], queries: list[dict], enco
             imgs = [decode_image(read_image_bytes(r.image, max_bytes=10**8), max_pixels=10**8) for r in chunk]
             for r, v in zip(chunk, image_enc.encode_images(imgs)):
                 image_vecs[r.id] = v
-        naive = NaiveIndex([r.id for r in valid], [f"{r.title} {r.type} {r.colour} {r.text}" for r in valid], text_vecs, image_vecs)
+        naive = NaiveIndex([r.id for r in valid], [naive_text(r) for r in valid], text_vecs, image_vecs)
         naive_ingest = len(records) / (time.perf_counter() - t)
 
         prepared = []

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from catalog.category_head import CategoryHead, suggest_categories
 from catalog.models import Category, CategorySynonym, IngestJob, Product, ProductCategory, RejectedRecord, utcnow
 from catalog.taxonomy import TypePlacement, place_type
 from indexing.encoders import ImageEncoder, TextEncoder
@@ -39,6 +40,8 @@ class IngestTargets:
     whose URL image is not used is indexed by text, with a warning saying why.
     ``write_lock`` is held around each batch's index writes and catalog commit (the engine's
     lock, so a bulk job and streamed items of one process take turns per batch).
+    ``category_head`` returns the trained category head or None (:mod:`catalog.category_head`):
+    with a head, items without a type get a suggested class (see :func:`embed`).
     """
 
     sessions: sessionmaker[Session]
@@ -50,6 +53,7 @@ class IngestTargets:
     max_image_bytes: int
     fetch_image: Callable[[str], bytes] | None = None
     write_lock: AbstractContextManager = field(default_factory=nullcontext)
+    category_head: Callable[[], CategoryHead | None] | None = None
 
 
 @dataclass
@@ -290,7 +294,9 @@ def embed(todo: Sequence[Prepared], targets: IngestTargets, rejected: list[Rejec
     """Stage 3: decode the photos and encode photos and texts in one batch per encoder.
 
     A local photo that does not decode is appended to ``rejected``; an item without a usable
-    photo is embedded by text and named in the returned warnings."""
+    photo is embedded by text and named in the returned warnings. With a category head, an
+    item without a type but with a photo gets ``attributes["suggested_category"]`` (top-3
+    classes, not applied) and a warning line (:func:`catalog.category_head.suggest_categories`)."""
     images: dict[str, Any] = {}
     ready: list[Prepared] = []
     warnings: list[str] = []
@@ -323,6 +329,7 @@ def embed(todo: Sequence[Prepared], targets: IngestTargets, rejected: list[Rejec
         if p.record.id in image_by_id:
             vectors["image"] = image_by_id[p.record.id]
         items.append(Embedded(p.record, p.hash, vectors, p.raw.position))
+    warnings += suggest_categories(items, targets.category_head() if targets.category_head else None)
     return items, warnings
 
 

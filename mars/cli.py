@@ -539,19 +539,33 @@ def eval_(
     task: Annotated[Optional[list[str]], typer.Option("--task", help="Only these tasks (repeatable).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="At most this many queries per task.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics and per-query scores as JSON.")] = False,
+    ablation: Annotated[bool, typer.Option(
+        "--ablation", help="One table per task: BM25 only, image vectors alone, text vectors alone, hybrid, "
+        "hybrid + critic and the seed-style baseline (nDCG@10 / Success@10); --mode is ignored.")] = False,
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out-dir", help="With --ablation: write ablation.md and ablation.png (grouped bar chart) here.")] = None,
 ) -> None:
     """Evaluate on BEIR-style queries + qrels: nDCG@10, Recall@10, Recall@50, MRR@10, Success@10 per task."""
+    from evaluation.ablation import format_ablation, run_ablation, write_ablation
     from evaluation.runner import format_table, run_eval
 
+    if out_dir is not None and not ablation:
+        raise typer.BadParameter("--out-dir needs --ablation", param_hint="--out-dir")
     engine = _engine()
     try:
-        report = run_eval(engine, queries, qrels, mode=mode, tasks=task, limit=limit, progress=not as_json)
+        if ablation:
+            report = run_ablation(engine, queries, qrels, tasks=task, limit=limit, progress=not as_json)
+        else:
+            report = run_eval(engine, queries, qrels, mode=mode, tasks=task, limit=limit, progress=not as_json)
     finally:
         engine.close()
     if as_json:
         console.print_json(json.dumps(report))
     else:
-        console.print(format_table(report))
+        console.print(format_ablation(report) if ablation else format_table(report))
+    if ablation and out_dir is not None:
+        md, png = write_ablation(report, out_dir)
+        (err if as_json else console).print(f"wrote {md} and {png}")
 
 
 @app.command("lock-accuracy")
@@ -638,6 +652,53 @@ def train_critic(
                 table.add_row(t, str(row["queries"]), f"{row['hybrid']:.4f}", f"{row['full']:.4f}", f"{row['full'] - row['hybrid']:+.4f}")
             console.print(table)
     console.print(f"{report['pairs']} pairs from {report['queries']} queries; checkpoint written to {report['checkpoint']}")
+
+
+@train_app.command("category-head")
+def train_category_head(
+    holdout: Annotated[float, typer.Option("--holdout", min=0.0, max=0.99, help="Share of each class held out for the metrics (0 skips them).")] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the stratified split.")] = 0,
+    min_class_size: Annotated[int, typer.Option("--min-class-size", min=1, help="Classes with fewer products are left out (2: the smallest class that can be trained and held out).")] = 2,
+    l2: Annotated[Optional[float], typer.Option("--l2", min=0.0, help="L2 strength on the weights; default 1e-5.")] = None,
+    max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="L-BFGS iteration cap of each fit.")] = 500,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint path; default MARS_CATEGORY_HEAD or <home>/category_head.safetensors.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Train the category head: multinomial logistic regression on the stored (frozen) product
+    image vectors predicting each product's class; report held-out top-1 / top-5 accuracy and
+    macro-F1 on a stratified split, then refit on all products and save. Ingestion then suggests
+    a class for items that arrive without a type (attributes.suggested_category)."""
+    from catalog.category_head import category_head_path
+    from training.category_head import DEFAULT_L2, collect, train
+
+    engine = _engine()
+    try:
+        data = collect(engine)  # the stores are released before training
+    except ValueError as exc:
+        raise _fail(exc) from exc
+    finally:
+        engine.close()
+    try:
+        head, report = train(data, holdout=holdout, seed=seed, min_class_size=min_class_size,
+                             l2=DEFAULT_L2 if l2 is None else l2, max_iter=max_iter)
+    except ValueError as exc:
+        raise _fail(exc) from exc
+    path = out or category_head_path(engine.settings)
+    head.save(path)
+    report["checkpoint"] = str(path)
+    if as_json:
+        console.print_json(json.dumps(report))
+        return
+    m = report["held_out_metrics"]
+    if m is not None:
+        table = Table(title=f"category head, held-out products ({m['n']} of {report['products']}, {m['classes']} classes)")
+        for col in ("top-1", "top-5", "macro-F1"):
+            table.add_column(col, justify="right")
+        table.add_row(f"{m['top1']:.4f}", f"{m['top5']:.4f}", f"{m['macro_f1']:.4f}")
+        console.print(table)
+    console.print(f"{report['products']} products in {report['classes']} classes ({report['dropped_classes']} classes with "
+                  f"< {min_class_size} products left out, {report['without_image']} products without a photo); "
+                  f"L-BFGS steps {report['steps']}; checkpoint written to {path}")
 
 
 def _finite(value):  # noqa: ANN001, ANN202 - JSON-ready values

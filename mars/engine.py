@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from filelock import FileLock, Timeout
 from sqlalchemy import delete, select
 
+from catalog.category_head import CategoryHeadFile, category_head_path
 from catalog.db import make_engine, session_factory, upgrade_to_head
 from catalog.locking import Taxonomy
 from critic.registry import build_critic
@@ -115,6 +116,9 @@ class Engine:
         self._queued: dict[int, Future] = {}
         self._closing = threading.Event()
         self.critic, critic_detail = build_critic(settings)
+        #: Returns the category head (``mars train category-head``) or None, re-read when its file
+        #: changes; ingestion suggests a class for items without a type (:mod:`catalog.category_head`).
+        self.category_head = CategoryHeadFile(category_head_path(settings), settings.image_encoder)
         #: The active merchandising rules, cached for ``MARS_RULES_CACHE_S`` (see :meth:`refresh_rules`).
         self.rules = RuleCache(self._load_rules, settings.rules_cache_s)
         self.funnel = Funnel(
@@ -322,7 +326,7 @@ class Engine:
 
     def ingest_targets(self, fetch_image: Callable[[str], bytes] | None = None) -> IngestTargets:
         """What the ingest stages write to: this engine's catalog, BM25 index, vector store
-        (created on first write) and encoders."""
+        (created on first write) and encoders, and the category head that suggests classes."""
         return IngestTargets(
             sessions=self.sessions,
             lexical=self.lexical,
@@ -333,6 +337,7 @@ class Engine:
             max_image_bytes=self.settings.max_image_bytes,
             fetch_image=fetch_image,
             write_lock=self.write_lock,
+            category_head=self.category_head,
         )
 
     def search(self, query: SearchQuery) -> SearchResponse:

@@ -150,6 +150,10 @@ class Settings(BaseSettings):
     critic_checkpoint: Path | None = Field(
         None, description="Learned-critic checkpoint (safetensors); default <home>/critic/learned.safetensors."
     )
+    category_head: Path | None = Field(
+        None,
+        description="Category-head checkpoint (safetensors, `mars train category-head`); default <home>/category_head.safetensors.",
+    )
     critic_top_n: int = Field(20, ge=1, description="How many fused results the critic re-scores.")
 
     api_auth: Literal["keys", "open"] = Field(

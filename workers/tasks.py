@@ -30,6 +30,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from catalog.category_head import CategoryHeadFile, category_head_path
 from catalog.db import make_engine, session_factory
 from catalog.models import IngestJob, JobItem, RejectedRecord, utcnow
 from indexing.encoders import load_encoders
@@ -88,12 +89,19 @@ def _fetcher() -> RemoteImageFetcher:
     )
 
 
+@lru_cache(maxsize=1)
+def _category_head() -> CategoryHeadFile:
+    s = get_settings()
+    return CategoryHeadFile(category_head_path(s), s.image_encoder)
+
+
 def _no_store() -> Any:
     raise RuntimeError("ingest/embed workers never write the indexes; the index task does")
 
 
 def _stage_targets() -> IngestTargets:
-    """Targets of the ``ingest`` and ``embed`` stages: catalog, encoders, image limits."""
+    """Targets of the ``ingest`` and ``embed`` stages: catalog, encoders, image limits, and the
+    category head (re-read when its file changes) that suggests classes for untyped items."""
     s = get_settings()
     return IngestTargets(
         sessions=_sessions(),
@@ -104,6 +112,7 @@ def _stage_targets() -> IngestTargets:
         max_image_pixels=s.max_image_pixels,
         max_image_bytes=s.max_image_bytes,
         fetch_image=_fetcher().fetch,
+        category_head=_category_head(),
     )
 
 

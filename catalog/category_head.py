@@ -1,0 +1,235 @@
+"""The category head: a linear classifier over frozen product image vectors that suggests the
+class of a product that arrives without a ``type``.
+
+The head is multinomial logistic regression, ``p = softmax(W x + b)``, over a product's stored
+``image`` vector ``x`` (float32 ``(dim,)``, unit L2 norm, from the index's image encoder, e.g.
+EfficientNet-Lite0 with ``dim = 1280``). Its classes are the catalog's class keys (the class
+key of a product's type, :func:`catalog.taxonomy.place_type`, e.g. ``"lamp"``). It is trained
+by ``mars train category-head`` (:mod:`training.category_head`) and stored as safetensors:
+tensors ``weight`` float32 ``(n_classes, dim)`` and ``bias`` float32 ``(n_classes,)``, with the
+class keys, the image encoder and the training provenance as JSON in the metadata.
+
+Ingestion (:func:`ingestion.pipeline.embed`) calls :func:`suggest_categories` on each batch:
+an item without a type but with an image vector gets its top-3 classes stored in
+``attributes["suggested_category"]`` and reported as an ingest warning. The suggestion is
+never applied: the product is stored without a category, as before. Inference is numpy
+only (no torch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ingestion.pipeline import Embedded
+    from mars.settings import Settings
+
+log = logging.getLogger("mars.category_head")
+
+FORMAT = "mars-category-head/1"
+#: Where ingestion stores a suggestion in a product's attributes.
+ATTRIBUTE = "suggested_category"
+#: How many classes a suggestion lists.
+SUGGEST_TOP_K = 3
+
+
+class CategoryHeadError(ValueError):
+    """A file that is not a usable category-head checkpoint."""
+
+
+def category_head_path(settings: "Settings") -> Path:
+    """Where the head is read and written: ``MARS_CATEGORY_HEAD`` when the settings have that
+    field and it is set, else ``<MARS_HOME>/category_head.safetensors``."""
+    configured = settings.category_head
+    return Path(configured) if configured else settings.home / "category_head.safetensors"
+
+
+@dataclass
+class CategoryHead:
+    """``softmax(weight @ x + bias)`` over ``classes``.
+
+    Attributes:
+        weight: float32 ``(n_classes, dim)``.
+        bias: float32 ``(n_classes,)``.
+        classes: the class keys, row ``i`` of ``weight`` is ``classes[i]``.
+        image_encoder: the ``MARS_IMAGE_ENCODER`` whose vectors it was trained on.
+        meta: training provenance (products, classes, held-out metrics, L-BFGS steps, ...).
+        digest: first 12 hex digits of the checkpoint file's sha256 (set by :meth:`load`).
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    classes: list[str]
+    image_encoder: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    digest: str | None = None
+
+    def __post_init__(self) -> None:
+        self.weight = np.asarray(self.weight, dtype=np.float32)
+        self.bias = np.asarray(self.bias, dtype=np.float32)
+        n = len(self.classes)
+        if self.weight.ndim != 2 or self.weight.shape[0] != n or self.bias.shape != (n,):
+            raise CategoryHeadError(
+                f"category head shapes disagree: weight {self.weight.shape}, bias {self.bias.shape}, {n} classes"
+            )
+        if len(set(self.classes)) != n:
+            raise CategoryHeadError("category head class keys are not unique")
+
+    @property
+    def dim(self) -> int:
+        """Input dimension (the image encoder's)."""
+        return int(self.weight.shape[1])
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities of image vectors.
+
+        Args:
+            x: float ``(n, dim)`` (or one ``(dim,)`` vector), unit-norm image vectors.
+
+        Returns:
+            float32 ``(n, n_classes)``, rows sum to 1 (``(n_classes,)`` for one vector).
+
+        Raises:
+            ValueError: ``x`` has another dimension than the head.
+        """
+        v = np.asarray(x, dtype=np.float32)
+        one = v.ndim == 1
+        v = v[None, :] if one else v
+        if v.ndim != 2 or v.shape[1] != self.dim:
+            raise ValueError(f"category head expects vectors of dimension {self.dim}, got shape {np.shape(x)}")
+        logits = v @ self.weight.T + self.bias
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        return p[0] if one else p
+
+    def top(self, x: np.ndarray, k: int = SUGGEST_TOP_K) -> list[list[tuple[str, float]]]:
+        """The ``k`` most probable ``(class key, probability)`` of each row of ``x`` (float
+        ``(n, dim)``), most probable first (ties by key)."""
+        p = self.probabilities(np.atleast_2d(x))
+        out = []
+        for row in p:
+            order = sorted(range(len(self.classes)), key=lambda i: (-row[i], self.classes[i]))[:k]
+            out.append([(self.classes[i], float(row[i])) for i in order])
+        return out
+
+    def save(self, path: Path) -> None:
+        """Write the checkpoint (safetensors: ``weight``, ``bias``; metadata: format, classes,
+        image encoder, provenance as JSON strings)."""
+        from safetensors.numpy import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"weight": self.weight, "bias": self.bias},
+            str(path),
+            metadata={"format": FORMAT, "classes": json.dumps(self.classes), "image_encoder": self.image_encoder,
+                      "meta": json.dumps(self.meta, sort_keys=True)},
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> "CategoryHead":
+        """Read a checkpoint written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: no file at ``path`` (train one with ``mars train category-head``).
+            CategoryHeadError: the file is not a category-head checkpoint, or its shapes disagree.
+        """
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
+
+        data = Path(path).read_bytes()
+        try:  # the header is an 8-byte little-endian length, then JSON with "__metadata__"
+            header_len = int.from_bytes(data[:8], "little")
+            metadata: Mapping[str, str] = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+            tensors = load(data)
+        except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as exc:
+            raise CategoryHeadError(f"{path} is not a safetensors file: {exc}") from exc
+        if metadata.get("format") != FORMAT:
+            raise CategoryHeadError(f"{path} is not a category-head checkpoint (format {metadata.get('format')!r})")
+        if set(tensors) != {"weight", "bias"}:
+            raise CategoryHeadError(f"{path} holds tensors {sorted(tensors)}, expected weight and bias")
+        try:
+            classes, encoder = json.loads(metadata["classes"]), metadata["image_encoder"]
+            meta = json.loads(metadata.get("meta", "{}"))
+        except (KeyError, ValueError) as exc:
+            raise CategoryHeadError(f"{path} has incomplete category-head metadata: {exc!r}") from exc
+        return cls(tensors["weight"], tensors["bias"], classes, encoder, meta, hashlib.sha256(data).hexdigest()[:12])
+
+
+class CategoryHeadFile:
+    """The head at ``path`` for an index built with ``image_encoder``, loaded on first call and
+    re-read when the file changes (a head trained while ``mars serve`` runs is picked up).
+
+    Calling it returns the :class:`CategoryHead`, or None when there is no file, the file is not a
+    usable checkpoint, or it was trained on another image encoder (both logged once per file
+    version): a bad head never stops an ingest, it only means no suggestions.
+    """
+
+    def __init__(self, path: Path, image_encoder: str) -> None:
+        self.path = Path(path)
+        self.image_encoder = image_encoder
+        self._version: tuple[int, int] | None = None
+        self._head: CategoryHead | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> CategoryHead | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        version = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if version != self._version:
+                self._version, self._head = version, None
+                try:
+                    head = CategoryHead.load(self.path)
+                except (OSError, CategoryHeadError) as exc:
+                    log.warning("category head not used: %s", exc)
+                else:
+                    if head.image_encoder == self.image_encoder:
+                        self._head = head
+                    else:
+                        log.warning("category head %s not used: trained on image encoder %r, the index uses %r",
+                                    self.path, head.image_encoder, self.image_encoder)
+            return self._head
+
+
+def suggest_categories(items: Sequence["Embedded"], head: CategoryHead | None) -> list[str]:
+    """Suggest a class for each item that has no ``type`` but has an ``image`` vector.
+
+    The suggestion goes into the item's record (``attributes["suggested_category"] = {"key",
+    "probability", "top": [{"key", "probability"}, ...3], "head": checkpoint digest}``,
+    probabilities rounded to 4 places, replacing one already there) so :func:`apply` stores it
+    with the product; the item keeps no category. The content hash is not touched (it was
+    computed from the record as received), so re-ingesting the same record stays unchanged.
+
+    Args:
+        items: embedded items of one batch (:class:`ingestion.pipeline.Embedded`).
+        head: the category head, or None (then nothing is suggested).
+
+    Returns:
+        One warning line per suggestion, e.g. ``"p1: no type; category head suggests lamp
+        (0.91), lamp-shade (0.04), table (0.01) (attributes.suggested_category; not applied)"``.
+    """
+    if head is None:
+        return []
+    todo = [it for it in items if not it.record.type and "image" in it.vectors]
+    if not todo:
+        return []
+    warnings = []
+    for it, top in zip(todo, head.top(np.stack([it.vectors["image"] for it in todo]))):
+        ranked = [{"key": key, "probability": round(p, 4)} for key, p in top]
+        suggestion = {**ranked[0], "top": ranked, "head": head.digest}
+        it.record = it.record.model_copy(update={"attributes": {**it.record.attributes, ATTRIBUTE: suggestion}})
+        listed = ", ".join(f"{r['key']} ({r['probability']:.2f})" for r in ranked)
+        warnings.append(f"{it.record.id}: no type; category head suggests {listed} (attributes.{ATTRIBUTE}; not applied)")
+    return warnings
