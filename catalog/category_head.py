@@ -47,8 +47,8 @@ class CategoryHeadError(ValueError):
 
 
 def category_head_path(settings: "Settings") -> Path:
-    """Where the head is read and written: ``MARS_CATEGORY_HEAD`` when the settings have that
-    field and it is set, else ``<MARS_HOME>/category_head.safetensors``."""
+    """Where the head is read and written: ``MARS_CATEGORY_HEAD`` when set, else
+    ``<MARS_HOME>/category_head.safetensors``."""
     configured = settings.category_head
     return Path(configured) if configured else settings.home / "category_head.safetensors"
 
