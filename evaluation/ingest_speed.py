@@ -28,9 +28,6 @@ import argparse
 import json
 import os
 import random
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +43,7 @@ from mars.engine import Engine
 from mars.settings import Settings
 from workers.app import app as celery_app
 from workers.jobs import job_progress, submit_bulk
-from workers.local import LocalWorkers, scratch_database
+from workers.local import LocalWorkers, scratch_database, served_api
 
 TYPES = ["Sofa", "Armchair", "Bookcase", "Desk", "Table lamp", "Rug", "Bed frame", "Wardrobe", "Mirror", "Stool"]
 WORDS = ["oak", "birch", "linen", "steel", "rattan", "velvet", "walnut", "cotton", "glass", "pine", "wool", "brass"]
@@ -141,31 +138,14 @@ def queued(records: list[RawRecord], warm: list[RawRecord], n_workers: int, args
     return row
 
 
-def free_port() -> int:
-    """An unused local TCP port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def api_streaming(ikea: Path, stream: int) -> dict[str, Any]:
     """submit→searchable latencies of ``POST /v1/items`` on a real ``mars serve``, idle and
     during a bulk job of the IKEA catalog running in the same server."""
     base = [r.data for r in open_source(ikea) if r.data and r.data.get("image")]
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        env = {**os.environ, "MARS_HOME": str(Path(tmp) / "mars"), "MARS_RATE_LIMIT": ""}  # a local benchmark: no keys
-        proc = subprocess.Popen([sys.executable, "-m", "mars.cli", "serve", "--port", str(port), "--open"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        try:
+        env = {"MARS_HOME": str(Path(tmp) / "mars"), "MARS_RATE_LIMIT": ""}  # a local benchmark: no keys
+        with served_api(env, Path(tmp) / "serve.log", "--open") as url:
             with httpx.Client(base_url=url, timeout=120) as client:
-                for _ in range(240):
-                    try:
-                        client.get("/healthz")
-                        break
-                    except httpx.HTTPError:
-                        time.sleep(0.5)
 
                 def one(i: int, tag: str) -> float:
                     token = f"zq{tag}{i}x"
@@ -189,9 +169,6 @@ def api_streaming(ikea: Path, stream: int) -> dict[str, Any]:
                     t0 = time.perf_counter()
                     client.post("/v1/search", json={"text": "a sofa for the living room"}).raise_for_status()
                     searches.append(time.perf_counter() - t0)
-        finally:
-            proc.terminate()
-            proc.wait(60)
 
     def summary(values: list[float]) -> dict[str, Any]:
         if not values:

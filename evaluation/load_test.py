@@ -25,9 +25,7 @@ import base64
 import json
 import os
 import random
-import socket
-import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,12 +33,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-
-def free_port() -> int:
-    """An unused local TCP port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from workers.local import served_api
 
 
 def load_bodies(ikea: Path, text_only: bool, limit: int) -> list[dict[str, Any]]:
@@ -119,28 +112,11 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=500, help="Distinct queries to draw from.")
     args = parser.parse_args()
     bodies = load_bodies(args.ikea, args.text_only, args.queries)
-    proc = None
-    url = args.url
-    if url is None:
-        port = free_port()
-        command = [sys.executable, "-m", "mars.cli", "serve", "--port", str(port), "--open"]
-        proc = subprocess.Popen(command, env={**os.environ, "MARS_RATE_LIMIT": ""},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            try:
-                httpx.get(f"{url}/healthz", timeout=1).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if proc.poll() is not None:
-                    raise SystemExit(f"`{' '.join(command)}` exited with {proc.returncode}")
-                time.sleep(0.5)
-    try:
-        report = asyncio.run(run(url, bodies, args.clients, args.seconds, args.api_key))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+    if args.url:
+        report = asyncio.run(run(args.url, bodies, args.clients, args.seconds, args.api_key))
+    else:  # the ingested MARS_HOME, in open mode without a rate limit: a local benchmark
+        with tempfile.TemporaryDirectory() as tmp, served_api({"MARS_RATE_LIMIT": ""}, Path(tmp) / "serve.log", "--open") as url:
+            report = asyncio.run(run(url, bodies, args.clients, args.seconds, args.api_key))
     print(json.dumps(report, indent=2))
 
 

@@ -5,49 +5,20 @@ catalog directly while the server owns the stores."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 from typer.testing import CliRunner
 
 from mars.cli import app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from workers.local import free_port, served_api
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("served") / "mars"
-    port = free_port()
-    env = {**os.environ, "MARS_HOME": str(home)}
-    log = home.parent / "serve.log"  # a file, not a pipe nobody reads: the server's log lines cannot block it
-    proc = subprocess.Popen([sys.executable, "-m", "mars.cli", "serve", "--port", str(port)], env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mars serve exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mars serve did not come up in 120 s")
-    yield {"url": url, "home": home}
-    proc.terminate()
-    proc.wait(timeout=30)
+    with served_api({"MARS_HOME": str(home)}, home.parent / "serve.log") as url:
+        yield {"url": url, "home": home}
 
 
 def test_ingest_via_api_then_jobs(server, tmp_path, monkeypatch):

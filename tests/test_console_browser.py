@@ -14,9 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +22,7 @@ import httpx
 import pytest
 
 from conftest import REPO
+from workers.local import served_api
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
 
@@ -33,12 +31,6 @@ VIEWPORT = {"width": 1366, "height": 768}
 SCREENSHOTS = os.environ.get("MARS_SCREENSHOTS") == "1"
 TIMEOUT_MS = 30_000
 sync_api.expect.set_options(timeout=TIMEOUT_MS)  # searches with the critic on 2 busy cores can take seconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -76,26 +68,9 @@ def server(ikea_slice, tiny_qwen2vl_dir, tmp_path_factory):
     """``mars serve`` on a free port with the IKEA slice ingested through its bulk API."""
     home = tmp_path_factory.mktemp("console") / "mars"
     keys = {"editor": create_key(home, "console test", "editor"), "viewer": create_key(home, "console viewer", "viewer")}
-    port = free_port()
-    env = {**os.environ, "MARS_HOME": str(home), "MARS_CRITIC": "vlm", "MARS_CRITIC_MODEL": str(tiny_qwen2vl_dir),
+    env = {"MARS_HOME": str(home), "MARS_CRITIC": "vlm", "MARS_CRITIC_MODEL": str(tiny_qwen2vl_dir),
            "MARS_CRITIC_RATIONALE_TOP_K": "0", "MARS_RATE_LIMIT": ""}
-    log = (home.parent / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "mars.cli", "serve", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mars serve exited: {(home.parent / 'serve.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("mars serve did not come up in 120 s")
-            time.sleep(0.3)
+    with served_api(env, home.parent / "serve.log") as url:
         auth = {"Authorization": f"Bearer {keys['editor']}"}
         job = httpx.post(f"{url}/v1/items:bulk", json={"path": str(ikea_slice["corpus"])}, headers=auth, timeout=30)
         assert job.status_code == 202, job.text
@@ -106,13 +81,6 @@ def server(ikea_slice, tiny_qwen2vl_dir, tmp_path_factory):
             time.sleep(0.3)
         assert progress["status"] == "done" and progress["indexed"] == len(ikea_slice["records"]), progress
         yield {"url": url, "keys": keys, "slice": ikea_slice}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")

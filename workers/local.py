@@ -1,9 +1,10 @@
-"""Server mode on this machine, for the fault test and the ingest benchmark: worker
-processes and a scratch PostgreSQL database.
+"""Server mode on this machine, for the tests and the benchmarks: worker processes, a
+``mars serve`` process and a scratch PostgreSQL database.
 
 :class:`LocalWorkers` starts ``celery -A workers.app worker`` processes (solo pool: one task
 at a time per process, so N processes are N-way parallel) that share one environment — the
 catalog, the broker and ``MARS_HOME`` — and can SIGKILL and restart them by name.
+:func:`served_api` runs ``mars serve`` on a free port until the block ends.
 :func:`scratch_database` creates a uniquely named database and drops it afterwards.
 """
 
@@ -12,13 +13,16 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import psycopg
 from psycopg import sql
 
@@ -114,3 +118,48 @@ def _drop_stale(admin: psycopg.Connection, admin_url: str, prefix: str) -> None:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         except PermissionError:
             continue  # alive, another user's
+
+
+def free_port() -> int:
+    """An unused local TCP port (bound once by the OS, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def served_api(env: dict[str, str], log: Path, *args: str, timeout_s: float = 120.0) -> Iterator[str]:
+    """Run ``mars serve --port <free port> *args`` with ``env`` on top of this process's
+    environment, its output in the file ``log`` (a file, not a pipe nobody reads, so its log
+    lines can never block it); yield its base URL once ``/healthz`` answers; terminate it
+    after the block (SIGKILL if it has not stopped within 30 s).
+
+    Raises:
+        RuntimeError: the server exited, or did not answer within ``timeout_s`` seconds (the
+            message carries the end of its log).
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mars.cli", "serve", "--port", str(port), *args],
+                                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mars serve exited with {proc.returncode}: {log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mars serve did not answer in {timeout_s:.0f} s: {log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
