@@ -29,7 +29,7 @@ from typing import Any, Literal, get_args
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from catalog.models import ApiKey, utcnow
+from catalog.models import ApiKey, iso_or_none, utcnow
 
 #: A role of a key; see :data:`ROLES`.
 Role = Literal["viewer", "editor", "admin"]
@@ -140,6 +140,5 @@ def revoke_key(session: Session, key_id: int) -> ApiKey | None:
 def describe(row: ApiKey) -> dict[str, Any]:
     """A key as JSON-ready data without its secret: ``id``, ``name``, ``role``, ``prefix``, and
     ``created_at``, ``last_used_at``, ``revoked_at`` as ISO 8601 UTC strings (or None)."""
-    iso = lambda t: t.isoformat() if t is not None else None  # noqa: E731
-    return {"id": row.id, "name": row.name, "role": row.role, "prefix": row.prefix, "created_at": iso(row.created_at),
-            "last_used_at": iso(row.last_used_at), "revoked_at": iso(row.revoked_at)}
+    return {"id": row.id, "name": row.name, "role": row.role, "prefix": row.prefix, "created_at": iso_or_none(row.created_at),
+            "last_used_at": iso_or_none(row.last_used_at), "revoked_at": iso_or_none(row.revoked_at)}

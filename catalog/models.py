@@ -34,6 +34,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def iso_or_none(t: datetime | None) -> str | None:
+    """``t`` as an ISO 8601 string for JSON, or None."""
+    return t.isoformat() if t is not None else None
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """``DateTime(timezone=True)`` that stores UTC and always reads back aware UTC datetimes.
 

@@ -26,7 +26,7 @@ from typing import Any, Literal, get_args
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, aliased
 
-from catalog.models import Category, MerchRule, Product, ProductCategory, utcnow
+from catalog.models import Category, MerchRule, Product, ProductCategory, iso_or_none, utcnow
 
 #: A rule's kind.
 RuleKind = Literal["pin", "boost", "bury", "synonym"]
@@ -222,9 +222,8 @@ def products_within(session: Session, product_ids: Sequence[str], category: str 
 def describe(row: MerchRule) -> dict[str, Any]:
     """A rule as JSON-ready data: its columns (timestamps as ISO 8601 UTC) and ``summary``, one
     sentence saying what it does and where."""
-    iso = lambda t: t.isoformat() if t is not None else None  # noqa: E731
     data = {"id": row.id, "kind": row.kind, **{n: getattr(row, n) for n in RULE_FIELDS}, "created_by": row.created_by,
-            "created_at": iso(row.created_at), "updated_at": iso(row.updated_at)}
+            "created_at": iso_or_none(row.created_at), "updated_at": iso_or_none(row.updated_at)}
     return {**data, "summary": summary(row)}
 
 

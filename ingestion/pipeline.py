@@ -27,6 +27,7 @@ from indexing.vectors import VectorPoint, VectorStore
 from ingestion.images import ImageRejected, decode_image, read_image_bytes
 from ingestion.readers import RawRecord
 from ingestion.records import ProductRecord, content_hash
+from ingestion.remote import is_remote
 
 
 @dataclass
@@ -262,7 +263,7 @@ def prepare(chunk: Sequence[RawRecord], targets: IngestTargets, seen: dict[str, 
             continue
         seen[record.id] = raw.position
         image_bytes, image_note = None, None
-        if record.image and not record.image.startswith(("http://", "https://")):
+        if record.image and not is_remote(record.image):
             try:
                 image_bytes = read_image_bytes(record.image, max_bytes=targets.max_image_bytes)
             except ImageRejected as exc:
@@ -305,7 +306,7 @@ def embed(todo: Sequence[Prepared], targets: IngestTargets, rejected: list[Rejec
             try:
                 images[p.record.id] = decode_image(p.image_bytes, max_pixels=targets.max_image_pixels, what=f"image {p.record.image}")
             except ImageRejected as exc:
-                if not p.record.image.startswith(("http://", "https://")):
+                if not is_remote(p.record.image):
                     rejected.append((p.raw, p.record.id, str(exc)))
                     continue
                 warnings.append(f"{p.record.id}: {exc}; indexed by text")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ingestion.records import CORE_FIELDS
+from ingestion.remote import is_remote
 
 #: Field mapping of the BEIR-style corpus in ``../shared/data/ikea`` (MARS field -> source field).
 BEIR_MAPPING: dict[str, str] = {"id": "_id", "colour": "color"}
@@ -66,7 +67,7 @@ def apply_mapping(row: Mapping[str, Any], mapping: Mapping[str, str], base_dir: 
     if attributes:
         out["attributes"] = attributes
     image = out.get("image")
-    if isinstance(image, str) and image and not image.startswith(("http://", "https://")):
+    if isinstance(image, str) and image and not is_remote(image):
         out["image"] = str((base_dir / image).resolve())
     elif image == "":
         out["image"] = None

@@ -28,10 +28,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import httpx
 
 from ingestion.images import ImageRejected, decode_image
+
+if TYPE_CHECKING:
+    from mars.settings import Settings
 
 #: HTTP statuses worth retrying: rate limited, bad gateway, unavailable, gateway timeout.
 TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
@@ -175,6 +179,18 @@ class RemoteImageFetcher:
             raise _Transient("connection failed", f"{exc.__class__.__name__} on GET {url}: {exc}") from exc
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise ImageRejected(f"GET {url} failed: {exc.__class__.__name__}: {exc}") from exc
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "RemoteImageFetcher":
+        """The fetcher the settings describe: ``MARS_MAX_IMAGE_BYTES`` / ``_PIXELS``, read timeout
+        ``MARS_IMAGE_FETCH_TIMEOUT_S`` (connect: half of it), ``MARS_IMAGE_FETCH_RETRIES``."""
+        return cls(
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            connect_timeout_s=settings.image_fetch_timeout_s / 2,
+            read_timeout_s=settings.image_fetch_timeout_s,
+            retries=settings.image_fetch_retries,
+        )
 
     def close(self) -> None:
         """Close the HTTP client and its pooled connections."""

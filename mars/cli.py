@@ -575,18 +575,12 @@ def lock_accuracy_(
 ) -> None:
     """Share of room-class and room-type queries whose category lock is exactly the class or
     type they ask for (the last `::` part of the query id), with the misses."""
-    from catalog.db import make_engine, session_factory, upgrade_to_head
     from catalog.locking import Taxonomy
     from evaluation.beir import load_queries
     from evaluation.lock_accuracy import lock_accuracy
 
-    db = make_engine(get_settings().catalog_url)
-    try:
-        upgrade_to_head(db)
-        with session_factory(db)() as session:
-            taxonomy = Taxonomy.load(session)
-    finally:
-        db.dispose()
+    with _catalog() as session:
+        taxonomy = Taxonomy.load(session)
     report = lock_accuracy(taxonomy, load_queries(queries))
     if as_json:
         console.print_json(json.dumps(report))

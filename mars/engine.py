@@ -165,11 +165,6 @@ class Engine:
             return QdrantServerStore(dims, path=url)
         return QdrantEdgeStore(self.home / "index" / "vectors", dims)
 
-    @property
-    def embedded(self) -> bool:
-        """True when this process owns embedded stores (see :attr:`Settings.embedded_stores`)."""
-        return self.settings.embedded_stores
-
     def encoders(self) -> tuple[ImageEncoder, TextEncoder]:
         """The (image, text) encoders, loaded on first use."""
         if self._encoders is None:
@@ -228,13 +223,7 @@ class Engine:
         """Upsert records in this process (see :func:`ingestion.pipeline.run_ingest`; ``job_id``
         an already queued job to run) and refresh the lock snapshot. Images given by http(s)
         URL are downloaded with the ``MARS_IMAGE_FETCH_*`` limits."""
-        fetcher = RemoteImageFetcher(
-            max_bytes=self.settings.max_image_bytes,
-            max_pixels=self.settings.max_image_pixels,
-            connect_timeout_s=self.settings.image_fetch_timeout_s / 2,
-            read_timeout_s=self.settings.image_fetch_timeout_s,
-            retries=self.settings.image_fetch_retries,
-        )
+        fetcher = RemoteImageFetcher.from_settings(self.settings)
         targets = self.ingest_targets(fetcher.fetch)
         try:
             return run_ingest(
@@ -254,7 +243,7 @@ class Engine:
         its error and is logged. :meth:`close` stops a running job after its current batch
         and fails jobs that have not started, saying to submit them again.
         """
-        if not self.embedded:
+        if not self.settings.embedded_stores:
             from workers.jobs import submit_bulk
 
             return submit_bulk(self.sessions, records, source, self.settings.ingest_chunk_size)

@@ -27,6 +27,7 @@ from starlette.types import Scope
 
 from catalog.models import Product
 from ingestion.images import ImageRejected, read_image_bytes
+from ingestion.remote import is_remote
 from query.auth import require
 
 #: Where the console's static files live (shipped as package data of ``query``).
@@ -114,7 +115,7 @@ def item_image(item_id: str, request: Request) -> Response:
         image, etag = product.image, f'"{product.content_hash}"'
     if not image:
         raise HTTPException(404, f"item {item_id!r} has no photo")
-    if image.startswith(("http://", "https://")):
+    if is_remote(image):
         return RedirectResponse(image, status_code=307)
     headers = {"ETag": etag, "Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
     if request.headers.get("if-none-match") == etag:

@@ -34,6 +34,7 @@ from critic.protocol import Critic, CriticPair, CriticTimeout
 from indexing.encoders import ImageEncoder, TextEncoder
 from indexing.lexical import LexicalIndex
 from indexing.vectors import VectorHit, VectorStore
+from ingestion.remote import is_remote
 from query.fusion import Fused, weighted_rrf
 from query.regions import crop_regions
 from query.rules import Ranked, Rule, in_scope, merchandise, place_pins, rewrite
@@ -403,7 +404,7 @@ class Funnel:
 def _product_photo(p: Product) -> Image.Image | None:
     """The product's stored photo for an image-reading critic; None when it has none or it is
     a URL (the query path never downloads). A local file that no longer decodes raises."""
-    if not p.image or p.image.startswith(("http://", "https://")):
+    if not p.image or is_remote(p.image):
         return None
     with Image.open(p.image) as img:
         return img.convert("RGB")

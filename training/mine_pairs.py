@@ -32,6 +32,7 @@ from typing import Any
 
 from catalog.models import Product
 from evaluation.beir import BenchmarkQuery
+from ingestion.remote import is_remote
 from query.fusion import Fused
 from training.critic import RoomCandidates, room_candidates
 from training.rows import write_rows
@@ -201,7 +202,7 @@ def mine_pairs(
                 "room_category": c.query.room_category, "query": c.query.text,
                 "room_image": str(c.query.image) if c.query.image else None,
                 "product_id": f.id, "product_text": pairs[f.id].product_text,
-                "product_image": str(Path(image).resolve()) if image and not image.startswith(("http://", "https://")) else None,
+                "product_image": str(Path(image).resolve()) if image and not is_remote(image) else None,
                 "product_class": classes.get(f.id), "target_class": target,
                 "fused_rank": f.rank, "image_rank": f.ranks.get("image"), "relevant": f.id in c.relevant,
                 "in_room": f.id in in_room or f.id in c.relevant,

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from catalog.models import IngestJob, JobItem, RejectedRecord, utcnow
+from catalog.models import IngestJob, JobItem, RejectedRecord, iso_or_none, utcnow
 from ingestion.readers import RawRecord
 
 
@@ -90,7 +90,7 @@ def job_progress(session: Session, job_id: int) -> dict[str, Any] | None:
         "without_image": job.without_image,
         "items_per_s": job.items_per_s,
         "started_at": job.started_at.isoformat(),
-        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "finished_at": iso_or_none(job.finished_at),
         "rejections": [{"position": p, "record_id": r, "reason": why} for p, r, why in rejections],
     }
 

@@ -79,14 +79,7 @@ def _encoders():  # noqa: ANN202
 
 @lru_cache(maxsize=1)
 def _fetcher() -> RemoteImageFetcher:
-    s = get_settings()
-    return RemoteImageFetcher(
-        max_bytes=s.max_image_bytes,
-        max_pixels=s.max_image_pixels,
-        connect_timeout_s=s.image_fetch_timeout_s / 2,
-        read_timeout_s=s.image_fetch_timeout_s,
-        retries=s.image_fetch_retries,
-    )
+    return RemoteImageFetcher.from_settings(get_settings())
 
 
 @lru_cache(maxsize=1)
