@@ -12,8 +12,9 @@ Vectors are float32 and L2-normalised by the encoders; scores are cosine similar
 
 from __future__ import annotations
 
+import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -87,6 +88,11 @@ class VectorStore(Protocol):
     def scan(self) -> Iterator[VectorPoint]:
         """Every point with its vectors and payload (used to build the exact reference)."""
 
+    def reindex(self, points: Iterable[VectorPoint], *, dims: dict[str, int] | None = None) -> object:
+        """Replace every point by ``points`` (vectors ``dims``, default the current ones): build
+        the new index beside the live one and swap it in, so a failed build changes nothing
+        (used to add or replace a named vector, e.g. ``aligned``)."""
+
     def close(self) -> None:
         """Flush and release the store."""
 
@@ -116,8 +122,9 @@ class QdrantEdgeStore:
     """
 
     def __init__(self, path: Path, dims: dict[str, int]) -> None:
+        self.path = Path(path)
         self.dims = dict(dims)
-        config = qe.EdgeConfig(
+        self.config = config = qe.EdgeConfig(
             vectors={name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine) for name, dim in dims.items()}
         )
         if (path / "wal").exists() or (path / "segments").exists():
@@ -132,25 +139,8 @@ class QdrantEdgeStore:
 
     def upsert(self, points: Sequence[VectorPoint]) -> None:
         """Upsert points (vectors as float lists, payload with the lock fields)."""
-        if not points:
-            return
-        self.shard.update(
-            qe.UpdateOperation.upsert_points(
-                [
-                    qe.Point(
-                        id=point_id(p.product_id),
-                        vector={name: np.asarray(v, dtype=np.float32).tolist() for name, v in p.vectors.items()},
-                        payload={
-                            "product_id": p.product_id,
-                            "category_ids": list(p.category_ids),
-                            "type": p.type,
-                            "colour": p.colour,
-                        },
-                    )
-                    for p in points
-                ]
-            )
-        )
+        if points:
+            self.shard.update(_upsert_operation(points))
 
     def delete(self, product_ids: Sequence[str]) -> None:
         """Delete points by product id."""
@@ -208,6 +198,48 @@ class QdrantEdgeStore:
             if offset is None:
                 return
 
+    def reindex(self, points: Iterable[VectorPoint], *, dims: dict[str, int] | None = None) -> None:
+        """Rebuild the shard from ``points`` (with vectors ``dims``, default the current ones) and
+        swap it in: the new shard is built in ``<path>.next`` while this one stays open, then the
+        directories are renamed. If building fails, ``<path>.next`` is removed and this shard is
+        untouched. ``points`` may be a generator over this store's own :meth:`scan`.
+
+        Raises:
+            Whatever the iterable or the engine raised while building (the old shard stands).
+        """
+        new_dims = {k: int(v) for k, v in (dims or self.dims).items()}
+        config = qe.EdgeConfig(
+            vectors={name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine) for name, dim in new_dims.items()}
+        )
+        staging = self.path.with_name(self.path.name + ".next")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        shard = qe.EdgeShard.create(str(staging), config)
+        try:
+            shard.update(qe.UpdateOperation.create_field_index("category_ids", qe.PayloadSchemaType.Keyword))
+            batch: list[VectorPoint] = []
+            for point in points:
+                batch.append(point)
+                if len(batch) >= 256:
+                    shard.update(_upsert_operation(batch))
+                    batch = []
+            if batch:
+                shard.update(_upsert_operation(batch))
+            shard.flush()
+        except BaseException:
+            shard.close()
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        shard.close()
+        self.close()
+        retired = self.path.with_name(self.path.name + ".old")
+        shutil.rmtree(retired, ignore_errors=True)
+        self.path.rename(retired)
+        staging.rename(self.path)
+        shutil.rmtree(retired)
+        self.dims, self.config = new_dims, config
+        self.shard = qe.EdgeShard.load(str(self.path), config)
+
     def optimize(self) -> None:
         """Run Qdrant's segment optimizers (builds HNSW once a segment is large enough)."""
         self.shard.optimize()
@@ -216,6 +248,20 @@ class QdrantEdgeStore:
         """Flush and close the shard (releases its lock)."""
         self.shard.flush()
         self.shard.close()
+
+
+def _upsert_operation(points: Sequence[VectorPoint]):  # noqa: ANN202 - qdrant_edge.UpdateOperation
+    """One Qdrant Edge upsert of ``points``: named vectors as float lists, payload with the lock fields."""
+    return qe.UpdateOperation.upsert_points(
+        [
+            qe.Point(
+                id=point_id(p.product_id),
+                vector={name: np.asarray(v, dtype=np.float32).tolist() for name, v in p.vectors.items()},
+                payload={"product_id": p.product_id, "category_ids": list(p.category_ids), "type": p.type, "colour": p.colour},
+            )
+            for p in points
+        ]
+    )
 
 
 def _to_point(record) -> VectorPoint:
@@ -315,6 +361,15 @@ class FaissFlatStore:
             _sorted_hits([VectorHit(self._names[int(i)], float(s)) for s, i in zip(srow, irow) if i >= 0])
             for srow, irow in zip(scores, ids)
         ]
+
+    def reindex(self, points: Iterable[VectorPoint], *, dims: dict[str, int] | None = None) -> None:
+        """Replace every point by ``points`` (read in full first, so a generator over :meth:`scan`
+        is fine), with vectors ``dims`` (default the current ones). If reading ``points`` raises,
+        the store is unchanged."""
+        new_points = list(points)
+        fresh = FaissFlatStore(dims or self.dims)
+        fresh.upsert(new_points)
+        self.__dict__.update(fresh.__dict__)
 
     def present(self, product_ids: Sequence[str]) -> set[str]:
         """Product ids among ``product_ids`` that have a point."""

@@ -22,6 +22,7 @@ from catalog.category_head import CategoryHead, suggest_categories
 from catalog.models import Category, CategorySynonym, IngestJob, Product, ProductCategory, RejectedRecord, utcnow
 from catalog.taxonomy import TypePlacement, place_type
 from indexing.encoders import ImageEncoder, TextEncoder
+from indexing.aligned import VECTOR as ALIGNED, AlignHeads, with_aligned
 from indexing.lexical import LexicalDoc, LexicalIndex
 from indexing.vectors import VectorPoint, VectorStore
 from ingestion.images import ImageRejected, decode_image, read_image_bytes
@@ -43,6 +44,8 @@ class IngestTargets:
     lock, so a bulk job and streamed items of one process take turns per batch).
     ``category_head`` returns the trained category head or None (:mod:`catalog.category_head`):
     with a head, items without a type get a suggested class (see :func:`embed`).
+    ``aligner`` returns the alignment heads or None (:mod:`indexing.aligned`): when the vector
+    store has an ``aligned`` vector, :func:`apply` adds it to each item with a photo.
     """
 
     sessions: sessionmaker[Session]
@@ -55,6 +58,7 @@ class IngestTargets:
     fetch_image: Callable[[str], bytes] | None = None
     write_lock: AbstractContextManager = field(default_factory=nullcontext)
     category_head: Callable[[], CategoryHead | None] | None = None
+    aligner: Callable[[], AlignHeads | None] | None = None
 
 
 @dataclass
@@ -336,15 +340,21 @@ def embed(todo: Sequence[Prepared], targets: IngestTargets, rejected: list[Rejec
 
 def apply(items: Sequence[Embedded], targets: IngestTargets, session: Session) -> None:
     """Stage 4: write the vector points and BM25 documents, then the catalog rows (categories,
-    product with its new content hash) into ``session``; the caller commits. Indexes first,
+    product with its new content hash) into ``session``; the caller commits. With alignment
+    heads and an ``aligned`` vector in the store, each item with a photo gets its ``aligned`` vector. Indexes first,
     so a crash before the commit leaves the old hash and the next run re-embeds the item.
     Upserts are keyed by product id, so applying the same items twice stores them once."""
     cats = _CategoryCache(session)
     leaves = {it.record.id: cats.place(place_type(it.record.type)) if it.record.type.strip() else None for it in items}
     keys = {pid: ([leaf.parent.key, leaf.key] if leaf is not None else []) for pid, leaf in leaves.items()}
-    points = [VectorPoint(it.record.id, it.vectors, keys[it.record.id], it.record.type, it.record.colour) for it in items]
+    store = targets.vectors()
+    heads = targets.aligner() if targets.aligner is not None and ALIGNED in store.dims else None
+    points = [
+        VectorPoint(it.record.id, with_aligned(it.vectors, heads), keys[it.record.id], it.record.type, it.record.colour)
+        for it in items
+    ]
     docs = [LexicalDoc(r.id, r.title, r.type, r.colour, r.text, keys[r.id]) for r in (it.record for it in items)]
-    targets.vectors().upsert(points)
+    store.upsert(points)
     targets.lexical.upsert(docs)
 
     ids = [it.record.id for it in items]

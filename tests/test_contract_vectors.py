@@ -137,3 +137,36 @@ def test_qdrant_store_is_owned_by_one_opener(tmp_path):
     a.close()
     with pytest.raises(ValueError, match="cannot open"):
         QdrantEdgeStore(tmp_path / "q", {"image": 4, "text": 8})
+
+
+def test_reindex_adds_a_named_vector_and_keeps_every_point(store, points):
+    """Adding a named vector (as `mars train align` does with ``aligned``) rewrites every point
+    from the store's own scan; search on the new vector works and the old vectors are intact."""
+    rng = np.random.default_rng(1)
+    extra = {p.product_id: _unit(rng, 1, 4)[0] for p in points if "image" in p.vectors}
+    rebuilt = (
+        VectorPoint(p.product_id, {**p.vectors, **({"aligned": extra[p.product_id]} if p.product_id in extra else {})},
+                    p.category_ids, p.type, p.colour)
+        for p in store.scan()
+    )
+    store.reindex(rebuilt, dims={**DIMS, "aligned": 4})
+    assert store.dims == {**DIMS, "aligned": 4}
+    assert store.count() == 300
+    q = extra["p001"]
+    assert [h.id for h in store.search_many("aligned", q[None, :], 5)[0]] == [r[0] for r in _brute(
+        [VectorPoint(pid, {"aligned": v}, []) for pid, v in extra.items()], "aligned", q, 5)]
+    got = store.fetch(["p001", "p010"])
+    np.testing.assert_allclose(got["p001"].vectors["text"], points[1].vectors["text"], atol=1e-5)
+    assert "aligned" not in got["p010"].vectors  # no photo, no aligned vector
+    assert store.search_many("text", points[2].vectors["text"][None, :], 1, ["c2"])[0][0].id == "p002"
+
+
+def test_failed_reindex_leaves_the_store_unchanged(store, points):
+    def broken():
+        yield from list(store.scan())[:10]
+        raise RuntimeError("encoder crashed")
+
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        store.reindex(broken(), dims={**DIMS, "aligned": 4})
+    assert store.count() == 300 and "aligned" not in store.dims
+    assert store.search_many("image", points[1].vectors["image"][None, :], 1)[0][0].id == "p001"

@@ -382,7 +382,7 @@
     const link = "#/item/" + encodeURIComponent(item.id);
     const img = el("img", { class: "card-img", alt: item.title || item.id, loading: "lazy", decoding: "async" });
     const ranks = el("dl", { class: "ranks" });
-    for (const [label, hit] of [["BM25", p.bm25], ["Image", p.image], ["Text", p.text], ["Fused", p.fused]]) {
+    for (const [label, hit] of [["BM25", p.bm25], ["Image", p.image], ["Text", p.text], ["Aligned", p.aligned], ["Fused", p.fused]]) {
       ranks.append(el("div", null, el("dt", null, label), el("dd", null, stageText(hit))));
     }
     const notes = p.rules || [];
