@@ -6,11 +6,14 @@ context, no automatic lock for whole-room tasks); each cell is the mean nDCG@10 
 Success@10 (:mod:`evaluation.metrics`) of the task's queries. Configurations:
 
 * **BM25 only** — ``--mode bm25``: tantivy BM25 within the category lock.
-* **image vectors alone** — ``--mode vector`` with the text list's RRF weight set to 0: the
-  room photo's grid regions against the product photos, each product scored by its best
-  region, within the lock.
-* **text vectors alone** — ``--mode vector`` with the image list's weight set to 0: MiniLM
-  query-text vector against the product-text vectors, within the lock.
+* **image vectors alone** — ``--mode vector`` with the other vector lists' RRF weights set to
+  0: the room photo's grid regions against the product photos, each product scored by its
+  best region, within the lock.
+* **text vectors alone** — the same for the MiniLM query-text vector against the
+  product-text vectors, within the lock.
+* **aligned image vectors alone** — the same for the query text through the alignment heads
+  against the products' aligned image vectors (text → image, ``mars train align``), within
+  the lock; "n/a" until the heads are trained.
 * **hybrid** — ``--mode hybrid``: the three lists fused by weighted Reciprocal Rank Fusion,
   ``score = Σ w_i / (k + rank_i)`` (Cormack, Clarke & Büttcher, "Reciprocal Rank Fusion
   outperforms Condorcet and individual rank learning methods", SIGIR 2009), with the
@@ -51,7 +54,15 @@ from evaluation.runner import eval_query, select_queries
 from query.funnel import search_text
 
 #: The metrics of the ablation table, in cell order.
-ABLATION_METRICS: tuple[str, ...] = ("nDCG@10", "Success@10")
+ABLATION_METRICS: tuple[str, ...] = ("nDCG@10", "Recall@10", "Success@10")
+
+#: The funnel's vector lists (an isolated one runs with the others weighted 0).
+VECTOR_LISTS: tuple[str, ...] = ("image", "text", "aligned")
+
+
+def _alone(name: str) -> dict[str, float]:
+    """RRF weights that leave only the vector list ``name`` scoring."""
+    return {other: 0.0 for other in VECTOR_LISTS if other != name}
 
 #: Results asked per search: the metrics read the top 10.
 ABLATION_DEPTH = 10
@@ -76,8 +87,9 @@ class Config:
 
 CONFIGS: tuple[Config, ...] = (
     Config("bm25", "BM25 only", "bm25", needs="text"),
-    Config("image", "image vectors alone", "vector", {"text": 0.0}, only="image", needs="image"),
-    Config("text", "text vectors alone", "vector", {"image": 0.0}, only="text", needs="text"),
+    Config("image", "image vectors alone", "vector", _alone("image"), only="image", needs="image"),
+    Config("text", "text vectors alone", "vector", _alone("text"), only="text", needs="text"),
+    Config("aligned", "aligned image vectors alone (text -> image)", "vector", _alone("aligned"), only="aligned", needs="text"),
     Config("hybrid", "hybrid (weighted RRF)", "hybrid"),
     Config("full", "hybrid + critic (mode full)", "full"),
     Config("baseline", "seed-style baseline", None),
@@ -90,6 +102,14 @@ def _missing_input(config: Config, q: BenchmarkQuery) -> str | None:
         return "n/a (no query text)"
     if config.needs == "image" and q.image is None:
         return "n/a (no room photo)"
+    return None
+
+
+def _missing_list(config: Config, engine: Any) -> str | None:
+    """Why ``config`` has no list to isolate on ``engine`` (None when it has)."""
+    store = engine.search_store()
+    if config.only == "aligned" and (store is None or "aligned" not in store.dims or engine.aligned() is None):
+        return "n/a (no aligned vector: run mars train align)"
     return None
 
 
@@ -135,7 +155,7 @@ def run_ablation(
             by_task[q.task].append(q.id)
             image = images(q)
             for config in CONFIGS:
-                missing = _missing_input(config, q)
+                missing = _missing_input(config, q) or _missing_list(config, engine)
                 if missing is not None:
                     notes[(q.task, config.key)] = missing
                 elif config.mode is None:
@@ -191,7 +211,7 @@ def _baseline_search(engine: Any, naive: NaiveIndex, query: Any) -> list[str]:
 
 def _cells(report: Mapping[str, Any]) -> tuple[list[str], list[tuple[str, list[str]]]]:
     """Column headers and (row label, cells) of the ablation table; a cell is
-    ``"nDCG@10 / Success@10"`` or the note that replaces the numbers."""
+    ``"nDCG@10 / Recall@10 / Success@10"`` or the note that replaces the numbers."""
     tasks = report["tasks"]
     headers = ["configuration", *(f"{task} ({row['queries']})" for task, row in tasks.items())]
     rows = []

@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,7 +29,7 @@ app = typer.Typer(
         "MARS — Multimodal Agentic Room Search. Hybrid BM25 + image/text vector search with a "
         "category lock and a critic stage, over a product catalog.\n\n"
         "Data lives under MARS_HOME (default ./.mars). Common settings: MARS_HOME, MARS_DATABASE_URL, "
-        "MARS_RRF_K, MARS_WEIGHT_BM25, MARS_WEIGHT_IMAGE, MARS_WEIGHT_TEXT, MARS_VECTOR_BACKEND "
+        "MARS_RRF_K, MARS_WEIGHTS_PHOTO, MARS_WEIGHTS_TEXT, MARS_VECTOR_BACKEND "
         "(qdrant-edge|faiss|qdrant), MARS_LEXICAL_BACKEND (tantivy|opensearch), MARS_IMAGE_ENCODER, "
         "MARS_TEXT_ENCODER, MARS_CRITIC, MARS_API_AUTH (keys|open), MARS_RATE_LIMIT."
     ),
@@ -384,7 +385,9 @@ def serve(
 
     # MARS_LOG_FORMAT lines for every logger; the app writes the access lines (with request ids).
     configure_logging(settings.log_format, settings.log_level)
-    uvicorn.run(create_app(settings=settings), host=host, port=port, log_config=None, access_log=False)
+    # warm_start: models, stores and taxonomy load before the first request, then gc.freeze()
+    # (full garbage collections otherwise stall every request for ~200 ms every few seconds).
+    uvicorn.run(create_app(settings=settings, warm_start=True), host=host, port=port, log_config=None, access_log=False)
 
 
 keys_app = typer.Typer(
@@ -540,8 +543,9 @@ def eval_(
     limit: Annotated[Optional[int], typer.Option("--limit", help="At most this many queries per task.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics and per-query scores as JSON.")] = False,
     ablation: Annotated[bool, typer.Option(
-        "--ablation", help="One table per task: BM25 only, image vectors alone, text vectors alone, hybrid, "
-        "hybrid + critic and the seed-style baseline (nDCG@10 / Success@10); --mode is ignored.")] = False,
+        "--ablation", help="One table per task: BM25 only, image vectors alone, text vectors alone, aligned image "
+        "vectors alone (text -> image, after `mars train align`), hybrid, hybrid + critic and the seed-style baseline "
+        "(nDCG@10 / Recall@10 / Success@10); --mode is ignored.")] = False,
     out_dir: Annotated[Optional[Path], typer.Option(
         "--out-dir", help="With --ablation: write ablation.md and ablation.png (grouped bar chart) here.")] = None,
 ) -> None:
@@ -693,6 +697,55 @@ def train_category_head(
     console.print(f"{report['products']} products in {report['classes']} classes ({report['dropped_classes']} classes with "
                   f"< {min_class_size} products left out, {report['without_image']} products without a photo); "
                   f"L-BFGS steps {report['steps']}; checkpoint written to {path}")
+
+
+@train_app.command("align")
+def train_align_command(
+    dim: Annotated[int, typer.Option("--dim", min=8, help="Size of the shared text/image space (the aligned vector).")] = 256,
+    hidden: Annotated[int, typer.Option("--hidden", min=8, help="Hidden width of each projection head.")] = 1024,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the catalog, per fit.")] = 100,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Pairs per step.")] = 256,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate.")] = 1e-3,
+    holdout: Annotated[float, typer.Option("--holdout", min=0.0, max=0.9, help="Share of products held out of a first fit to report validation Recall@K (0 skips it).")] = 0.1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split, the initialisation and the batches.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Align the offline encoders across modalities (LiT-style): train projection heads on the
+    frozen image and text vectors of the catalog's own products (photo <-> short texts from
+    colour, type and title) with the SigLIP sigmoid loss, report text->image Recall@1/5/10 for
+    held-out products, fit again on all products, then rebuild the vector collection with the
+    `aligned` named vector. Text queries then also search it (the `aligned` RRF list;
+    MARS_WEIGHTS_TEXT / MARS_WEIGHTS_PHOTO weigh it). Needs the stores: stop `mars serve` first."""
+    from training.align import AlignConfig, train_align
+
+    config = AlignConfig(dim=dim, hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr, holdout=holdout, seed=seed)
+    fits = 2 if holdout > 0 else 1
+    engine = _engine()
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                      TimeRemainingColumn(), console=err, disable=as_json) as bar:
+            task = bar.add_task("align: load", total=fits * epochs, loss="-")
+
+            def on_epoch(phase: str, epoch: int, loss: float) -> None:
+                bar.update(task, advance=1, description=f"align: {phase}", loss=f"{loss:.3f}")
+
+            report = train_align(engine, config, on_epoch)
+    except (RuntimeError, ValueError) as exc:
+        raise _fail(exc) from exc
+    finally:
+        engine.close()
+    if as_json:
+        console.print_json(json.dumps(_finite(asdict(report))))
+        return
+    if report.validation:
+        v = report.validation
+        table = Table(title=f"text -> aligned image, {report.held_out} held-out products vs the whole catalog")
+        for col in ("Recall@1", "Recall@5", "Recall@10", "MRR@10"):
+            table.add_column(col, justify="right")
+        table.add_row(*(f"{v[k]:.4f}" for k in ("recall@1", "recall@5", "recall@10", "mrr@10")))
+        console.print(table)
+    console.print(f"{report.products} products; final loss {report.final_loss:.4f}, logit scale {report.logit_scale:.2f}, "
+                  f"bias {report.logit_bias:.2f}; {report.points} points rewritten with the aligned vector in {report.seconds} s")
 
 
 def _finite(value):  # noqa: ANN001, ANN202 - JSON-ready values
@@ -947,6 +1000,13 @@ def train_eval_critic(
         console.print(gain)
     if "ranking_error" in report:
         console.print(f"[red]ranking not scored:[/red] {report['ranking_error']}")
+
+
+from mars.cli_encoders import register as register_encoder_commands  # noqa: E402 - `mars train encoder|text-embedder`
+from mars.cli_tune import register as register_tune  # noqa: E402 - `mars tune`
+
+register_tune(app)
+register_encoder_commands(train_app)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -24,11 +24,12 @@ from catalog.category_head import CategoryHeadFile, category_head_path
 from catalog.db import make_engine, session_factory, upgrade_to_head
 from catalog.locking import Taxonomy
 from critic.registry import build_critic
+from indexing.aligned import VECTOR as ALIGNED, AlignHeads, AlignHeadsFile, heads_path, with_aligned
 from indexing.encoders import ImageEncoder, TextEncoder, load_encoders
 from catalog.models import IngestJob, Product
 from catalog.rules import list_rules
 from indexing.lexical import LexicalIndex, TantivyIndex
-from indexing.vectors import FaissFlatStore, QdrantEdgeStore, VectorStore
+from indexing.vectors import FaissFlatStore, QdrantEdgeStore, VectorPoint, VectorStore
 from ingestion.pipeline import IngestReport, IngestTargets, run_ingest
 from ingestion.readers import RawRecord
 from ingestion.remote import RemoteImageFetcher
@@ -38,6 +39,12 @@ from query.rules import Rule, RuleCache
 from query.schemas import SearchResponse
 
 log = logging.getLogger("mars.engine")
+
+#: Hits the funnel's per-stage result cache holds in embedded mode: ~200 bytes each, so ~80 MB
+#: at most (2,000 lists at depth 200).
+RESULT_CACHE_HITS = 400_000
+#: Catalog rows the funnel keeps for responses in embedded mode (a few KB each).
+ROW_CACHE_SIZE = 10_000
 
 
 class StoreBusyError(RuntimeError):
@@ -119,6 +126,9 @@ class Engine:
         #: Returns the category head (``mars train category-head``) or None, re-read when its file
         #: changes; ingestion suggests a class for items without a type (:mod:`catalog.category_head`).
         self.category_head = CategoryHeadFile(category_head_path(settings), settings.image_encoder)
+        #: Returns the cross-modal alignment heads (``mars train align``) or None; with heads and an
+        #: ``aligned`` named vector, text queries get the ``aligned`` list (:mod:`indexing.aligned`).
+        self.aligned = AlignHeadsFile(heads_path(self.home), settings.image_encoder, settings.text_encoder)
         #: The active merchandising rules, cached for ``MARS_RULES_CACHE_S`` (see :meth:`refresh_rules`).
         self.rules = RuleCache(self._load_rules, settings.rules_cache_s)
         self.funnel = Funnel(
@@ -131,12 +141,17 @@ class Engine:
             FunnelConfig(
                 depth=settings.retrieval_depth,
                 rrf_k=settings.rrf_k,
-                weights={"bm25": settings.weight_bm25, "image": settings.weight_image, "text": settings.weight_text},
+                weights={"photo": dict(settings.weights_photo), "text": dict(settings.weights_text)},
                 grids=tuple(settings.grid_sizes),
                 critic_top_n=settings.critic_top_n,
                 critic_detail=critic_detail,
+                # Stage results are cached only where this process makes every index write (and
+                # invalidates them in refresh); server-mode stores are written by other processes.
+                result_cache_hits=RESULT_CACHE_HITS if settings.embedded_stores else 0,
+                row_cache_size=ROW_CACHE_SIZE if settings.embedded_stores else 0,
             ),
             rules=self.rules,
+            aligner=self.aligned,
         )
 
     def _owner_pid(self) -> str:
@@ -194,6 +209,44 @@ class Engine:
             store = self.vector_store()
         return store
 
+    def install_aligned(self, heads: AlignHeads) -> int:
+        """Make ``heads`` the index's alignment heads: rebuild the vector collection with the
+        ``aligned`` named vector (the image head on every stored ``image`` vector; products
+        without a photo get none) through the store's ``reindex`` (built beside the live one,
+        then swapped), then store the heads at :func:`indexing.aligned.heads_path` and the new
+        dimensions in the manifest. Later ingests add ``aligned`` to each new product.
+
+        Returns:
+            The number of points rewritten.
+
+        Raises:
+            RuntimeError: nothing has been indexed yet.
+            ValueError: the heads were trained on other encoders than the index's.
+        """
+        if (heads.image_encoder, heads.text_encoder) != (self.settings.image_encoder, self.settings.text_encoder):
+            raise ValueError(
+                f"the heads were trained on encoders {(heads.image_encoder, heads.text_encoder)}, the index uses "
+                f"{(self.settings.image_encoder, self.settings.text_encoder)}"
+            )
+        with self.write_lock:
+            store = self.vector_store()
+            if store is None or self.manifest is None:
+                raise RuntimeError("nothing is indexed yet: run `mars ingest` before `mars train align`")
+            dims = {**{k: v for k, v in store.dims.items() if k != ALIGNED}, ALIGNED: heads.dim}
+            points = [
+                VectorPoint(p.product_id, with_aligned(p.vectors, heads), p.category_ids, p.type, p.colour)
+                for p in store.scan()
+            ]
+            store.reindex(points, dims=dims)
+            path = heads_path(self.home)
+            staging = path.with_name(path.name + ".next")
+            heads.save(staging)
+            os.replace(staging, path)
+            self.manifest["dims"] = dims
+            self.manifest_path.write_text(json.dumps(self.manifest, indent=2))
+        self.refresh()
+        return len(points)
+
     def search_store(self) -> VectorStore | None:
         """The store queries use: the vector store, or with ``MARS_VECTOR_BACKEND=faiss`` the
         exact FAISS ``IndexFlatIP`` reference built from the same vectors (rebuilt after each
@@ -225,9 +278,15 @@ class Engine:
         URL are downloaded with the ``MARS_IMAGE_FETCH_*`` limits."""
         fetcher = RemoteImageFetcher.from_settings(self.settings)
         targets = self.ingest_targets(fetcher.fetch)
+
+        def progress(done: int) -> None:  # after each batch's writes: no cached stage result may predate them
+            self.funnel.invalidate_results()
+            if on_progress is not None:
+                on_progress(done)
+
         try:
             return run_ingest(
-                records, targets, source=source, total_hint=total_hint, on_progress=on_progress, job_id=job_id
+                records, targets, source=source, total_hint=total_hint, on_progress=progress, job_id=job_id
             )
         finally:
             fetcher.close()
@@ -297,10 +356,12 @@ class Engine:
         return found
 
     def refresh(self) -> None:
-        """Drop the snapshots derived from the catalog and the stores (the lock taxonomy and
-        the FAISS reference) after writes; they are rebuilt on next use."""
+        """Drop the snapshots derived from the catalog and the stores (the lock taxonomy, the
+        FAISS reference and the funnel's cached stage results) after writes; they are rebuilt on
+        next use."""
         self._taxonomy = None
         self._reference = None
+        self.funnel.invalidate_results()
 
     def _load_rules(self) -> list[Rule]:
         """The active merchandising rules from the catalog, oldest first."""
@@ -327,6 +388,7 @@ class Engine:
             fetch_image=fetch_image,
             write_lock=self.write_lock,
             category_head=self.category_head,
+            aligner=self.aligned,
         )
 
     def search(self, query: SearchQuery) -> SearchResponse:

@@ -7,25 +7,44 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """All MARS knobs; each field is ``MARS_<FIELD>`` in the environment.
+    """All MARS knobs; each field is ``MARS_<FIELD>`` in the environment or in a dotenv file
+    ``.env`` in the working directory (``MARS_<FIELD>=value`` lines; dicts as JSON). An environment
+    variable overrides the file's value of its field (whole, dicts too), and arguments given to
+    ``Settings(...)`` override both;
+    ``mars tune --write`` stores the tuned RRF setting (``MARS_RRF_K``, ``MARS_WEIGHTS_PHOTO``,
+    ``MARS_WEIGHTS_TEXT``) there. ``Settings(_env_file=None)`` ignores the file.
 
-    Fusion defaults: ``rrf_k = 60`` is the constant of Cormack, Clarke & Büttcher,
-    "Reciprocal Rank Fusion outperforms Condorcet and individual rank learning methods"
-    (SIGIR 2009). Weights: image 1.0, BM25 0.25, text 0.25 — with a room photo, the text
-    mostly sets the category lock and the photo carries the look; on a 300-query sample
-    of the IKEA dev split this beat unweighted RRF (room-type nDCG@10 0.556 -> 0.611,
-    room-class 0.257 -> 0.297; README, "Fusion weights"). Text-only queries are unaffected:
-    their two lists keep equal weights.
+    Fusion defaults are the ones ``mars tune`` chose on the IKEA dev split (README, "Fusion
+    weights"): weighted Reciprocal Rank Fusion (Cormack, Clarke & Büttcher, "Reciprocal Rank
+    Fusion outperforms Condorcet and individual rank learning methods", SIGIR 2009) with
+    ``rrf_k = 10``; queries with a room photo weigh image 1.0, BM25 0.25, text 0.25, aligned
+    0.1 (the text mostly sets the category lock and the photo carries the look); queries
+    without one weigh BM25 1.0, text 1.0, aligned 0.25. The ``aligned`` list exists once
+    ``mars train align`` has run.
     """
 
-    model_config = SettingsConfigDict(env_prefix="MARS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MARS_", extra="ignore", env_file=".env")
+
+    @classmethod
+    def settings_customise_sources(  # noqa: ANN206 - pydantic-settings hook
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings  # noqa: ANN001
+    ):
+        """Priority: ``Settings(...)`` arguments, the environment, ``.env``, the defaults. A field
+        set in the environment takes nothing from ``.env``: pydantic-settings would otherwise
+        merge a dict field (``weights_photo``) key by key across the two."""
+
+        def dotenv_unless_in_environment() -> dict[str, Any]:
+            in_environment = env_settings()
+            return {name: value for name, value in dotenv_settings().items() if name not in in_environment}
+
+        return init_settings, env_settings, dotenv_unless_in_environment, file_secret_settings
 
     home: Path = Field(Path(".mars"), description="Directory holding the catalog, indexes and manifest.")
     database_url: str | None = Field(
@@ -93,10 +112,16 @@ class Settings(BaseSettings):
         description="Region crops of a room photo: comma-separated grid sizes (1 = whole photo, 2 = 2x2 grid, ...).",
     )
 
-    rrf_k: float = Field(60.0, gt=0, description="RRF constant k (Cormack et al., SIGIR 2009).")
-    weight_bm25: float = Field(0.25, ge=0, description="RRF weight of the BM25 list.")
-    weight_image: float = Field(1.0, ge=0, description="RRF weight of the room-photo -> product-image list.")
-    weight_text: float = Field(0.25, ge=0, description="RRF weight of the text -> product-text list.")
+    rrf_k: float = Field(10.0, gt=0, description="RRF constant k (Cormack et al., SIGIR 2009); tuned by `mars tune`.")
+    weights_photo: dict[str, float] = Field(
+        default_factory=lambda: {"bm25": 0.25, "image": 1.0, "text": 0.25, "aligned": 0.1},
+        description="RRF weight per list for queries with a room photo, as JSON, e.g. "
+        '\'{"bm25": 0.25, "image": 1.0, "text": 0.25}\' (lists: bm25, image, text, aligned; a list not named weighs 1.0; a list weighted 0 is not searched).',
+    )
+    weights_text: dict[str, float] = Field(
+        default_factory=lambda: {"bm25": 1.0, "text": 1.0, "aligned": 0.25},
+        description="RRF weight per list for queries without a photo, as JSON (lists: bm25, text, aligned).",
+    )
     rules_cache_s: float = Field(
         5.0, ge=0, description="Seconds a process keeps the merchandising rules it read; its own rule writes drop "
         "them at once, those of other processes (API replicas, the mars CLI) show within this time.",

@@ -8,8 +8,8 @@ created in the lifespan (or injected by tests) and reached through the ``EngineD
 
 from __future__ import annotations
 
-import base64
 import binascii
+import gc
 import hashlib
 import logging
 from dataclasses import replace
@@ -28,7 +28,7 @@ from mars.engine import Engine
 from mars.settings import Settings, get_settings
 from query.auth import require
 from query.auth import router as keys_router
-from query.bodies import read_body, replay
+from query.bodies import Base64Photos, read_body, replay
 from query.console_api import mount_console
 from query.cors import install_cors
 from query.deferred import DeferredResults
@@ -89,12 +89,26 @@ class CategoryOut(BaseModel):
     products: int
 
 
-def get_engine(request: Request) -> Engine:
-    """The engine owned by the running app (replaceable in tests via ``create_app(engine=...)``)."""
+async def get_engine(request: Request) -> Engine:
+    """The engine owned by the running app (replaceable in tests via ``create_app(engine=...)``).
+    Async on purpose: it does no I/O, and FastAPI runs a sync dependency in the thread pool."""
     return request.app.state.engine
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
+
+def warm_up(engine: Engine) -> None:
+    """Load what the first search would (the encoders, the vector store, the lock taxonomy),
+    then ``gc.collect()`` and ``gc.freeze()``: the ~600k objects of the loaded models and
+    libraries move to the collector's permanent generation. Without that, every full
+    collection walks them all (~200 ms on 2 cores, every few seconds under load: all requests
+    stall meanwhile); afterwards it walks only what requests and caches allocated since."""
+    engine.encoders()
+    engine.search_store()
+    engine.taxonomy()
+    gc.collect()
+    gc.freeze()
+
 
 #: Room photos are sniffed (PIL format detection, not the file name or Content-Type): these only.
 ROOM_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
@@ -119,14 +133,20 @@ _MULTIPART_SCHEMA = {
 }
 
 
-def create_app(engine: Engine | None = None, settings: Settings | None = None) -> FastAPI:
-    """Build the app; with no ``engine`` the lifespan opens one from ``settings``/the environment."""
+def create_app(engine: Engine | None = None, settings: Settings | None = None, warm_start: bool = False) -> FastAPI:
+    """Build the app; with no ``engine`` the lifespan opens one from ``settings``/the environment.
+
+    With ``warm_start`` (``mars serve``) the lifespan also loads the encoders, the vector store
+    and the lock taxonomy before the first request, then freezes the garbage collector's view
+    of everything loaded so far (:func:`warm_up`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         owned = engine is None
         app.state.engine = engine or Engine(settings or get_settings())
         app.state.deferred = DeferredResults()
+        if warm_start:
+            await run_in_threadpool(warm_up, app.state.engine)
         try:
             yield
         finally:
@@ -145,12 +165,14 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
     install_cors(app, app_settings)
     install_observability(app, app_settings)  # the outermost middleware: add other middleware before it
 
-    def room_image(data: bytes, eng: Engine):  # noqa: ANN202
+    photos = Base64Photos()  # base64 room photos sent again are not decoded again
+
+    def room_image(data: bytes, eng: Engine, digest: str | None = None):  # noqa: ANN202
         if len(data) > eng.settings.max_image_bytes:
             raise HTTPException(413, f"image is {len(data)} bytes, over the limit of {eng.settings.max_image_bytes}")
         # Keyed on the uploaded bytes: a photo whose region vectors are cached (a merchandiser
         # refining a search for the same room) is checked but neither decoded nor hashed again.
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = digest or "sha256:" + hashlib.sha256(data).hexdigest()
         try:
             image = decode_image(data, max_pixels=eng.settings.max_image_pixels, what="uploaded image",
                                  formats=ROOM_FORMATS, lazy=eng.funnel.has_region_vectors(digest))
@@ -177,7 +199,8 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
     async def search(request: Request, eng: EngineDep) -> SearchResponse:
         """JSON (`SearchBody`) or multipart with an `image` file upload; returns ranked items with provenance."""
         content_type = request.headers.get("content-type", "")
-        image = None
+        data: bytes | None = None  # the room photo's bytes, if any
+        digest: str | None = None  # their SHA-256, when already known
         body_limit = search_body_limit(eng.settings)
         if content_type.startswith("multipart/form-data"):
             raw = await read_body(request, body_limit, "search body")
@@ -189,7 +212,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
             except ValidationError as exc:
                 raise HTTPException(422, exc.errors(include_url=False)) from exc
             if upload is not None and not isinstance(upload, str):
-                image = await run_in_threadpool(room_image, await upload.read(eng.settings.max_image_bytes + 1), eng)
+                data = await upload.read(eng.settings.max_image_bytes + 1)
         elif content_type.startswith("application/json"):
             try:
                 body = SearchBody.model_validate_json(await read_body(request, body_limit, "search body"))
@@ -197,28 +220,35 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
                 raise HTTPException(422, exc.errors(include_url=False)) from exc
             if body.image_base64:
                 try:
-                    data = base64.b64decode(body.image_base64, validate=True)
+                    data, digest = photos.decode(body.image_base64)
                 except (binascii.Error, ValueError) as exc:
                     raise HTTPException(422, "image_base64 is not valid base64") from exc
-                image = await run_in_threadpool(room_image, data, eng)
         else:
             raise HTTPException(415, "send application/json or multipart/form-data")
-        query = SearchQuery(
-            text=body.text,
-            image=image,
-            category=body.category,
-            room=body.room,
-            auto_lock=body.auto_lock,
-            top_k=body.top_k,
-            mode=body.mode,
-            weights=body.weights,
-        )
+        deferred = body.mode == "full" and not body.critic_wait and eng.critic is not None
+
+        def checked_search() -> tuple[SearchQuery, SearchResponse]:
+            # One thread-pool hop for the photo check and the funnel (each hop costs a thread
+            # wake-up and a GIL hand-off, a large share of a cached search).
+            query = SearchQuery(
+                text=body.text,
+                image=room_image(data, eng, digest) if data is not None else None,
+                category=body.category,
+                room=body.room,
+                auto_lock=body.auto_lock,
+                top_k=body.top_k,
+                mode=body.mode,
+                weights=body.weights,
+            )
+            return query, eng.search(replace(query, mode="hybrid") if deferred else query)
+
         try:
-            if query.mode != "full" or body.critic_wait or eng.critic is None:
-                return observe_search(request.app, await run_in_threadpool(eng.search, query))
-            response = observe_search(request.app, await run_in_threadpool(eng.search, replace(query, mode="hybrid")))
+            query, response = await run_in_threadpool(checked_search)
         except QueryError as exc:
             raise HTTPException(422, str(exc)) from exc
+        observe_search(request.app, response)
+        if not deferred:
+            return response
         result_id = request.app.state.deferred.submit(lambda app=request.app: observe_search(app, eng.search(query)))
         response.mode = "full"
         response.critic = CriticStatus(

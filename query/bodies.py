@@ -7,6 +7,11 @@ answer is 413 Content Too Large (RFC 9110 section 15.5.14) as a problem body.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import threading
+from collections import OrderedDict
+
 from fastapi import HTTPException, Request
 from starlette.types import Message, Receive
 
@@ -43,3 +48,46 @@ def replay(body: bytes) -> Receive:
         return {"type": "http.request", "body": body, "more_body": False}
 
     return receive
+
+
+class Base64Photos:
+    """Decodes base64 photos (``image_base64`` of ``POST /v1/search``), remembering the most
+    recent ones: a photo sent again (a merchandiser refining a search for the same room) is
+    recognised by the SHA-256 of its base64 text and neither decoded nor hashed again.
+
+    Decoding is a pure function of the text, so nothing here ever goes stale. At most
+    ``max_bytes`` of decoded photos are kept, least recently used dropped first.
+
+    Args:
+        max_bytes: the memory bound (decoded bytes); 0 keeps nothing.
+    """
+
+    def __init__(self, max_bytes: int = 32_000_000) -> None:
+        self.max_bytes = max_bytes
+        self._photos: OrderedDict[bytes, tuple[bytes, str]] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def decode(self, text: str) -> tuple[bytes, str]:
+        """The photo's bytes and their digest (``"sha256:<hex>"``, the key of the funnel's
+        region cache).
+
+        Raises:
+            ValueError: ``text`` is not strict base64 (``binascii.Error`` is a ValueError).
+        """
+        key = hashlib.sha256(text.encode("ascii")).digest()  # non-ASCII: UnicodeEncodeError, a ValueError
+        with self._lock:
+            hit = self._photos.get(key)
+            if hit is not None:
+                self._photos.move_to_end(key)
+                return hit
+        data = base64.b64decode(text, validate=True)
+        entry = (data, "sha256:" + hashlib.sha256(data).hexdigest())
+        if len(data) <= self.max_bytes:
+            with self._lock:
+                if key not in self._photos:
+                    self._photos[key] = entry
+                    self._size += len(data)
+                    while self._size > self.max_bytes:
+                        self._size -= len(self._photos.popitem(last=False)[1][0])
+        return entry

@@ -1,9 +1,10 @@
 """The funnel for one query: plan (category lock) → BM25 → vectors → weighted RRF → merchandising
 rules → critic.
 
-Lists: ``bm25`` (query text, tantivy), ``text`` (query text → product text vectors) and
+Lists: ``bm25`` (query text, tantivy), ``text`` (query text → product text vectors),
 ``image`` (room-photo regions → product image vectors, each product scored by its best
-region). Every list is computed within the lock; :func:`query.fusion.weighted_rrf` fuses
+region) and, once ``mars train align`` has run, ``aligned`` (query text → the aligned text
+head → the products' aligned image vectors, :mod:`indexing.aligned`). Every list is computed within the lock; :func:`query.fusion.weighted_rrf` fuses
 them. Modes: ``bm25`` (BM25 only), ``vector`` (vector lists only), ``hybrid`` (all lists)
 and ``full`` (hybrid + the critic on the top ``critic_top_n``).
 
@@ -24,13 +25,14 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import bindparam, select
+from sqlalchemy.orm import Session, raiseload, sessionmaker
 
 from catalog.locking import CategoryLock, Taxonomy
 from catalog.models import Product
 from catalog.rules import brands_of, products_within
 from critic.protocol import Critic, CriticPair, CriticTimeout
+from indexing.aligned import AlignHeads
 from indexing.encoders import ImageEncoder, TextEncoder
 from indexing.lexical import LexicalIndex
 from indexing.vectors import VectorHit, VectorStore
@@ -80,11 +82,20 @@ class FunnelConfig:
 
     depth: int = 200
     rrf_k: float = 60.0
-    weights: dict[str, float] = field(default_factory=lambda: {"bm25": 1.0, "image": 1.0, "text": 1.0})
+    #: RRF weights per query shape: ``"photo"`` (a room photo is given) and ``"text"`` (text only),
+    #: each list name -> weight; a list not named weighs 1.0.
+    weights: dict[str, dict[str, float]] = field(default_factory=lambda: {"photo": {}, "text": {}})
     grids: tuple[int, ...] = (1, 2, 3)
     critic_top_n: int = 20
     critic_detail: str = ""
     cache_size: int = 512
+    #: Hits the per-stage result cache (:meth:`Funnel.stage_hits`) may hold in all, about 200
+    #: bytes each (0 = off). Only safe when this process sees every index write (embedded
+    #: stores): :meth:`Funnel.invalidate_results` must be called after each one.
+    result_cache_hits: int = 0
+    #: Catalog rows (without their categories) kept for the response, least recently used
+    #: dropped first (0 = off); dropped with the stage results by :meth:`Funnel.invalidate_results`.
+    row_cache_size: int = 0
 
 
 @dataclass
@@ -101,6 +112,11 @@ class Retrieval:
     rules: list[Rule] = field(default_factory=list)
     synonyms: list[str] = field(default_factory=list)
     rewritten_text: str | None = None
+
+
+def query_shape(query: SearchQuery) -> str:
+    """Which RRF weights a query uses: ``"photo"`` when it has a room photo, else ``"text"``."""
+    return "photo" if query.image is not None else "text"
 
 
 def query_text(query: SearchQuery) -> str | None:
@@ -150,6 +166,8 @@ class Funnel:
         config: depth, fusion and region settings.
         rules: callable returning the active merchandising rules (e.g. a
             :class:`query.rules.RuleCache`), or None for none.
+        aligner: callable returning the cross-modal alignment heads
+            (:class:`indexing.aligned.AlignHeads`) or None while none is trained.
     """
 
     def __init__(
@@ -162,13 +180,18 @@ class Funnel:
         critic: Critic | None,
         config: FunnelConfig,
         rules: Callable[[], Sequence[Rule]] | None = None,
+        aligner: Callable[[], AlignHeads | None] | None = None,
     ) -> None:
         self.sessions, self.taxonomy, self.lexical = sessions, taxonomy, lexical
         self.vectors, self.encoders, self.critic, self.config = vectors, encoders, critic, config
-        self.rules = rules
+        self.rules, self.aligner = rules, aligner
         self._region_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self._results: OrderedDict[tuple, tuple] = OrderedDict()
+        self._results_hits = 0
+        self._results_generation = 0
+        self._rows: OrderedDict[str, Product] = OrderedDict()
 
     def _cached(self, cache: OrderedDict[str, np.ndarray], key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
         with self._cache_lock:
@@ -206,6 +229,44 @@ class Funnel:
         """Embedding of the query text, float32 (1, dim), cached by text."""
         return self._cached(self._text_cache, text, lambda: self.encoders()[1].encode_texts([text]))
 
+    def stage_hits(
+        self, name: str, key: str, cats: Sequence[str] | None, depth: int, compute: Callable[[], list]
+    ) -> list:
+        """One stage's hit list (``name``: ``bm25``, ``text`` or ``image``) for the query input
+        ``key`` (search text, or the photo's :meth:`region_key`) within ``cats`` at ``depth``:
+        from the result cache (like Solr's queryResultCache) when ``config.result_cache_hits``
+        > 0, else ``compute()``. Least recently used lists are dropped past that many hits in
+        all (a list counts its hits + 1), and every list by :meth:`invalidate_results`; a list
+        computed while an invalidation happened is returned but not kept. Each call returns a
+        fresh list of the (frozen) hits."""
+        budget = self.config.result_cache_hits
+        if budget <= 0:
+            return compute()
+        cache_key = (name, key, tuple(cats) if cats else None, depth)
+        with self._cache_lock:
+            hits = self._results.get(cache_key)
+            if hits is not None:
+                self._results.move_to_end(cache_key)
+                return list(hits)
+            generation = self._results_generation
+        hits = compute()
+        with self._cache_lock:
+            if generation == self._results_generation and cache_key not in self._results and len(hits) < budget:
+                self._results[cache_key] = tuple(hits)
+                self._results_hits += len(hits) + 1
+                while self._results_hits > budget:
+                    self._results_hits -= len(self._results.popitem(last=False)[1]) + 1
+        return hits
+
+    def invalidate_results(self) -> None:
+        """Drop every cached stage result and catalog row (call after each write to the catalog
+        or the indexes)."""
+        with self._cache_lock:
+            self._results.clear()
+            self._results_hits = 0
+            self._rows.clear()
+            self._results_generation += 1
+
     def retrieve(self, query: SearchQuery) -> Retrieval:
         """Plan (category lock), the merchandising rules in scope and their synonyms, BM25 and
         vector search within the lock, weighted RRF.
@@ -227,22 +288,34 @@ class Funnel:
 
         lists: dict[str, list] = {}
         depth = max(self.config.depth, query.top_k)
-        if query.mode in ("bm25", "hybrid", "full") and text:
+        weights = {**self.config.weights.get(query_shape(query), {}), **query.weights}
+        wanted = lambda name: query.mode == "bm25" or weights.get(name, 1.0) > 0  # noqa: E731 - a list weighted 0 cannot change the order
+        if query.mode in ("bm25", "hybrid", "full") and text and wanted("bm25"):
             t = time.perf_counter()
-            lists["bm25"] = self.lexical.search(text, depth, cats)
+            lists["bm25"] = self.stage_hits("bm25", text, cats, depth, lambda: self.lexical.search(text, depth, cats))
             timings["bm25"] = (time.perf_counter() - t) * 1000
         store = self.vectors()
         if query.mode in ("vector", "hybrid", "full") and store is not None:
             t = time.perf_counter()
-            if text and "text" in store.dims:
-                lists["text"] = store.search_many("text", self.text_vector(text), depth, cats)[0]
-            if query.image is not None and "image" in store.dims:
-                regions = self.region_vectors(query.image)
-                lists["image"] = max_over_regions(store.search_many("image", regions, depth, cats), depth)
+            if text and "text" in store.dims and wanted("text"):
+                lists["text"] = self.stage_hits(
+                    "text", text, cats, depth, lambda: store.search_many("text", self.text_vector(text), depth, cats)[0]
+                )
+            heads = self.aligner() if self.aligner is not None and text and "aligned" in store.dims and wanted("aligned") else None
+            if heads is not None:
+                lists["aligned"] = self.stage_hits(
+                    "aligned", text, cats, depth,
+                    lambda: store.search_many("aligned", heads.text(self.text_vector(text)), depth, cats)[0],
+                )
+            if query.image is not None and "image" in store.dims and wanted("image"):
+                image = query.image
+                lists["image"] = self.stage_hits(
+                    "image", self.region_key(image), cats, depth,
+                    lambda: max_over_regions(store.search_many("image", self.region_vectors(image), depth, cats), depth),
+                )
             timings["vector"] = (time.perf_counter() - t) * 1000
 
         t = time.perf_counter()
-        weights = {**self.config.weights, **query.weights}
         used = {name: weights.get(name, 1.0) for name in lists}
         fused = weighted_rrf({name: [h.id for h in hits] for name, hits in lists.items()}, used, self.config.rrf_k)
         timings["fuse"] = (time.perf_counter() - t) * 1000
@@ -327,7 +400,7 @@ class Funnel:
         r.timings["rules"] += (time.perf_counter() - t) * 1000
 
         keep = ranked[: max(query.top_k, self.config.critic_top_n if query.mode == "full" else 0)]
-        products = self.products([x.id for x in keep])
+        products = self.products([x.id for x in keep], categories=False)
         verdicts: dict[str, CriticResult] = {}
         if query.mode != "full":
             critic_status = CriticStatus(backend=self.critic.name if self.critic else "none", status="skipped",
@@ -371,7 +444,7 @@ class Funnel:
                     image=p.image,
                     score=critic.score if critic else x.score,
                     provenance=Provenance(
-                        bm25=hit("bm25"), image=hit("image"), text=hit("text"),
+                        bm25=hit("bm25"), image=hit("image"), text=hit("text"), aligned=hit("aligned"),
                         fused=None if x.inserted else StageHit(rank=f.rank, score=f.score), critic=critic, rules=x.notes,
                     ),
                 )
@@ -392,13 +465,47 @@ class Funnel:
             rewritten_text=r.rewritten_text,
         )
 
-    def products(self, ids: list[str]) -> dict[str, Product]:
-        """Catalog rows of ``ids`` by id (ids no longer in the catalog are absent)."""
+    def products(self, ids: list[str], categories: bool = True) -> dict[str, Product]:
+        """Catalog rows of ``ids`` by id (ids no longer in the catalog are absent), detached.
+
+        With ``categories=False`` the rows' categories are not loaded (the response and the
+        critic read only the product's own columns; reading ``categories`` then raises), and
+        rows come from the row cache when ``config.row_cache_size`` > 0 (like Solr's
+        documentCache; emptied by :meth:`invalidate_results`)."""
         if not ids:
             return {}
-        with self.sessions() as session:
-            rows = session.execute(select(Product).where(Product.id.in_(ids))).scalars().all()
-            return {p.id: p for p in rows}
+        if categories:
+            with self.sessions() as session:
+                rows = session.execute(select(Product).where(Product.id.in_(ids))).scalars().all()
+                return {p.id: p for p in rows}
+        size = self.config.row_cache_size
+        found: dict[str, Product] = {}
+        with self._cache_lock:
+            for i in ids if size > 0 else ():
+                p = self._rows.get(i)
+                if p is not None:
+                    self._rows.move_to_end(i)
+                    found[i] = p
+            generation = self._results_generation
+        missing = [i for i in ids if i not in found]
+        if missing:
+            with self.sessions() as session:
+                rows = session.execute(_ROWS_WITHOUT_CATEGORIES, {"ids": missing}).scalars().all()
+            found.update((p.id, p) for p in rows)
+            if size > 0:
+                with self._cache_lock:
+                    if generation == self._results_generation:
+                        for p in rows:
+                            self._rows[p.id] = p
+                        while len(self._rows) > size:
+                            self._rows.popitem(last=False)
+        return found
+
+
+#: Catalog rows by id without their categories (built once: SQLAlchemy caches its compilation).
+_ROWS_WITHOUT_CATEGORIES = (
+    select(Product).where(Product.id.in_(bindparam("ids", expanding=True))).options(raiseload(Product.categories))
+)
 
 
 def _product_photo(p: Product) -> Image.Image | None:

@@ -33,7 +33,10 @@ Metrics (``GET /metrics``, Prometheus text or OpenMetrics by ``Accept``)
       scrape; absent when Redis cannot be read, which counts in
       ``mars_queue_depth_scrape_errors_total``);
     * ``mars_bulk_jobs_waiting`` / ``mars_bulk_jobs_running`` — in-process bulk jobs
-      (embedded mode; server-mode jobs are in the queues).
+      (embedded mode; server-mode jobs are in the queues);
+    * ``process_cpu_seconds_total``, ``process_resident_memory_bytes`` and the other standard
+      ``process_*`` metrics of prometheus-client's ``ProcessCollector`` (on Linux), e.g. for
+      the CPU time per request of a load benchmark (:mod:`evaluation.load_test`).
 
     Each app has its own :class:`prometheus_client.CollectorRegistry` (``app.state.metrics``),
     so tests can build many apps. With several server processes, each exposes its own
@@ -53,7 +56,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TextIO
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from pythonjsonlogger.core import RESERVED_ATTRS
@@ -329,6 +332,7 @@ def install_observability(app: FastAPI, settings: Settings) -> None:
     metrics = ApiMetrics.create()
     metrics.registry.register(QueueDepthCollector(settings.broker_url, QUEUES))
     metrics.registry.register(BulkJobsCollector(app))
+    ProcessCollector(registry=metrics.registry)  # process_cpu_seconds_total, memory, open fds
     app.state.metrics = metrics
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
 

@@ -151,9 +151,11 @@ def fit_heads(
     images = torch.from_numpy(data.images)
     views = torch.from_numpy(data.views)
     index = torch.tensor(list(rows))
-    # twins: same (type, colour) key; identical view texts are compared per step
+    # twins (positives off the diagonal): the same (type, colour), or the same view text
     key_index = {k: i for i, k in enumerate(sorted(set(data.keys)))}
     key_id = torch.tensor([key_index[k] for k in data.keys], dtype=torch.int64)
+    text_index = {t: i for i, t in enumerate(sorted({t for views in data.texts for t in views}))}
+    text_id = torch.tensor([[text_index[t] for t in views] for views in data.texts], dtype=torch.int64)
     loss_value = float("nan")
     for epoch in range(config.epochs):
         order = index[torch.randperm(len(index), generator=gen)]
@@ -164,9 +166,8 @@ def fit_heads(
             zi = torch.nn.functional.normalize(heads["image"](images[batch]), dim=-1)
             zt = torch.nn.functional.normalize(heads["text"](views[batch, pick]), dim=-1)
             logits = zi @ zt.T * t.exp() + b
-            names = [data.texts[int(r)][int(v)] for r, v in zip(batch, pick)]
-            same_text = torch.tensor([[a == c for c in names] for a in names])
-            positive = (key_id[batch][:, None] == key_id[batch][None, :]) | same_text
+            texts = text_id[batch, pick]
+            positive = (key_id[batch][:, None] == key_id[batch][None, :]) | (texts[:, None] == texts[None, :])
             labels = positive.float() * 2 - 1
             loss = -torch.nn.functional.logsigmoid(labels * logits).sum() / len(batch)
             opt.zero_grad()

@@ -1,0 +1,126 @@
+"""``mars tune``: search the RRF constant k and the per-shape RRF weights on the dev qrels
+(:mod:`evaluation.tune`) and, with ``--write``, store them in the dotenv file the settings read.
+
+Registered on the top-level app by :func:`register` (``mars/cli.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+DEFAULT_IKEA = Path("../shared/data/ikea")
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(f"comma-separated numbers expected, got {text!r}", param_hint=what) from exc
+    if not values:
+        raise typer.BadParameter("at least one value", param_hint=what)
+    return values
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``tune`` command to ``app`` (the top-level ``mars`` app)."""
+
+    @app.command("tune")
+    def tune_(
+        ikea: Annotated[Path, typer.Option("--ikea", help="Benchmark folder with queries.jsonl and qrels/dev.tsv.")] = DEFAULT_IKEA,
+        queries: Annotated[Optional[Path], typer.Option("--queries", help="queries.jsonl; default <ikea>/queries.jsonl.")] = None,
+        qrels: Annotated[Optional[Path], typer.Option("--qrels", help="qrels TSV; default <ikea>/qrels/dev.tsv.")] = None,
+        task: Annotated[Optional[list[str]], typer.Option("--task", "--tasks", help="Only these tasks (repeatable).")] = None,
+        limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most this many queries per task.")] = None,
+        k_grid: Annotated[str, typer.Option("--k-grid", help="RRF constants k tried, comma-separated.")] = "10,20,40,60,100",
+        weight_grid: Annotated[str, typer.Option(
+            "--weight-grid", help="Weights tried for each list but the shape's anchor (fixed at 1.0), comma-separated.")] = "0,0.1,0.25,0.5,1,2",
+        folds: Annotated[int, typer.Option("--folds", min=0, help="Cross-validation folds by room (0 skips it).")] = 2,
+        write: Annotated[bool, typer.Option(
+            "--write", help="Write MARS_RRF_K, MARS_WEIGHTS_PHOTO and MARS_WEIGHTS_TEXT into --env-file (other lines kept). "
+            "Without it nothing is written.")] = False,
+        env_file: Annotated[Path, typer.Option(
+            "--env-file", help="Dotenv file --write updates; the settings read ./.env (environment variables override it).")] = Path(".env"),
+        json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full report as JSON to this file.")] = None,
+        save_lists_to: Annotated[Optional[Path], typer.Option(
+            "--save-lists", help="Also write the retrieved lists (JSON lines) here, for --from-lists.")] = None,
+        from_lists: Annotated[Optional[Path], typer.Option(
+            "--from-lists", help="Tune on lists saved by --save-lists instead of retrieving (no stores opened; "
+            "they must come from the same index and settings).")] = None,
+    ) -> None:
+        """Tune fusion: retrieve each dev query once (mode hybrid, as `mars eval` asks it), then score a
+        grid of RRF k × per-list weights offline (nDCG@10 etc.); pick per query shape (photo / text-only)
+        the weights with the best macro-mean nDCG@10 over that shape's tasks, k jointly, and report a
+        2-fold cross-validation by room. Weighted RRF: Cormack, Clarke & Büttcher, SIGIR 2009."""
+        from mars.cli import _engine, _fail, console, err
+        from mars.settings import get_settings
+
+        from evaluation.runner import select_queries
+        from evaluation.tune import (
+            collect_lists, format_tables, load_lists, markdown_summary, save_lists, settings_env, tune, update_dotenv,
+        )
+
+        ks, ws = _floats(k_grid, "--k-grid"), _floats(weight_grid, "--weight-grid")
+        if any(k <= 0 for k in ks):
+            raise typer.BadParameter("k must be > 0", param_hint="--k-grid")
+        if any(w < 0 for w in ws):
+            raise typer.BadParameter("weights must be ≥ 0", param_hint="--weight-grid")
+        settings = get_settings()
+        if from_lists is not None:
+            try:
+                runs = load_lists(from_lists)
+            except (OSError, ValueError, TypeError) as exc:
+                raise _fail(exc) from exc
+            runs = [r for r in runs if not task or r.task in task]
+            if limit is not None:
+                taken: dict[str, int] = {}
+                kept = []
+                for r in runs:
+                    taken[r.task] = taken.get(r.task, 0) + 1
+                    if taken[r.task] <= limit:
+                        kept.append(r)
+                runs = kept
+        else:
+            try:
+                chosen, judged = select_queries(queries or ikea / "queries.jsonl", qrels or ikea / "qrels" / "dev.tsv",
+                                                tasks=task, limit=limit)
+            except (OSError, ValueError) as exc:
+                raise _fail(exc) from exc
+            engine = _engine(settings)
+            try:
+                runs = collect_lists(engine, chosen, judged, progress=True, console=err)
+            finally:
+                engine.close()
+            if save_lists_to is not None:
+                save_lists(save_lists_to, runs)
+                err.print(f"lists written to {save_lists_to}")
+        if not runs:
+            raise _fail(ValueError("no judged queries to tune on (check --queries, --qrels, --task)"))
+
+        baseline = {"photo": dict(settings.weights_photo), "text": dict(settings.weights_text)}
+        report = tune(runs, baseline_k=settings.rrf_k, baseline_weights=baseline, k_grid=ks, grid=ws, folds=folds,
+                      progress=True, console=err)
+        wide = console if console.is_terminal else Console(width=200)  # piped or captured: keep table rows whole
+        for table in format_tables(report):
+            wide.print(table)
+        values = settings_env(report["chosen"]["settings"])
+        console.print("chosen setting (baseline: the settings in effect, "
+                      f"k {report['baseline']['rrf_k']}, photo {report['baseline']['weights']['photo']}, "
+                      f"text {report['baseline']['weights']['text']}):", highlight=False)
+        for key, value in values.items():
+            console.print(f"  {key}={value}", highlight=False, soft_wrap=True)
+        report["env"] = values
+        report["markdown"] = markdown_summary(report)
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            console.print(f"report written to {json_out}")
+        if write:
+            update_dotenv(env_file, values)
+            console.print(f"wrote {', '.join(values)} to {env_file} (environment variables still override it)")
+        else:
+            console.print("nothing written (use --write to store it in --env-file, default ./.env)")
