@@ -21,9 +21,10 @@ A server started here runs with ``--open`` and no rate limit (``MARS_RATE_LIMIT=
 
 The load generator runs on the same cores as the server (here), so it is kept lean: the
 bodies are JSON-encoded once (byte for byte as ``httpx``'s ``json=`` encodes them), and the
-timed phase sends them over plain HTTP/1.1 keep-alive connections (:class:`RawConnection`,
-like ``wrk``: ~0.15 ms of CPU per request, where ``httpx`` spends ~1.7 ms, as much as a
-cached search costs the server); ``--client httpx`` uses ``httpx`` instead. The report adds
+timed phase sends them over HTTP/1.1 keep-alive connections on asyncio streams, framed by
+``h11`` (:class:`RawConnection`; ``httpx`` uses h11 too but spends ~1.7 ms of CPU per request
+on its own machinery, as much as a cached search costs the server); ``--client httpx`` uses
+``httpx`` instead. The report adds
 the CPU time per request of the generator and, read from the server's
 ``process_cpu_seconds_total`` (``GET /metrics``), of the server: on a shared machine these are
 steadier than requests/s.
@@ -238,7 +239,7 @@ def main() -> None:
     parser.add_argument("--text-only", action="store_true", help="Text queries only (no room photos).")
     parser.add_argument("--queries", type=int, default=500, help="Distinct queries to draw from.")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw",
-                        help="HTTP client of the timed phase: raw HTTP/1.1 keep-alive (lean) or httpx.")
+                        help="HTTP client of the timed phase: asyncio streams framed by h11 (lean; default) or httpx.")
     args = parser.parse_args()
     bodies = load_bodies(args.ikea, args.text_only, args.queries)
     if args.url:
