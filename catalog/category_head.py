@@ -18,16 +18,16 @@ only (no torch).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from mars.checkpoints import WatchedCheckpoint, read_checkpoint
 
 if TYPE_CHECKING:  # pragma: no cover
     from ingestion.pipeline import Embedded
@@ -143,18 +143,7 @@ class CategoryHead:
             FileNotFoundError: no file at ``path`` (train one with ``mars train category-head``).
             CategoryHeadError: the file is not a category-head checkpoint, or its shapes disagree.
         """
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
-
-        data = Path(path).read_bytes()
-        try:  # the header is an 8-byte little-endian length, then JSON with "__metadata__"
-            header_len = int.from_bytes(data[:8], "little")
-            metadata: Mapping[str, str] = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-            tensors = load(data)
-        except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as exc:
-            raise CategoryHeadError(f"{path} is not a safetensors file: {exc}") from exc
-        if metadata.get("format") != FORMAT:
-            raise CategoryHeadError(f"{path} is not a category-head checkpoint (format {metadata.get('format')!r})")
+        tensors, metadata, digest = read_checkpoint(path, FORMAT, CategoryHeadError)
         if set(tensors) != {"weight", "bias"}:
             raise CategoryHeadError(f"{path} holds tensors {sorted(tensors)}, expected weight and bias")
         try:
@@ -162,10 +151,10 @@ class CategoryHead:
             meta = json.loads(metadata.get("meta", "{}"))
         except (KeyError, ValueError) as exc:
             raise CategoryHeadError(f"{path} has incomplete category-head metadata: {exc!r}") from exc
-        return cls(tensors["weight"], tensors["bias"], classes, encoder, meta, hashlib.sha256(data).hexdigest()[:12])
+        return cls(tensors["weight"], tensors["bias"], classes, encoder, meta, digest)
 
 
-class CategoryHeadFile:
+def CategoryHeadFile(path: Path, image_encoder: str) -> WatchedCheckpoint[CategoryHead]:  # noqa: N802 - a class-like factory
     """The head at ``path`` for an index built with ``image_encoder``, loaded on first call and
     re-read when the file changes (a head trained while ``mars serve`` runs is picked up).
 
@@ -174,33 +163,12 @@ class CategoryHeadFile:
     version): a bad head never stops an ingest, it only means no suggestions.
     """
 
-    def __init__(self, path: Path, image_encoder: str) -> None:
-        self.path = Path(path)
-        self.image_encoder = image_encoder
-        self._version: tuple[int, int] | None = None
-        self._head: CategoryHead | None = None
-        self._lock = threading.Lock()
-
-    def __call__(self) -> CategoryHead | None:
-        try:
-            st = self.path.stat()
-        except OSError:
+    def mismatch(head: CategoryHead) -> str | None:
+        if head.image_encoder == image_encoder:
             return None
-        version = (st.st_mtime_ns, st.st_size)
-        with self._lock:
-            if version != self._version:
-                self._version, self._head = version, None
-                try:
-                    head = CategoryHead.load(self.path)
-                except (OSError, CategoryHeadError) as exc:
-                    log.warning("category head not used: %s", exc)
-                else:
-                    if head.image_encoder == self.image_encoder:
-                        self._head = head
-                    else:
-                        log.warning("category head %s not used: trained on image encoder %r, the index uses %r",
-                                    self.path, head.image_encoder, self.image_encoder)
-            return self._head
+        return f"trained on image encoder {head.image_encoder!r}, the index uses {image_encoder!r}"
+
+    return WatchedCheckpoint(path, CategoryHead.load, CategoryHeadError, mismatch, log, "category head")
 
 
 def suggest_categories(items: Sequence["Embedded"], head: CategoryHead | None) -> list[str]:

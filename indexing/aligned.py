@@ -21,10 +21,8 @@ logit scale/bias and the training report as JSON metadata.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from indexing.encoders import l2_normalize
+from mars.checkpoints import WatchedCheckpoint, read_checkpoint
 
 log = logging.getLogger("mars.aligned")
 
@@ -145,27 +144,16 @@ class AlignHeads:
             FileNotFoundError: no file at ``path`` (run ``mars train align``).
             AlignHeadsError: the file is not an alignment-heads checkpoint, or its shapes disagree.
         """
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
-
-        data = Path(path).read_bytes()
-        try:  # the header is an 8-byte little-endian length, then JSON with "__metadata__"
-            header_len = int.from_bytes(data[:8], "little")
-            metadata: Mapping[str, str] = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-            tensors = load(data)
-        except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as exc:
-            raise AlignHeadsError(f"{path} is not a safetensors file: {exc}") from exc
-        if metadata.get("format") != FORMAT:
-            raise AlignHeadsError(f"{path} is not an alignment-heads checkpoint (format {metadata.get('format')!r})")
+        tensors, metadata, digest = read_checkpoint(path, FORMAT, AlignHeadsError)
         try:
             meta = json.loads(metadata.get("meta", "{}"))
             image_encoder, text_encoder = metadata["image_encoder"], metadata["text_encoder"]
         except (KeyError, ValueError) as exc:
             raise AlignHeadsError(f"{path} has incomplete alignment-heads metadata: {exc!r}") from exc
-        return cls(dict(tensors), image_encoder, text_encoder, meta, hashlib.sha256(data).hexdigest()[:12])
+        return cls(tensors, image_encoder, text_encoder, meta, digest)
 
 
-class AlignHeadsFile:
+def AlignHeadsFile(path: Path, image_encoder: str, text_encoder: str) -> WatchedCheckpoint[AlignHeads]:  # noqa: N802 - a class-like factory
     """The heads at ``path`` for an index built with ``image_encoder`` and ``text_encoder``,
     loaded on first call and re-read when the file changes.
 
@@ -173,34 +161,13 @@ class AlignHeadsFile:
     usable, or it was trained on other encoders (logged once per file version): without heads
     the funnel simply has no ``aligned`` list and new items get no ``aligned`` vector.
     """
+    wanted = (image_encoder, text_encoder)
 
-    def __init__(self, path: Path, image_encoder: str, text_encoder: str) -> None:
-        self.path = Path(path)
-        self.encoders = (image_encoder, text_encoder)
-        self._version: tuple[int, int] | None = None
-        self._heads: AlignHeads | None = None
-        self._lock = threading.Lock()
+    def mismatch(heads: AlignHeads) -> str | None:
+        found = (heads.image_encoder, heads.text_encoder)
+        return None if found == wanted else f"trained on encoders {found!r}, the index uses {wanted!r}"
 
-    def __call__(self) -> AlignHeads | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        version = (st.st_mtime_ns, st.st_size)
-        with self._lock:
-            if version != self._version:
-                self._version, self._heads = version, None
-                try:
-                    heads = AlignHeads.load(self.path)
-                except (OSError, AlignHeadsError) as exc:
-                    log.warning("alignment heads not used: %s", exc)
-                else:
-                    if (heads.image_encoder, heads.text_encoder) == self.encoders:
-                        self._heads = heads
-                    else:
-                        log.warning("alignment heads %s not used: trained on encoders %r, the index uses %r",
-                                    self.path, (heads.image_encoder, heads.text_encoder), self.encoders)
-            return self._heads
+    return WatchedCheckpoint(path, AlignHeads.load, AlignHeadsError, mismatch, log, "alignment heads")
 
 
 def with_aligned(vectors: Mapping[str, np.ndarray], heads: AlignHeads | None) -> dict[str, np.ndarray]:
