@@ -165,7 +165,7 @@ def test_settings_read_the_written_file_and_the_environment_wins(tmp_path, monke
     for key in TUNED_KEYS:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(tmp_path)
-    assert Settings().rrf_k == 60.0  # no .env here: the defaults
+    assert Settings().rrf_k == Settings.model_fields["rrf_k"].default  # no .env here: the defaults
     update_dotenv(tmp_path / ".env", settings_env({"rrf_k": 20, "weights_photo": {"bm25": 0.5, "image": 1.0},
                                                     "weights_text": {"bm25": 0.25, "text": 1.0}}))
     (tmp_path / ".env").write_text((tmp_path / ".env").read_text() + "UNRELATED=1\n")  # not ours: ignored

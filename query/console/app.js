@@ -382,7 +382,9 @@
     const link = "#/item/" + encodeURIComponent(item.id);
     const img = el("img", { class: "card-img", alt: item.title || item.id, loading: "lazy", decoding: "async" });
     const ranks = el("dl", { class: "ranks" });
-    for (const [label, hit] of [["BM25", p.bm25], ["Image", p.image], ["Text", p.text], ["Aligned", p.aligned], ["Fused", p.fused]]) {
+    const stages = [["BM25", p.bm25], ["Image", p.image], ["Text", p.text], ["Fused", p.fused]];
+    if (p.aligned) stages.splice(3, 0, ["Aligned", p.aligned]);  // the text -> image list, once `mars train align` ran
+    for (const [label, hit] of stages) {
       ranks.append(el("div", null, el("dt", null, label), el("dd", null, stageText(hit))));
     }
     const notes = p.rules || [];
