@@ -10,7 +10,8 @@ and the HTTP stack, not the encoders; ``--text-only`` measures text queries alon
 embedded stores the warm-up also fills the funnel's per-stage result cache (BM25, text and
 image lists by query input, lock and depth; dropped on every write), so in the timed phase
 the lists come from it: the plan, fusion, rules, catalog rows and the HTTP stack are what
-is measured, as for a repeated query in production.
+is measured, as for a repeated query in production. ``MARS_RESULT_CACHE_HITS=0`` turns that
+cache off in the server started here, so every request searches BM25 and Qdrant again.
 
 Usage (the catalog must be ingested; the server is started here unless ``--url`` is given)::
 

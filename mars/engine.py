@@ -40,9 +40,6 @@ from query.schemas import SearchResponse
 
 log = logging.getLogger("mars.engine")
 
-#: Hits the funnel's per-stage result cache holds in embedded mode: ~200 bytes each, so ~80 MB
-#: at most (2,000 lists at depth 200).
-RESULT_CACHE_HITS = 400_000
 #: Catalog rows the funnel keeps for responses in embedded mode (a few KB each).
 ROW_CACHE_SIZE = 10_000
 
@@ -147,7 +144,7 @@ class Engine:
                 critic_detail=critic_detail,
                 # Stage results are cached only where this process makes every index write (and
                 # invalidates them in refresh); server-mode stores are written by other processes.
-                result_cache_hits=RESULT_CACHE_HITS if settings.embedded_stores else 0,
+                result_cache_hits=settings.result_cache_hits if settings.embedded_stores else 0,
                 row_cache_size=ROW_CACHE_SIZE if settings.embedded_stores else 0,
             ),
             rules=self.rules,

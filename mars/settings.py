@@ -112,6 +112,12 @@ class Settings(BaseSettings):
         description="Region crops of a room photo: comma-separated grid sizes (1 = whole photo, 2 = 2x2 grid, ...).",
     )
 
+    result_cache_hits: int = Field(
+        400_000, ge=0,
+        description="Embedded mode: hits the funnel's per-stage result cache keeps (BM25, text, image and aligned "
+        "lists by query input, lock and depth; ~200 bytes each, so ~80 MB at the default; dropped on every "
+        "write); 0 turns it off. Server mode never caches (other processes write the stores).",
+    )
     rrf_k: float = Field(10.0, gt=0, description="RRF constant k (Cormack et al., SIGIR 2009); tuned by `mars tune`.")
     weights_photo: dict[str, float] = Field(
         default_factory=lambda: {"bm25": 0.25, "image": 1.0, "text": 0.25, "aligned": 0.1},

@@ -170,3 +170,15 @@ def test_failed_reindex_leaves_the_store_unchanged(store, points):
         store.reindex(broken(), dims={**DIMS, "aligned": 4})
     assert store.count() == 300 and "aligned" not in store.dims
     assert store.search_many("image", points[1].vectors["image"][None, :], 1)[0][0].id == "p001"
+
+
+def test_points_written_after_a_search_are_found_under_their_product_ids(store, points):
+    """Qdrant Edge answers searches without payload and maps point ids back to product ids
+    from a table it keeps in step with upserts and deletes: writes after the first search show."""
+    q = points[5].vectors["text"]
+    assert store.search_many("text", q[None, :], 1)[0][0].id == "p005"
+    store.upsert([VectorPoint("new-1", {"text": q}, ["c9"], "t9", "red")])
+    assert {h.id for h in store.search_many("text", q[None, :], 2)[0]} == {"p005", "new-1"}
+    assert [h.id for h in store.search_many("text", q[None, :], 5, ["c9"])[0]] == ["new-1"]
+    store.delete(["new-1", "p005"])
+    assert {h.id for h in store.search_many("text", q[None, :], 3)[0]}.isdisjoint({"p005", "new-1"})
