@@ -144,10 +144,7 @@ def _every_list(funnel: Any) -> dict[str, float]:
     configured weights name), as per-query overrides: the funnel skips a list weighted 0, and
     the tuner must see every list whatever the settings in effect say. Weights do not change
     the lists themselves."""
-    names = set(LIST_NAMES)
-    for per_shape in getattr(getattr(funnel, "config", None), "weights", {}).values():
-        if isinstance(per_shape, Mapping):
-            names |= set(per_shape)
+    names = set(LIST_NAMES).union(*funnel.config.weights.values())
     return {name: 1.0 for name in sorted(names)}
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import threading
-from collections import OrderedDict
 
+from cachetools import LRUCache
 from fastapi import HTTPException, Request
 from starlette.types import Message, Receive
 
@@ -64,8 +64,7 @@ class Base64Photos:
 
     def __init__(self, max_bytes: int = 32_000_000) -> None:
         self.max_bytes = max_bytes
-        self._photos: OrderedDict[bytes, tuple[bytes, str]] = OrderedDict()
-        self._size = 0
+        self._photos: LRUCache[bytes, tuple[bytes, str]] = LRUCache(max(max_bytes, 1), getsizeof=lambda e: len(e[0]))
         self._lock = threading.Lock()
 
     def decode(self, text: str) -> tuple[bytes, str]:
@@ -79,15 +78,10 @@ class Base64Photos:
         with self._lock:
             hit = self._photos.get(key)
             if hit is not None:
-                self._photos.move_to_end(key)
                 return hit
         data = base64.b64decode(text, validate=True)
         entry = (data, "sha256:" + hashlib.sha256(data).hexdigest())
         if len(data) <= self.max_bytes:
             with self._lock:
-                if key not in self._photos:
-                    self._photos[key] = entry
-                    self._size += len(data)
-                    while self._size > self.max_bytes:
-                        self._size -= len(self._photos.popitem(last=False)[1][0])
+                self._photos.setdefault(key, entry)
         return entry

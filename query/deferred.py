@@ -3,19 +3,19 @@ false`` answers at once with the fused order (critic status ``pending``) and run
 query (the same retrieval, encodings cached, then the critic) in the background; the client
 fetches the re-ranked list from ``result_url`` (``GET /v1/search/results/{id}``).
 
-Results live in this process's memory for ``ttl_s`` seconds (at most ``max_results``,
-oldest dropped first); a server restart forgets them, and the client then gets 404 and can
+Results live in this process's memory for ``ttl_s`` seconds (a cachetools ``TTLCache`` of at
+most ``max_results``, least recently used dropped first); a server restart forgets them, and the client then gets 404 and can
 search again.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+
+from cachetools import TTLCache
 
 from query.schemas import SearchResponse
 
@@ -26,37 +26,26 @@ class DeferredResults:
     Args:
         workers: threads running deferred searches (each waits mostly on the critic).
         ttl_s: seconds a result stays fetchable after it was submitted.
-        max_results: most results kept; the oldest are dropped first.
+        max_results: most results kept; past it the least recently submitted or fetched goes.
     """
 
     def __init__(self, workers: int = 2, ttl_s: float = 600.0, max_results: int = 1000) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mars-critic")
-        self._results: OrderedDict[str, tuple[float, Future]] = OrderedDict()
+        self._results: TTLCache[str, Future] = TTLCache(maxsize=max_results, ttl=ttl_s)  # cachetools
         self._lock = threading.Lock()
-        self.ttl_s, self.max_results = ttl_s, max_results
 
     def submit(self, search: Callable[[], SearchResponse]) -> str:
         """Start ``search`` in the background; returns the id to fetch its result with."""
         result_id = uuid.uuid4().hex
         future = self._pool.submit(search)
         with self._lock:
-            self._evict(time.monotonic())
-            self._results[result_id] = (time.monotonic(), future)
+            self._results[result_id] = future
         return result_id
 
     def get(self, result_id: str) -> Future | None:
         """The future of ``result_id``, or None when unknown or expired."""
         with self._lock:
-            self._evict(time.monotonic())
-            entry = self._results.get(result_id)
-        return entry[1] if entry else None
-
-    def _evict(self, now: float) -> None:
-        while self._results:
-            created, _ = next(iter(self._results.values()))
-            if now - created <= self.ttl_s and len(self._results) < self.max_results:
-                return
-            self._results.popitem(last=False)
+            return self._results.get(result_id)
 
     def close(self) -> None:
         """Stop taking work; running searches finish, queued ones are cancelled."""

@@ -19,11 +19,11 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from cachetools import LRUCache
 from PIL import Image
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session, raiseload, sessionmaker
@@ -185,24 +185,22 @@ class Funnel:
         self.sessions, self.taxonomy, self.lexical = sessions, taxonomy, lexical
         self.vectors, self.encoders, self.critic, self.config = vectors, encoders, critic, config
         self.rules, self.aligner = rules, aligner
-        self._region_cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        # Least-recently-used caches (cachetools), all guarded by one lock. Stage results are
+        # sized in hits (a list counts its hits + 1); cachetools wants maxsize >= 1.
+        self._region_cache: LRUCache[str, np.ndarray] = LRUCache(config.cache_size)
+        self._text_cache: LRUCache[str, np.ndarray] = LRUCache(config.cache_size)
+        self._results: LRUCache[tuple, tuple] = LRUCache(max(config.result_cache_hits, 1), getsizeof=lambda hits: len(hits) + 1)
+        self._rows: LRUCache[str, Product] = LRUCache(max(config.row_cache_size, 1))
         self._cache_lock = threading.Lock()
-        self._results: OrderedDict[tuple, tuple] = OrderedDict()
-        self._results_hits = 0
         self._results_generation = 0
-        self._rows: OrderedDict[str, Product] = OrderedDict()
 
-    def _cached(self, cache: OrderedDict[str, np.ndarray], key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    def _cached(self, cache: LRUCache, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
         with self._cache_lock:
-            if key in cache:
-                cache.move_to_end(key)
-                return cache[key]
-        value = compute()
-        with self._cache_lock:
-            cache[key] = value
-            if len(cache) > self.config.cache_size:
-                cache.popitem(last=False)
+            value = cache.get(key)
+        if value is None:
+            value = compute()
+            with self._cache_lock:
+                cache[key] = value
         return value
 
     @staticmethod
@@ -246,16 +244,12 @@ class Funnel:
         with self._cache_lock:
             hits = self._results.get(cache_key)
             if hits is not None:
-                self._results.move_to_end(cache_key)
                 return list(hits)
             generation = self._results_generation
         hits = compute()
         with self._cache_lock:
-            if generation == self._results_generation and cache_key not in self._results and len(hits) < budget:
+            if generation == self._results_generation and len(hits) < budget:
                 self._results[cache_key] = tuple(hits)
-                self._results_hits += len(hits) + 1
-                while self._results_hits > budget:
-                    self._results_hits -= len(self._results.popitem(last=False)[1]) + 1
         return hits
 
     def invalidate_results(self) -> None:
@@ -263,7 +257,6 @@ class Funnel:
         or the indexes)."""
         with self._cache_lock:
             self._results.clear()
-            self._results_hits = 0
             self._rows.clear()
             self._results_generation += 1
 
@@ -484,7 +477,6 @@ class Funnel:
             for i in ids if size > 0 else ():
                 p = self._rows.get(i)
                 if p is not None:
-                    self._rows.move_to_end(i)
                     found[i] = p
             generation = self._results_generation
         missing = [i for i in ids if i not in found]
@@ -495,10 +487,7 @@ class Funnel:
             if size > 0:
                 with self._cache_lock:
                     if generation == self._results_generation:
-                        for p in rows:
-                            self._rows[p.id] = p
-                        while len(self._rows) > size:
-                            self._rows.popitem(last=False)
+                        self._rows.update((p.id, p) for p in rows)
         return found
 
 

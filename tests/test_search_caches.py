@@ -125,11 +125,11 @@ def test_the_result_cache_is_bounded_and_keyed_by_list_lock_and_depth():
     hits = [str(i) for i in range(10)]  # each list costs 11 of the 25
     for key in ("a", "b", "c"):
         funnel.stage_hits("text", key, None, 10, lambda: hits)
-    assert [k[1] for k in funnel._results] == ["b", "c"] and funnel._results_hits == 22
+    assert [k[1] for k in funnel._results] == ["b", "c"] and funnel._results.currsize == 22
     assert funnel.stage_hits("text", "b", ["rug"], 10, lambda: ["locked"]) == ["locked"]
     assert funnel.stage_hits("text", "b", None, 20, lambda: ["deeper"]) == ["deeper"]
     assert funnel.stage_hits("image", "b", None, 10, lambda: ["image"]) == ["image"]
-    assert funnel._results_hits <= 25
+    assert funnel._results.currsize <= 25
     off = Funnel(None, None, None, None, None, None, FunnelConfig())  # type: ignore[arg-type]
     assert off.stage_hits("text", "a", None, 10, lambda: ["x"]) == ["x"] and not off._results
 
@@ -149,7 +149,7 @@ def test_base64_photos_are_decoded_once_and_bounded():
     assert first[0] == b"hello" and first[1].startswith("sha256:")
     assert photos.decode(base64.b64encode(b"hello").decode()) is first
     photos.decode(base64.b64encode(b"world!!").decode())  # 5 + 7 > 10: "hello" goes
-    assert photos._size == 7 and len(photos._photos) == 1
+    assert photos._photos.currsize == 7 and len(photos._photos) == 1
     for bad in ("abc", "ab cd", "é"):
         with pytest.raises(ValueError):
             photos.decode(bad)

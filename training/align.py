@@ -201,8 +201,11 @@ def validation_metrics(heads: AlignHeads, data: AlignData, held: Sequence[int], 
     scores = queries @ gallery.T
     depth = max(max(ks), 10)
     out = {f"recall@{k}": 0.0 for k in ks} | {"mrr@10": 0.0}
+    by_key: dict[tuple[str, str], set[int]] = {}
+    for j, key in enumerate(data.keys):
+        by_key.setdefault(key, set()).add(j)
     for row, qi in enumerate(held):
-        relevant = {j for j, key in enumerate(data.keys) if key == data.keys[qi]}
+        relevant = by_key[data.keys[qi]]
         top = np.argsort(-scores[row], kind="stable")[:depth].tolist()
         for k in ks:
             out[f"recall@{k}"] += len(relevant & set(top[:k])) / len(relevant)
