@@ -82,6 +82,24 @@ class EfficientNetLite0Encoder:
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
         return (x - 127.0) / 128.0
 
+    def feature_map(self, image: Image.Image, short_side: int) -> np.ndarray:
+        """The last convolutional feature map of one image, float32 (1280, H/32, W/32), for
+        regional pooling (:func:`query.regions.embed_regions`). The image is resized
+        (bicubic) to ``short_side`` pixels on its short side, keeping its aspect ratio, each
+        side rounded to a multiple of 32 (the network's stride).
+
+        Raises:
+            ValueError: ``short_side`` < 32 or an empty image.
+        """
+        if short_side < 32 or min(image.size) <= 0:
+            raise ValueError(f"cannot take a {short_side}-pixel feature map of a {image.size} image")
+        scale = short_side / min(image.size)
+        size = tuple(max(32, round(side * scale / 32) * 32) for side in image.size)
+        pixels = np.array(image.convert("RGB").resize(size, Image.Resampling.BICUBIC))
+        x = (torch.from_numpy(pixels).permute(2, 0, 1)[None].float() - 127.0) / 128.0
+        with torch.inference_mode():
+            return self.model.extract_features(x)[0].numpy()
+
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Encode images; returns float32 (n, 1280), unit rows."""
         out = np.zeros((len(images), self.dim), dtype=np.float32)

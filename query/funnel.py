@@ -38,7 +38,7 @@ from indexing.lexical import LexicalIndex
 from indexing.vectors import VectorHit, VectorStore
 from ingestion.remote import is_remote
 from query.fusion import Fused, weighted_rrf
-from query.regions import crop_regions
+from query.regions import embed_regions, grid_cell_count
 from query.rules import Ranked, Rule, in_scope, merchandise, place_pins, rewrite
 from query.schemas import (
     CriticResult,
@@ -215,13 +215,32 @@ class Funnel:
             return key in self._region_cache
 
     def region_vectors(self, image: Image.Image) -> np.ndarray:
-        """Embeddings of the photo's grid regions, float32 (regions, dim), cached by :meth:`region_key`."""
+        """Unit embeddings of the photo's regions, float32 (regions, dim), cached by
+        :meth:`region_key`: the grid cells first (row 0 the whole photo), then the dense
+        windows when the image encoder has a feature map (:func:`query.regions.embed_regions`)."""
         key = self.region_key(image)
         return self._cached(
-            self._region_cache,
-            key,
-            lambda: self.encoders()[0].encode_images(crop_regions(image.convert("RGB"), self.config.grids)),
+            self._region_cache, key, lambda: embed_regions(self.encoders()[0], image, self.config.grids)
         )
+
+    def image_hits(self, store: VectorStore, regions: np.ndarray, depth: int, cats: Sequence[str] | None) -> list[VectorHit]:
+        """The image list: each product scored by its best region (cosine), best first, ties by id.
+
+        The grid cells (the first :func:`query.regions.grid_cell_count` rows of ``regions``)
+        are searched in the index; when there are more regions (dense windows), the
+        candidates' stored image vectors are fetched and every region re-scores them exactly.
+        Within a lock of at most ``depth`` products that is the exact max over all regions.
+        """
+        cells = grid_cell_count(self.config.grids)
+        candidates = max_over_regions(store.search_many("image", regions[:cells], depth, cats), depth)
+        if len(regions) <= cells or not candidates:
+            return candidates
+        stored = store.fetch([h.id for h in candidates])
+        ids = [h.id for h in candidates if h.id in stored and "image" in stored[h.id].vectors]
+        if not ids:
+            return candidates
+        best = (regions @ np.stack([stored[i].vectors["image"] for i in ids]).T).max(axis=0)
+        return sorted((VectorHit(i, float(s)) for i, s in zip(ids, best)), key=lambda h: (-h.score, h.id))
 
     def text_vector(self, text: str) -> np.ndarray:
         """Embedding of the query text, float32 (1, dim), cached by text."""
@@ -304,7 +323,7 @@ class Funnel:
                 image = query.image
                 lists["image"] = self.stage_hits(
                     "image", self.region_key(image), cats, depth,
-                    lambda: max_over_regions(store.search_many("image", self.region_vectors(image), depth, cats), depth),
+                    lambda: self.image_hits(store, self.region_vectors(image), depth, cats),
                 )
             timings["vector"] = (time.perf_counter() - t) * 1000
 

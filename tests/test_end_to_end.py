@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 
@@ -94,6 +95,22 @@ def test_faiss_reference_agrees_with_qdrant(slice_engine, room):
         assert [i.id for i in engine.search(q).items] == qdrant
     finally:
         engine.settings.vector_backend = "qdrant-edge"
+
+
+def test_image_list_is_the_exact_best_region_score(slice_engine, room):
+    """The grid cells find candidates in the index; every region (grid cells + dense windows)
+    re-scores them, so within a catalog smaller than the depth the list is the brute-force
+    max over regions of the cosine with each stored image vector."""
+    engine, _ = slice_engine
+    funnel = engine.funnel
+    store = funnel.vectors()
+    regions = funnel.region_vectors(room)
+    assert len(regions) > 14  # dense windows beyond the 1 + 4 + 9 grid cells
+    hits = funnel.image_hits(store, regions, 200, None)
+    expected = {p.product_id: float((regions @ p.vectors["image"]).max()) for p in store.scan() if "image" in p.vectors}
+    assert {h.id for h in hits} == set(expected)
+    np.testing.assert_allclose([h.score for h in hits], [expected[h.id] for h in hits], atol=1e-4)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 
 def test_one_process_owns_the_stores(slice_engine, encoders):
