@@ -21,9 +21,11 @@ Feature vector (float32, in :data:`FEATURES` order):
 ``log_rank``
     ln(fused rank) of the candidate in the funnel's weighted RRF list (learning-to-rank
     practice: the first-stage rank is a feature of the re-ranker).
-``class_prior`` / ``class_room_fit``
-    filled in by :class:`critic.learned.ClassStats` (log-odds that a candidate of the
-    product's class is staged in a room, overall and for the room type the query names).
+``class_prior`` / ``class_room_fit`` / ``type_prior`` / ``type_room_fit``
+    filled in by :class:`critic.learned.ClassStats` (log-odds lifts that a candidate of the
+    product's class, or of its type, is staged in a room, overall and in the room type the
+    query names; a type is judged against its class, so within a class lock it separates
+    products that retrieval alone scores alike).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ FEATURES: tuple[str, ...] = (
     "log_rank",
     "class_prior",
     "class_room_fit",
+    "type_prior",
+    "type_room_fit",
 )
 VECTOR_FEATURES = FEATURES[:6]
 

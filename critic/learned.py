@@ -29,7 +29,7 @@ from critic.protocol import CriticPair, Verdict
 #: rate (additive smoothing as in Zhai & Lafferty, "A study of smoothing methods for language
 #: models", SIGIR 2001, Dirichlet prior form).
 PRIOR_STRENGTH = 10.0
-FORMAT = "mars-learned-critic/1"
+FORMAT = "mars-learned-critic/2"
 
 
 def _logit(p: float) -> float:
@@ -42,37 +42,47 @@ def _words(text: str) -> list[str]:
 
 @dataclass
 class ClassStats:
-    """How often a candidate of a product class is staged in the room, overall and per room type.
+    """How often a candidate of a product class or type is staged in the room, overall and per
+    room type, counted over the critic's mined candidates.
 
-    ``classes``: class key -> [positives, candidates]; ``rooms``: "class|room" -> [positives,
-    candidates]; ``room_words``: room-type names as they appear in queries (e.g. "bedroom",
-    "living room"), longest matched first.
+    ``counts``: key -> [positives, candidates] for keys ``c:<class>``, ``c:<class>|<room>``,
+    ``t:<type>`` and ``t:<type>|<room>``; ``room_words``: room-type names as they appear in
+    queries (e.g. "bedroom", "living room"), longest matched first. Rates are smoothed toward
+    their parent rate (overall -> class -> type; class -> class in room; type -> type in room).
     """
 
     positives: int = 0
     candidates: int = 0
-    classes: dict[str, list[int]] = field(default_factory=dict)
-    rooms: dict[str, list[int]] = field(default_factory=dict)
+    counts: dict[str, list[int]] = field(default_factory=dict)
     room_words: list[str] = field(default_factory=list)
 
     @classmethod
-    def fit(cls, product_classes: Sequence[str | None], room_types: Sequence[str | None], labels: Sequence[int]) -> "ClassStats":
-        """Count positives and candidates per class and per (class, room type)."""
+    def fit(cls, product_classes: Sequence[str | None], product_types: Sequence[str | None],
+            room_types: Sequence[str | None], labels: Sequence[int]) -> "ClassStats":
+        """Count positives and candidates per class, type, (class, room type) and (type, room type).
+
+        Raises:
+            ValueError: the sequences differ in length.
+        """
+        if not len(product_classes) == len(product_types) == len(room_types) == len(labels):
+            raise ValueError("product_classes, product_types, room_types and labels must have one entry per pair")
         stats = cls()
-        for c, room, y in zip(product_classes, room_types, labels):
+        for c, t, room, y in zip(product_classes, product_types, room_types, labels):
             stats.positives += int(y)
             stats.candidates += 1
-            if c is None:
-                continue
-            row = stats.classes.setdefault(c, [0, 0])
-            row[0] += int(y)
-            row[1] += 1
-            if room:
-                row = stats.rooms.setdefault(f"{c}|{room}", [0, 0])
+            keys = [f"c:{c}"] * (c is not None) + [f"t:{t}"] * (t is not None)
+            for key in keys + [f"{k}|{room}" for k in keys if room]:
+                row = stats.counts.setdefault(key, [0, 0])
                 row[0] += int(y)
                 row[1] += 1
         stats.room_words = sorted({r for r in room_types if r}, key=lambda r: (-len(r.split()), r))
         return stats
+
+    def without(self, part: "ClassStats") -> "ClassStats":
+        """These counts minus ``part``'s (leave-one-room-out features while fitting: a pair's
+        own room must not count toward the rates it is scored with)."""
+        counts = {k: [v[0] - part.counts.get(k, [0, 0])[0], v[1] - part.counts.get(k, [0, 0])[1]] for k, v in self.counts.items()}
+        return ClassStats(self.positives - part.positives, self.candidates - part.candidates, counts, self.room_words)
 
     def room_in(self, text: str | None) -> str | None:
         """The room type named in the query text (longest known name, whole words), else None."""
@@ -81,32 +91,44 @@ class ClassStats:
         padded = f" {' '.join(_words(text))} "
         return next((r for r in self.room_words if f" {r} " in padded), None)
 
+    def _smoothed(self, key: str, parent: float) -> float:
+        pos, n = self.counts.get(key, [0, 0])
+        return (pos + PRIOR_STRENGTH * parent) / (n + PRIOR_STRENGTH)
+
     def rate(self, product_class: str | None, room: str | None = None) -> tuple[float, float]:
         """(smoothed rate, parent rate): the class rate against the overall rate, or with a
         room, the class-in-room rate against the class rate. Rates are in (0, 1)."""
         overall = (self.positives + 1.0) / (self.candidates + 2.0)
-        c = self.classes.get(product_class or "", [0, 0])
-        class_rate = (c[0] + PRIOR_STRENGTH * overall) / (c[1] + PRIOR_STRENGTH)
+        class_rate = self._smoothed(f"c:{product_class}", overall)
         if room is None:
             return class_rate, overall
-        r = self.rooms.get(f"{product_class}|{room}", [0, 0])
-        return (r[0] + PRIOR_STRENGTH * class_rate) / (r[1] + PRIOR_STRENGTH), class_rate
+        return self._smoothed(f"c:{product_class}|{room}", class_rate), class_rate
+
+    def type_rate(self, product_class: str | None, product_type: str | None, room: str | None = None) -> tuple[float, float]:
+        """(smoothed rate, parent rate): the type rate against its class rate, or with a room,
+        the type-in-room rate against the type rate. Rates are in (0, 1)."""
+        class_rate = self.rate(product_class)[0]
+        type_rate = self._smoothed(f"t:{product_type}", class_rate)
+        if room is None:
+            return type_rate, class_rate
+        return self._smoothed(f"t:{product_type}|{room}", type_rate), type_rate
 
     def features(self, pairs: Sequence[CriticPair]) -> np.ndarray:
-        """float32 (n, 2): ``class_prior`` and ``class_room_fit`` log-odds lifts of each pair."""
-        out = np.zeros((len(pairs), 2), dtype=np.float32)
+        """float32 (n, 4): the ``class_prior``, ``class_room_fit``, ``type_prior`` and
+        ``type_room_fit`` log-odds lifts of each pair (0 where the query names no known room)."""
+        out = np.zeros((len(pairs), 4), dtype=np.float32)
         for i, p in enumerate(pairs):
-            rate, parent = self.rate(p.product_class)
-            out[i, 0] = _logit(rate) - _logit(parent)
             room = self.room_in(p.query_text)
+            cells = [(0, self.rate(p.product_class)), (2, self.type_rate(p.product_class, p.product_type))]
             if room is not None:
-                rate, parent = self.rate(p.product_class, room)
-                out[i, 1] = _logit(rate) - _logit(parent)
+                cells += [(1, self.rate(p.product_class, room)), (3, self.type_rate(p.product_class, p.product_type, room))]
+            for col, (rate, parent) in cells:
+                out[i, col] = _logit(rate) - _logit(parent)
         return out
 
     def to_json(self) -> str:
-        return json.dumps({"positives": self.positives, "candidates": self.candidates, "classes": self.classes,
-                           "rooms": self.rooms, "room_words": self.room_words}, sort_keys=True)
+        return json.dumps({"positives": self.positives, "candidates": self.candidates, "counts": self.counts,
+                           "room_words": self.room_words}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ClassStats":
@@ -114,7 +136,7 @@ class ClassStats:
 
 
 def feature_matrix(pairs: Sequence[CriticPair], stats: ClassStats) -> np.ndarray:
-    """All :data:`critic.features.FEATURES` of the pairs, float32 (n, 8)."""
+    """All :data:`critic.features.FEATURES` of the pairs, float32 (n, 10)."""
     return np.concatenate([vector_feature_matrix(pairs), stats.features(pairs)], axis=1)
 
 
@@ -123,7 +145,7 @@ class LearnedCritic:
     """Logistic critic: ``score = sigmoid(w . (x - mean) / std + b)`` over :data:`FEATURES`.
 
     Attributes:
-        weights: float32 (8,); bias: float; mean, std: float32 (8,) feature standardisation.
+        weights: float32 (10,); bias: float; mean, std: float32 (10,) feature standardisation.
         stats: the class statistics; meta: training provenance (pairs, steps, folds ...).
     """
 
@@ -140,7 +162,7 @@ class LearnedCritic:
         """One :class:`Verdict` per pair, in order; the rationale names the two strongest signals."""
         t0 = time.perf_counter()
         x = feature_matrix(pairs, self.stats)
-        contributions = (x - self.mean) / self.std * self.weights  # (n, 8) terms of the logit
+        contributions = (x - self.mean) / self.std * self.weights  # (n, 10) terms of the logit
         scores = 1.0 / (1.0 + np.exp(-(contributions.sum(axis=1) + self.bias)))
         latency = time.perf_counter() - t0
         return [
@@ -180,6 +202,14 @@ class LearnedCritic:
                 return ""
             rate = self.stats.rate(pair.product_class, room)[0]
             return f"{cls} {'suits' if up else 'seldom appears in'} a {room} ({rate:.0%} of {room} candidates)"
+        if feature in ("type_prior", "type_room_fit"):
+            kind = pair.product_type or "this type"
+            room = self.stats.room_in(pair.query_text) if feature == "type_room_fit" else None
+            if feature == "type_room_fit" and room is None:
+                return ""
+            rate = self.stats.type_rate(pair.product_class, pair.product_type, room)[0]
+            where = f"a {room}" if room else "rooms"
+            return f"{kind} items are {'often' if up else 'rarely'} staged in {where} ({rate:.0%} of candidates)"
         return ""  # no_visual says nothing about fit
 
     def save(self, path: Path) -> None:

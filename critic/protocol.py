@@ -21,8 +21,8 @@ class CriticPair:
     """One pair to judge: the query text, the room photo (either may be None) and the product.
 
     VLM critics read the images and texts. The funnel also passes what it has already
-    computed, for critics that work on features: ``product_class`` (taxonomy class key),
-    ``fused_rank`` (1-based rank in the fused list), ``room_regions`` (float32 (R, D) unit
+    computed, for critics that work on features: ``product_class`` and ``product_type``
+    (taxonomy class and type keys), ``fused_rank`` (1-based rank in the fused list), ``room_regions`` (float32 (R, D) unit
     image-encoder vectors of the photo's grid regions, row 0 the whole photo),
     ``query_vector`` (float32 (D,) unit text vector) and ``product_vectors`` (the product's
     stored named vectors, e.g. ``image``, ``text``).
@@ -34,6 +34,7 @@ class CriticPair:
     product_text: str
     product_image: Image.Image | None
     product_class: str | None = None
+    product_type: str | None = None
     fused_rank: int | None = None
     room_regions: np.ndarray | None = None
     query_vector: np.ndarray | None = None

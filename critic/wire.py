@@ -2,7 +2,8 @@
 
 A request is the payload of :func:`pairs_to_json`; an answer carries one
 :func:`verdict_to_json` per pair. Images travel as base64 JPEG (default; small, lossy) or PNG
-(lossless), each distinct image once; numpy vectors as base64 float32 bytes with their shape.
+(lossless), each distinct image once; numpy vectors as base64 float32 bytes with their shape,
+the room's region vectors (hundreds of rows, shared by a search's pairs) once per search.
 Used by both sides: :class:`workers.critic.QueuedCritic` (client) and the
 ``mars.critic_score`` task (worker).
 """
@@ -20,7 +21,7 @@ from PIL import Image
 from critic.protocol import CriticPair, Verdict
 
 #: Payload format version (bumped on incompatible changes of :func:`pairs_to_json`).
-PAYLOAD_VERSION = 1
+PAYLOAD_VERSION = 2
 
 
 def image_to_b64(image: Image.Image, fmt: str = "JPEG", quality: int = 95) -> str:
@@ -67,22 +68,29 @@ def _optional(convert: Callable[[Any], Any], value: Any) -> Any:
 
 
 def pairs_to_json(pairs: Sequence[CriticPair], image_format: str = "JPEG", jpeg_quality: int = 95) -> dict[str, Any]:
-    """The JSON-able payload of ``pairs``: ``{"v": 1, "images": [b64, ...], "pairs": [...]}``.
+    """The JSON-able payload of ``pairs``: ``{"v": 2, "images": [b64, ...], "regions": [...], "pairs": [...]}``.
 
     Every field of :class:`CriticPair` is kept. Images are encoded once each (the room photo,
     shared by all the pairs of a search, is sent once) and pairs refer to them by index in
-    ``images``; numpy vectors become :func:`array_to_json` dicts (float32, with shape).
+    ``images``; so are the room's region vectors (by index in ``regions``); other numpy vectors become :func:`array_to_json` dicts (float32, with shape).
     ``image_format="JPEG"`` (quality ``jpeg_quality``) is small but lossy, so a VLM sees slightly
     different pixels than in process; ``"PNG"`` is exact and larger.
     """
     images: list[str] = []
-    index: dict[int, int] = {}
+    regions: list[dict[str, Any]] = []
+    index: dict[tuple[str, int], int] = {}
 
     def ref(image: Image.Image) -> int:
-        if id(image) not in index:
-            index[id(image)] = len(images)
+        if ("image", id(image)) not in index:
+            index["image", id(image)] = len(images)
             images.append(image_to_b64(image, image_format, jpeg_quality))
-        return index[id(image)]
+        return index["image", id(image)]
+
+    def ref_regions(array: np.ndarray) -> int:
+        if ("regions", id(array)) not in index:
+            index["regions", id(array)] = len(regions)
+            regions.append(array_to_json(array))
+        return index["regions", id(array)]
 
     out = [
         {
@@ -92,14 +100,15 @@ def pairs_to_json(pairs: Sequence[CriticPair], image_format: str = "JPEG", jpeg_
             "product_text": p.product_text,
             "product_image": _optional(ref, p.product_image),
             "product_class": p.product_class,
+            "product_type": p.product_type,
             "fused_rank": p.fused_rank,
-            "room_regions": _optional(array_to_json, p.room_regions),
+            "room_regions": _optional(ref_regions, p.room_regions),
             "query_vector": _optional(array_to_json, p.query_vector),
             "product_vectors": {k: array_to_json(v) for k, v in p.product_vectors.items()},
         }
         for p in pairs
     ]
-    return {"v": PAYLOAD_VERSION, "images": images, "pairs": out}
+    return {"v": PAYLOAD_VERSION, "images": images, "regions": regions, "pairs": out}
 
 
 def pairs_from_json(payload: Mapping[str, Any]) -> list[CriticPair]:
@@ -112,6 +121,7 @@ def pairs_from_json(payload: Mapping[str, Any]) -> list[CriticPair]:
     if payload.get("v") != PAYLOAD_VERSION:
         raise ValueError(f"critic payload version {payload.get('v')!r}; this worker reads {PAYLOAD_VERSION}")
     images = [image_from_b64(text) for text in payload["images"]]
+    regions = [array_from_json(d) for d in payload["regions"]]
     return [
         CriticPair(
             query_text=d["query_text"],
@@ -120,8 +130,9 @@ def pairs_from_json(payload: Mapping[str, Any]) -> list[CriticPair]:
             product_text=d["product_text"],
             product_image=_optional(images.__getitem__, d["product_image"]),
             product_class=d["product_class"],
+            product_type=d["product_type"],
             fused_rank=d["fused_rank"],
-            room_regions=_optional(array_from_json, d["room_regions"]),
+            room_regions=_optional(regions.__getitem__, d["room_regions"]),
             query_vector=_optional(array_from_json, d["query_vector"]),
             product_vectors={k: array_from_json(v) for k, v in d["product_vectors"].items()},
         )

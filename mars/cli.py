@@ -748,6 +748,44 @@ def train_align_command(
                   f"bias {report.logit_bias:.2f}; {report.points} points rewritten with the aligned vector in {report.seconds} s")
 
 
+@train_app.command("whitening")
+def train_whitening_command(
+    rooms: Annotated[Path, typer.Option("--rooms", help="Folder of room photos (e.g. ../shared/data/ikea/rooms).")],
+    dim: Annotated[int, typer.Option("--dim", min=1, help="Whitened dimensions kept (leading principal components).")] = 512,
+    eps: Annotated[float, typer.Option("--eps", min=0.0, help="Ridge on the eigenvalues, as a multiple of their mean.")] = 1.0,
+    region_step: Annotated[int, typer.Option("--region-step", min=1, help="Keep every N-th region of each room photo.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the fit report as JSON.")] = False,
+) -> None:
+    """Fit a PCA whitening of image vectors (Jégou & Chum, ECCV 2012) on the stored product
+    photos and the regions of the room photos in --rooms (unsupervised: no judgments), and store
+    it with the index. The image list then compares room regions with product photos as
+    whitened vectors. Needs the stores: stop `mars serve` first; no re-index."""
+    from indexing.whitening import whitening_path
+    from ingestion.images import ImageRejected
+    from training.whitening import fit_whitening, room_photos
+
+    engine = _engine()
+    try:
+        photos = room_photos(rooms)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=err, disable=as_json) as bar:
+            task = bar.add_task("whitening: room regions", total=len(photos))
+            white = fit_whitening(engine, photos, dim=dim, eps=eps, region_step=region_step,
+                                  on_photo=lambda: bar.advance(task))
+        engine.install_whitening(white)
+    except (FileNotFoundError, ImageRejected, RuntimeError, ValueError) as exc:
+        raise _fail(exc) from exc
+    finally:
+        engine.close()
+    if as_json:
+        console.print_json(json.dumps(_finite(white.meta)))
+        return
+    m = white.meta
+    console.print(f"whitening fitted on {m['products']} product photos + {m['regions']} regions of {m['room_photos']} room "
+                  f"photos: {m['dim']} of {white.input_dim} dimensions, {m['variance_kept']:.1%} of the variance, eps {m['eps']}, "
+                  f"{m['seconds']} s; written to {whitening_path(engine.home)}")
+
+
 def _finite(value):  # noqa: ANN001, ANN202 - JSON-ready values
     """``value`` with NaN / infinite floats replaced by None (strict JSON has no NaN)."""
     if isinstance(value, float):

@@ -25,6 +25,7 @@ from catalog.db import make_engine, session_factory, upgrade_to_head
 from catalog.locking import Taxonomy
 from critic.registry import build_critic
 from indexing.aligned import VECTOR as ALIGNED, AlignHeads, AlignHeadsFile, heads_path, with_aligned
+from indexing.whitening import Whitening, WhiteningFile, whitening_path
 from indexing.encoders import ImageEncoder, TextEncoder, load_encoders
 from catalog.models import IngestJob, Product
 from catalog.rules import list_rules
@@ -126,6 +127,9 @@ class Engine:
         #: Returns the cross-modal alignment heads (``mars train align``) or None; with heads and an
         #: ``aligned`` named vector, text queries get the ``aligned`` list (:mod:`indexing.aligned`).
         self.aligned = AlignHeadsFile(heads_path(self.home), settings.image_encoder, settings.text_encoder)
+        #: Returns the image-vector whitening (``mars train whitening``) or None, re-read when its
+        #: file changes; the image list then compares whitened vectors (:mod:`indexing.whitening`).
+        self.whitening = WhiteningFile(whitening_path(self.home), settings.image_encoder)
         #: The active merchandising rules, cached for ``MARS_RULES_CACHE_S`` (see :meth:`refresh_rules`).
         self.rules = RuleCache(self._load_rules, settings.rules_cache_s)
         self.funnel = Funnel(
@@ -149,6 +153,7 @@ class Engine:
             ),
             rules=self.rules,
             aligner=self.aligned,
+            whitening=self.whitening,
         )
 
     def _owner_pid(self) -> str:
@@ -243,6 +248,22 @@ class Engine:
             self.manifest_path.write_text(json.dumps(self.manifest, indent=2))
         self.refresh()
         return len(points)
+
+    def install_whitening(self, whitening: Whitening) -> None:
+        """Make ``whitening`` the index's image-vector whitening: store it at
+        :func:`indexing.whitening.whitening_path` (written beside, then renamed) and drop the
+        cached search results. Nothing is re-indexed: the image list whitens at query time.
+
+        Raises:
+            ValueError: it was fitted on another image encoder than the index's.
+        """
+        if whitening.image_encoder != self.settings.image_encoder:
+            raise ValueError(f"the whitening was fitted on {whitening.image_encoder!r}, the index uses {self.settings.image_encoder!r}")
+        path = whitening_path(self.home)
+        staging = path.with_name(path.name + ".next")
+        whitening.save(staging)
+        os.replace(staging, path)
+        self.funnel.invalidate_results()
 
     def search_store(self) -> VectorStore | None:
         """The store queries use: the vector store, or with ``MARS_VECTOR_BACKEND=faiss`` the
@@ -386,6 +407,7 @@ class Engine:
             write_lock=self.write_lock,
             category_head=self.category_head,
             aligner=self.aligned,
+            whitening=self.whitening,
         )
 
     def search(self, query: SearchQuery) -> SearchResponse:

@@ -36,6 +36,7 @@ from indexing.aligned import AlignHeads
 from indexing.encoders import ImageEncoder, TextEncoder
 from indexing.lexical import LexicalIndex
 from indexing.vectors import VectorHit, VectorStore
+from indexing.whitening import Whitening
 from ingestion.remote import is_remote
 from query.fusion import Fused, weighted_rrf
 from query.regions import embed_regions, grid_cell_count
@@ -168,6 +169,8 @@ class Funnel:
             :class:`query.rules.RuleCache`), or None for none.
         aligner: callable returning the cross-modal alignment heads
             (:class:`indexing.aligned.AlignHeads`) or None while none is trained.
+        whitening: callable returning the image-vector whitening
+            (:class:`indexing.whitening.Whitening`) or None while none is fitted.
     """
 
     def __init__(
@@ -181,10 +184,11 @@ class Funnel:
         config: FunnelConfig,
         rules: Callable[[], Sequence[Rule]] | None = None,
         aligner: Callable[[], AlignHeads | None] | None = None,
+        whitening: Callable[[], Whitening | None] | None = None,
     ) -> None:
         self.sessions, self.taxonomy, self.lexical = sessions, taxonomy, lexical
         self.vectors, self.encoders, self.critic, self.config = vectors, encoders, critic, config
-        self.rules, self.aligner = rules, aligner
+        self.rules, self.aligner, self.whitening = rules, aligner, whitening
         # Least-recently-used caches (cachetools), all guarded by one lock. Stage results are
         # sized in hits (a list counts its hits + 1); cachetools wants maxsize >= 1.
         self._region_cache: LRUCache[str, np.ndarray] = LRUCache(config.cache_size)
@@ -223,23 +227,31 @@ class Funnel:
             self._region_cache, key, lambda: embed_regions(self.encoders()[0], image, self.config.grids)
         )
 
-    def image_hits(self, store: VectorStore, regions: np.ndarray, depth: int, cats: Sequence[str] | None) -> list[VectorHit]:
-        """The image list: each product scored by its best region (cosine), best first, ties by id.
+    def image_hits(
+        self, store: VectorStore, regions: np.ndarray, depth: int, cats: Sequence[str] | None,
+        whitening: Whitening | None = None,
+    ) -> list[VectorHit]:
+        """The image list: each product scored by its best region, best first, ties by id.
 
         The grid cells (the first :func:`query.regions.grid_cell_count` rows of ``regions``)
-        are searched in the index; when there are more regions (dense windows), the
-        candidates' stored image vectors are fetched and every region re-scores them exactly.
-        Within a lock of at most ``depth`` products that is the exact max over all regions.
+        are searched in the index. When there are more regions (dense windows) or a
+        ``whitening``, the candidates' stored image vectors are fetched and re-scored exactly:
+        the max over every region of the cosine similarity, of the whitened vectors when a
+        whitening is given (:mod:`indexing.whitening`). Within a lock of at most ``depth``
+        products that is the exact max over all regions.
         """
         cells = grid_cell_count(self.config.grids)
         candidates = max_over_regions(store.search_many("image", regions[:cells], depth, cats), depth)
-        if len(regions) <= cells or not candidates:
+        if (len(regions) <= cells and whitening is None) or not candidates:
             return candidates
         stored = store.fetch([h.id for h in candidates])
         ids = [h.id for h in candidates if h.id in stored and "image" in stored[h.id].vectors]
         if not ids:
             return candidates
-        best = (regions @ np.stack([stored[i].vectors["image"] for i in ids]).T).max(axis=0)
+        products = np.stack([stored[i].vectors["image"] for i in ids])
+        if whitening is not None:
+            regions, products = whitening.apply(regions), whitening.apply(products)
+        best = (regions @ products.T).max(axis=0)
         return sorted((VectorHit(i, float(s)) for i, s in zip(ids, best)), key=lambda h: (-h.score, h.id))
 
     def text_vector(self, text: str) -> np.ndarray:
@@ -321,9 +333,10 @@ class Funnel:
                 )
             if query.image is not None and "image" in store.dims and wanted("image"):
                 image = query.image
+                white = self.whitening() if self.whitening is not None else None
                 lists["image"] = self.stage_hits(
-                    "image", self.region_key(image), cats, depth,
-                    lambda: self.image_hits(store, self.region_vectors(image), depth, cats),
+                    "image", self.region_key(image) + (f"@{white.digest}" if white is not None else ""), cats, depth,
+                    lambda: self.image_hits(store, self.region_vectors(image), depth, cats, white),
                 )
             timings["vector"] = (time.perf_counter() - t) * 1000
 
@@ -371,7 +384,7 @@ class Funnel:
         pairs = []
         for f in head:
             point = stored.get(f.id)
-            classes = [c for c in (point.category_ids if point else []) if c in categories and categories[c].level == "class"]
+            levels = {categories[c].level: c for c in reversed(point.category_ids if point else []) if c in categories}
             pairs.append(
                 CriticPair(
                     query_text=text,
@@ -379,7 +392,8 @@ class Funnel:
                     product_id=f.id,
                     product_text=_product_text(products[f.id]),
                     product_image=photos.get(f.id),
-                    product_class=classes[0] if classes else None,
+                    product_class=levels.get("class"),
+                    product_type=levels.get("type"),
                     fused_rank=f.rank,
                     room_regions=regions,
                     query_vector=qvec,

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,14 @@ def test_payload_keeps_every_field_and_sends_the_shared_room_photo_once():
         for x, y in [(a.room_regions, b.room_regions), (a.query_vector, b.query_vector),
                      (a.product_vectors["image"], b.product_vectors["image"])]:
             assert y.dtype == np.float32 and y.shape == x.shape and np.array_equal(x, y)
+    same_room = [replace(p, room_regions=np.ones((450, 8), np.float32) if i == 0 else None, product_type="pendant lamp")
+                 for i, p in enumerate(pairs)]
+    same_room = [replace(p, room_regions=same_room[0].room_regions) for p in same_room]  # one search: one region array
+    payload = pairs_to_json(same_room)
+    assert len(payload["regions"]) == 1  # hundreds of region rows travel once per search, not once per pair
+    back = pairs_from_json(payload)
+    assert back[0].room_regions is back[3].room_regions and back[0].room_regions.shape == (450, 8)
+    assert {b.product_type for b in back} == {"pendant lamp"}
     bare = pairs_from_json(pairs_to_json([CriticPair(None, None, "x", "text only", None)]))[0]
     assert (bare.query_text, bare.room_image, bare.room_regions, dict(bare.product_vectors)) == (None, None, None, {})
     rgba = image_from_b64(image_to_b64(Image.new("RGBA", (8, 8), (1, 2, 3, 4))))

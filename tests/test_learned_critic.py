@@ -22,15 +22,15 @@ def _unit(v):
     return v / np.linalg.norm(v)
 
 
-def _pair(regions, image, text_q=None, text_p=None, cls="lamp", rank=1, query="a lamp for this bedroom"):
+def _pair(regions, image, text_q=None, text_p=None, cls="lamp", rank=1, query="a lamp for this bedroom", kind=None):
     vectors = {}
     if image is not None:
         vectors["image"] = _unit(image)
     if text_p is not None:
         vectors["text"] = _unit(text_p)
-    return CriticPair(query, None, f"p{rank}", "", None, cls, rank,
-                      None if regions is None else np.stack([_unit(r) for r in regions]),
-                      None if text_q is None else _unit(text_q), vectors)
+    return CriticPair(query, None, f"p{rank}", "", None, product_class=cls, product_type=kind, fused_rank=rank,
+                      room_regions=None if regions is None else np.stack([_unit(r) for r in regions]),
+                      query_vector=None if text_q is None else _unit(text_q), product_vectors=vectors)
 
 
 def test_vector_features_by_hand():
@@ -48,18 +48,38 @@ def test_vector_features_by_hand():
 
 
 def test_class_stats_smoothed_rates_by_hand():
-    stats = ClassStats.fit(["lamp", "lamp", "rug", "rug", "rug", None], ["bedroom", "bedroom", "bedroom", "kitchen", "living room", None],
-                           [1, 1, 0, 0, 1, 0])
+    classes = ["lamp", "lamp", "rug", "rug", "rug", None]
+    types = ["pendant lamp", "floor lamp", "rug", "rug", "rug", None]
+    stats = ClassStats.fit(classes, types, ["bedroom", "bedroom", "bedroom", "kitchen", "living room", None], [1, 1, 0, 0, 1, 0])
     overall = (3 + 1) / (6 + 2)
     lamp = (2 + PRIOR_STRENGTH * overall) / (2 + PRIOR_STRENGTH)
     assert stats.rate("lamp") == pytest.approx((lamp, overall))
     assert stats.rate("lamp", "bedroom") == pytest.approx(((2 + PRIOR_STRENGTH * lamp) / (2 + PRIOR_STRENGTH), lamp))
     assert stats.rate("sofa") == pytest.approx((overall, overall))  # unseen class: the overall rate
+    pendant = (1 + PRIOR_STRENGTH * lamp) / (1 + PRIOR_STRENGTH)
+    assert stats.type_rate("lamp", "pendant lamp") == pytest.approx((pendant, lamp))
+    assert stats.type_rate("lamp", "pendant lamp", "bedroom") == pytest.approx(
+        ((1 + PRIOR_STRENGTH * pendant) / (1 + PRIOR_STRENGTH), pendant))
     assert stats.room_in("a rug for this living room") == "living room"  # longest room name wins
     assert stats.room_in("a rug for this garage") is None and stats.room_in(None) is None
-    feats = stats.features([_pair(None, None, cls="lamp"), _pair(None, None, cls="rug", query="a rug")])
+    feats = stats.features([_pair(None, None, cls="lamp", kind="pendant lamp"), _pair(None, None, cls="rug", query="a rug")])
     assert feats[0, 0] > 0 > feats[1, 0]  # lamps were staged more often than rugs
-    assert feats[1, 1] == 0.0  # no room named: no room fit
+    assert feats[1, 1] == 0.0 and feats[1, 3] == 0.0  # no room named: no room fit
+    assert feats[0, 2] > 0  # a pendant lamp was staged every time it was a candidate, above the lamp rate
+    with pytest.raises(ValueError, match="one entry per pair"):
+        ClassStats.fit(classes, types[:2], [None] * 6, [0] * 6)
+
+
+def test_leave_one_room_out_counts():
+    """``without`` removes one room's counts: a type staged only in that room falls back to its class rate."""
+    rooms = ["bedroom"] * 4
+    everything = ClassStats.fit(["lamp"] * 4, ["pendant lamp", "floor lamp", "floor lamp", "floor lamp"], rooms, [1, 0, 1, 0])
+    one_room = ClassStats.fit(["lamp"], ["pendant lamp"], ["bedroom"], [1])
+    rest = everything.without(one_room)
+    assert rest.positives == 1 and rest.candidates == 3
+    assert rest.counts["t:pendant lamp"] == [0, 0] and rest.counts["c:lamp"] == [1, 3]
+    rate, parent = rest.type_rate("lamp", "pendant lamp")
+    assert rate == pytest.approx(parent)  # no evidence left about pendant lamps
 
 
 def _mined(rng, n_queries=40, room_offset=0):

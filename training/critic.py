@@ -132,9 +132,21 @@ def _room_type(q: BenchmarkQuery) -> str | None:
     return q.room_category.lower() if q.room_category else None
 
 
+def _room_id(m: MinedQuery) -> str:
+    return m.query.room_id or m.query.id
+
+
+def _stats(mined: Sequence[MinedQuery]) -> ClassStats:
+    """Class and type statistics of the mined pairs (labels: staged in the room or not)."""
+    pairs = [(p, _room_type(m.query), y) for m in mined for p, y in zip(m.pairs, m.labels)]
+    return ClassStats.fit([p.product_class for p, _, _ in pairs], [p.product_type for p, _, _ in pairs],
+                          [room for _, room, _ in pairs], [y for _, _, y in pairs])
+
+
 def fit(mined: Sequence[MinedQuery], *, epochs: int = 300, l2: float = 1e-3, seed: int = 0) -> LearnedCritic:
-    """Fit class statistics and the logistic weights on the mined pairs (full-batch L-BFGS on
-    the mean binary cross-entropy + ``l2`` * ||w||^2, features standardised).
+    """Fit class/type statistics and the logistic weights on the mined pairs (full-batch L-BFGS
+    on the mean binary cross-entropy + ``l2`` * ||w||^2, features standardised; the statistics'
+    features of a training pair leave its own room out).
 
     Raises:
         ValueError: no pairs, or only one label class.
@@ -143,9 +155,15 @@ def fit(mined: Sequence[MinedQuery], *, epochs: int = 300, l2: float = 1e-3, see
     labels = np.array([y for m in mined for y in m.labels], dtype=np.float32)
     if len(pairs) == 0 or labels.min() == labels.max():
         raise ValueError(f"need positive and negative pairs to train the critic, got {len(pairs)} pairs, {int(labels.sum())} positive")
-    stats = ClassStats.fit([p.product_class for p in pairs],
-                           [_room_type(m.query) for m in mined for _ in m.pairs], labels.astype(int).tolist())
-    x = feature_matrix(pairs, stats)
+    stats = _stats(mined)
+    # Leave-one-room-out: each training pair is scored with rates that do not count its own
+    # room, as an unseen room is at query time (otherwise a type staged once, in this room,
+    # would look like a strong prior and earn a weight it does not deserve).
+    rooms: dict[str, list[MinedQuery]] = defaultdict(list)
+    for m in mined:
+        rooms[_room_id(m)].append(m)
+    loo = {room: stats.without(_stats(group)) for room, group in rooms.items()}
+    x = np.concatenate([feature_matrix(m.pairs, loo[_room_id(m)]) for m in mined if m.pairs])
     mean, std = x.mean(0), x.std(0)
     std[std < 1e-6] = 1.0
     torch.manual_seed(seed)
@@ -207,18 +225,15 @@ def cross_validate(mined: Sequence[MinedQuery], *, folds: int = 5, top_n: int = 
     Raises:
         ValueError: fewer rooms than folds.
     """
-    def room(m: MinedQuery) -> str:
-        return m.query.room_id or m.query.id
-
-    rooms = sorted({room(m) for m in mined})
+    rooms = sorted({_room_id(m) for m in mined})
     if len(rooms) < folds:
         raise ValueError(f"{len(rooms)} rooms cannot make {folds} folds")
     random.Random(seed).shuffle(rooms)
     fold_of = {room: i % folds for i, room in enumerate(rooms)}
     rows: Rows = defaultdict(list)
     for k in range(folds):
-        train = [m for m in mined if fold_of[room(m)] != k]
-        test = [m for m in mined if fold_of[room(m)] == k]
+        train = [m for m in mined if fold_of[_room_id(m)] != k]
+        test = [m for m in mined if fold_of[_room_id(m)] == k]
         _score(fit(train, seed=seed), test, top_n, rows)
     return _summary(rows)
 
