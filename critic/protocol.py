@@ -23,7 +23,8 @@ class CriticPair:
     VLM critics read the images and texts. The funnel also passes what it has already
     computed, for critics that work on features: ``product_class`` and ``product_type``
     (taxonomy class and type keys), ``fused_rank`` (1-based rank in the fused list), ``room_regions`` (float32 (R, D) unit
-    image-encoder vectors of the photo's grid regions, row 0 the whole photo),
+    image-encoder vectors of the photo's regions, row 0 the whole photo; whitened, like the
+    product's ``image`` vector, when the index has a whitening),
     ``query_vector`` (float32 (D,) unit text vector) and ``product_vectors`` (the product's
     stored named vectors, e.g. ``image``, ``text``).
     """

@@ -407,7 +407,6 @@ class Engine:
             write_lock=self.write_lock,
             category_head=self.category_head,
             aligner=self.aligned,
-            whitening=self.whitening,
         )
 
     def search(self, query: SearchQuery) -> SearchResponse:

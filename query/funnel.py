@@ -371,13 +371,20 @@ class Funnel:
 
     def critic_pairs(self, query: SearchQuery, head: Sequence[Fused], products: dict[str, Product]) -> list[CriticPair]:
         """The critic's input for the fused ``head``: texts, images and the vectors already at hand
-        (room regions, query text vector, each product's stored vectors and taxonomy class).
+        (room regions, query text vector, each product's stored vectors and taxonomy class and
+        type). With a whitening (:mod:`indexing.whitening`) and a room photo, the room regions
+        and the products' ``image`` vectors are passed whitened, as the image list compared them.
         Products missing from ``products`` (deleted meanwhile) are skipped."""
         text = query_text(query)
         head = [f for f in head if f.id in products]
         store = self.vectors()
         stored = store.fetch([f.id for f in head]) if store is not None else {}
         regions = self.region_vectors(query.image) if query.image is not None and store is not None and "image" in store.dims else None
+        white = self.whitening() if self.whitening is not None else None
+        if white is not None and regions is not None:  # the critic compares in the space the image list ranked in
+            regions = white.apply(regions)
+            stored = {i: replace(p, vectors={**p.vectors, "image": white.apply(p.vectors["image"])[0]}) if "image" in p.vectors else p
+                      for i, p in stored.items()}
         qvec = self.text_vector(text)[0] if text and store is not None and "text" in store.dims else None
         categories = self.taxonomy().categories
         photos = {f.id: _product_photo(products[f.id]) for f in head} if self.critic is not None and self.critic.uses_images else {}
