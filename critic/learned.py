@@ -36,6 +36,11 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
+def _readable(key: str | None, fallback: str) -> str:
+    """A taxonomy key as words for a rationale ("lamp/pendant-lamp" -> "pendant lamp")."""
+    return key.rsplit("/", 1)[-1].replace("-", " ") if key else fallback
+
+
 def _words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
@@ -182,7 +187,7 @@ class LearnedCritic:
         return "; ".join(parts)
 
     def _phrase(self, feature: str, value: float, up: bool, pair: CriticPair) -> str:
-        cls = pair.product_class or "this class"
+        cls = _readable(pair.product_class, "this class")
         if feature == "visual_max":
             return f"{'looks like a region of' if up else 'resembles nothing in'} the room photo (best region cos {value:.2f})"
         if feature == "visual_top3":
@@ -203,7 +208,7 @@ class LearnedCritic:
             rate = self.stats.rate(pair.product_class, room)[0]
             return f"{cls} {'suits' if up else 'seldom appears in'} a {room} ({rate:.0%} of {room} candidates)"
         if feature in ("type_prior", "type_room_fit"):
-            kind = pair.product_type or "this type"
+            kind = _readable(pair.product_type, "this type")
             room = self.stats.room_in(pair.query_text) if feature == "type_room_fit" else None
             if feature == "type_room_fit" and room is None:
                 return ""

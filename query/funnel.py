@@ -227,19 +227,27 @@ class Funnel:
             self._region_cache, key, lambda: embed_regions(self.encoders()[0], image, self.config.grids)
         )
 
+    def whitened_regions(self, image: Image.Image, whitening: Whitening) -> np.ndarray:
+        """:meth:`region_vectors` of the photo whitened by ``whitening``, float32 (regions,
+        whitening dim), unit rows; cached by :meth:`region_key` and the whitening's digest."""
+        key = f"{self.region_key(image)}@{whitening.digest}"
+        return self._cached(self._region_cache, key, lambda: whitening.apply(self.region_vectors(image)))
+
     def image_hits(
-        self, store: VectorStore, regions: np.ndarray, depth: int, cats: Sequence[str] | None,
+        self, store: VectorStore, image: Image.Image, depth: int, cats: Sequence[str] | None,
         whitening: Whitening | None = None,
     ) -> list[VectorHit]:
-        """The image list: each product scored by its best region, best first, ties by id.
+        """The image list of a room photo: each product scored by its best region, best first,
+        ties by id.
 
-        The grid cells (the first :func:`query.regions.grid_cell_count` rows of ``regions``)
-        are searched in the index. When there are more regions (dense windows) or a
-        ``whitening``, the candidates' stored image vectors are fetched and re-scored exactly:
-        the max over every region of the cosine similarity, of the whitened vectors when a
-        whitening is given (:mod:`indexing.whitening`). Within a lock of at most ``depth``
-        products that is the exact max over all regions.
+        The grid cells (the first :func:`query.regions.grid_cell_count` rows of
+        :meth:`region_vectors`) are searched in the index. When there are more regions (dense
+        windows) or a ``whitening``, the candidates' stored image vectors are fetched and
+        re-scored exactly: the max over every region of the cosine similarity, of the whitened
+        vectors when a whitening is given (:mod:`indexing.whitening`). Within a lock of at
+        most ``depth`` products that is the exact max over all regions.
         """
+        regions = self.region_vectors(image)
         cells = grid_cell_count(self.config.grids)
         candidates = max_over_regions(store.search_many("image", regions[:cells], depth, cats), depth)
         if (len(regions) <= cells and whitening is None) or not candidates:
@@ -250,7 +258,7 @@ class Funnel:
             return candidates
         products = np.stack([stored[i].vectors["image"] for i in ids])
         if whitening is not None:
-            regions, products = whitening.apply(regions), whitening.apply(products)
+            regions, products = self.whitened_regions(image, whitening), whitening.apply(products)
         best = (regions @ products.T).max(axis=0)
         return sorted((VectorHit(i, float(s)) for i, s in zip(ids, best)), key=lambda h: (-h.score, h.id))
 
@@ -336,7 +344,7 @@ class Funnel:
                 white = self.whitening() if self.whitening is not None else None
                 lists["image"] = self.stage_hits(
                     "image", self.region_key(image) + (f"@{white.digest}" if white is not None else ""), cats, depth,
-                    lambda: self.image_hits(store, self.region_vectors(image), depth, cats, white),
+                    lambda: self.image_hits(store, image, depth, cats, white),
                 )
             timings["vector"] = (time.perf_counter() - t) * 1000
 
@@ -382,7 +390,7 @@ class Funnel:
         regions = self.region_vectors(query.image) if query.image is not None and store is not None and "image" in store.dims else None
         white = self.whitening() if self.whitening is not None else None
         if white is not None and regions is not None:  # the critic compares in the space the image list ranked in
-            regions = white.apply(regions)
+            regions = self.whitened_regions(query.image, white)
             stored = {i: replace(p, vectors={**p.vectors, "image": white.apply(p.vectors["image"])[0]}) if "image" in p.vectors else p
                       for i, p in stored.items()}
         qvec = self.text_vector(text)[0] if text and store is not None and "text" in store.dims else None

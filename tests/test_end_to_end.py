@@ -106,7 +106,7 @@ def test_image_list_is_the_exact_best_region_score(slice_engine, room):
     store = funnel.vectors()
     regions = funnel.region_vectors(room)
     assert len(regions) > 14  # dense windows beyond the 1 + 4 + 9 grid cells
-    hits = funnel.image_hits(store, regions, 200, None)
+    hits = funnel.image_hits(store, room, 200, None)
     expected = {p.product_id: float((regions @ p.vectors["image"]).max()) for p in store.scan() if "image" in p.vectors}
     assert {h.id for h in hits} == set(expected)
     np.testing.assert_allclose([h.score for h in hits], [expected[h.id] for h in hits], atol=1e-4)

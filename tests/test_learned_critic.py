@@ -144,3 +144,15 @@ def test_registry_without_checkpoint_and_bad_files(tmp_path):
     save_file({"x": np.zeros(1, np.float32)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a learned-critic checkpoint"):
         build_critic(Settings(home=tmp_path, critic="learned", critic_checkpoint=tmp_path / "other.safetensors"))
+
+
+def test_rationale_names_the_type_in_words_with_its_computed_rate():
+    stats = ClassStats.fit(["lamp"] * 4, ["lamp/pendant-lamp", "lamp/pendant-lamp", "lamp/floor-lamp", "lamp/floor-lamp"],
+                           ["bedroom"] * 4, [1, 1, 0, 0])
+    weights = np.array([1.0 if f == "type_prior" else 0.0 for f in FEATURES], np.float32)
+    critic = LearnedCritic(weights, 0.0, np.zeros(len(FEATURES), np.float32), np.ones(len(FEATURES), np.float32), stats)
+    pendant, floor = critic.score([_pair(None, None, kind="lamp/pendant-lamp"), _pair(None, None, kind="lamp/floor-lamp")])
+    rate = stats.type_rate("lamp", "lamp/pendant-lamp")[0]
+    assert pendant.score > 0.5 > floor.score
+    assert pendant.rationale.startswith(f"pendant lamp items are often staged in rooms ({rate:.0%} of candidates)")
+    assert floor.rationale.startswith("floor lamp items are rarely staged in rooms")
