@@ -43,6 +43,9 @@ log = logging.getLogger("mars.engine")
 
 #: Catalog rows the funnel keeps for responses in embedded mode (a few KB each).
 ROW_CACHE_SIZE = 10_000
+#: Product image vectors the funnel keeps for the image list's re-scoring in embedded mode
+#: (2-5 KB each, so at most ~100 MB).
+PRODUCT_VECTOR_CACHE = 20_000
 
 
 class StoreBusyError(RuntimeError):
@@ -150,6 +153,7 @@ class Engine:
                 # invalidates them in refresh); server-mode stores are written by other processes.
                 result_cache_hits=settings.result_cache_hits if settings.embedded_stores else 0,
                 row_cache_size=ROW_CACHE_SIZE if settings.embedded_stores else 0,
+                product_vector_cache=PRODUCT_VECTOR_CACHE if settings.embedded_stores else 0,
             ),
             rules=self.rules,
             aligner=self.aligned,

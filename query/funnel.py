@@ -97,6 +97,10 @@ class FunnelConfig:
     #: Catalog rows (without their categories) kept for the response, least recently used
     #: dropped first (0 = off); dropped with the stage results by :meth:`Funnel.invalidate_results`.
     row_cache_size: int = 0
+    #: Product image vectors (raw, or whitened) kept for the image list's re-scoring, least
+    #: recently used dropped first (0 = off; ~2-5 KB each); dropped by
+    #: :meth:`Funnel.invalidate_results`, so only safe with embedded stores, like the row cache.
+    product_vector_cache: int = 0
 
 
 @dataclass
@@ -195,6 +199,7 @@ class Funnel:
         self._text_cache: LRUCache[str, np.ndarray] = LRUCache(config.cache_size)
         self._results: LRUCache[tuple, tuple] = LRUCache(max(config.result_cache_hits, 1), getsizeof=lambda hits: len(hits) + 1)
         self._rows: LRUCache[str, Product] = LRUCache(max(config.row_cache_size, 1))
+        self._product_vectors: LRUCache[tuple[str, str], np.ndarray] = LRUCache(max(config.product_vector_cache, 1))
         self._cache_lock = threading.Lock()
         self._results_generation = 0
 
@@ -233,6 +238,31 @@ class Funnel:
         key = f"{self.region_key(image)}@{whitening.digest}"
         return self._cached(self._region_cache, key, lambda: whitening.apply(self.region_vectors(image)))
 
+    def product_image_vectors(
+        self, store: VectorStore, product_ids: Sequence[str], whitening: Whitening | None
+    ) -> dict[str, np.ndarray]:
+        """Stored image vectors of ``product_ids`` (float32 (D,) each; whitened, (dim,), with a
+        ``whitening``), for products that have one. With ``config.product_vector_cache`` > 0
+        they are kept in a bounded LRU cache (by whitening digest and product id) that
+        :meth:`invalidate_results` drops; misses are fetched from ``store`` in one call."""
+        tag = whitening.digest if whitening is not None else ""
+        caching = self.config.product_vector_cache > 0
+        with self._cache_lock:
+            found = {i: v for i in product_ids if caching and (v := self._product_vectors.get((tag, i))) is not None}
+        missing = [i for i in product_ids if i not in found]
+        if missing:
+            stored = store.fetch(missing)
+            ids = [i for i in missing if i in stored and "image" in stored[i].vectors]
+            if ids:
+                raw = np.stack([stored[i].vectors["image"] for i in ids])
+                fetched = dict(zip(ids, whitening.apply(raw) if whitening is not None else raw))
+                found.update(fetched)
+                if caching:
+                    with self._cache_lock:
+                        for i, v in fetched.items():
+                            self._product_vectors[tag, i] = v
+        return found
+
     def image_hits(
         self, store: VectorStore, image: Image.Image, depth: int, cats: Sequence[str] | None,
         whitening: Whitening | None = None,
@@ -252,14 +282,13 @@ class Funnel:
         candidates = max_over_regions(store.search_many("image", regions[:cells], depth, cats), depth)
         if (len(regions) <= cells and whitening is None) or not candidates:
             return candidates
-        stored = store.fetch([h.id for h in candidates])
-        ids = [h.id for h in candidates if h.id in stored and "image" in stored[h.id].vectors]
+        vectors = self.product_image_vectors(store, [h.id for h in candidates], whitening)
+        ids = [h.id for h in candidates if h.id in vectors]
         if not ids:
             return candidates
-        products = np.stack([stored[i].vectors["image"] for i in ids])
         if whitening is not None:
-            regions, products = self.whitened_regions(image, whitening), whitening.apply(products)
-        best = (regions @ products.T).max(axis=0)
+            regions = self.whitened_regions(image, whitening)
+        best = (regions @ np.stack([vectors[i] for i in ids]).T).max(axis=0)
         return sorted((VectorHit(i, float(s)) for i, s in zip(ids, best)), key=lambda h: (-h.score, h.id))
 
     def text_vector(self, text: str) -> np.ndarray:
@@ -297,6 +326,7 @@ class Funnel:
         with self._cache_lock:
             self._results.clear()
             self._rows.clear()
+            self._product_vectors.clear()
             self._results_generation += 1
 
     def retrieve(self, query: SearchQuery) -> Retrieval:

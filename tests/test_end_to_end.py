@@ -112,6 +112,24 @@ def test_image_list_is_the_exact_best_region_score(slice_engine, room):
     np.testing.assert_allclose([h.score for h in hits], [expected[h.id] for h in hits], atol=1e-4)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
+    # the candidates' image vectors are kept for the next photo (embedded mode) until a write
+    fetched: list[list[str]] = []
+
+    class CountingStore:
+        def __getattr__(self, name):  # noqa: ANN001, ANN204
+            return getattr(store, name)
+
+        def fetch(self, product_ids):  # noqa: ANN001, ANN202
+            fetched.append(list(product_ids))
+            return store.fetch(product_ids)
+
+    assert funnel.config.product_vector_cache > 0
+    again = funnel.image_hits(CountingStore(), room, 200, None)
+    assert fetched == [] and [(h.id, h.score) for h in again] == [(h.id, h.score) for h in hits]
+    funnel.invalidate_results()
+    funnel.image_hits(CountingStore(), room, 200, None)
+    assert len(fetched) == 1 and set(fetched[0]) == set(expected)
+
 
 def test_one_process_owns_the_stores(slice_engine, encoders):
     engine, _ = slice_engine
