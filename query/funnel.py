@@ -89,7 +89,11 @@ class FunnelConfig:
     grids: tuple[int, ...] = (1, 2, 3)
     critic_top_n: int = 20
     critic_detail: str = ""
+    #: Query texts whose vectors are cached (least recently used dropped first).
     cache_size: int = 512
+    #: Bytes of room-photo region vectors cached (raw and whitened; ~3.4 MB a photo with the
+    #: dense windows of a CNN encoder, so 512 MiB holds ~150 photos).
+    region_cache_bytes: int = 512 * 2**20
     #: Hits the per-stage result cache (:meth:`Funnel.stage_hits`) may hold in all, about 200
     #: bytes each (0 = off). Only safe when this process sees every index write (embedded
     #: stores): :meth:`Funnel.invalidate_results` must be called after each one.
@@ -195,7 +199,7 @@ class Funnel:
         self.rules, self.aligner, self.whitening = rules, aligner, whitening
         # Least-recently-used caches (cachetools), all guarded by one lock. Stage results are
         # sized in hits (a list counts its hits + 1); cachetools wants maxsize >= 1.
-        self._region_cache: LRUCache[str, np.ndarray] = LRUCache(config.cache_size)
+        self._region_cache: LRUCache[str, np.ndarray] = LRUCache(config.region_cache_bytes, getsizeof=lambda a: a.nbytes)
         self._text_cache: LRUCache[str, np.ndarray] = LRUCache(config.cache_size)
         self._results: LRUCache[tuple, tuple] = LRUCache(max(config.result_cache_hits, 1), getsizeof=lambda hits: len(hits) + 1)
         self._rows: LRUCache[str, Product] = LRUCache(max(config.row_cache_size, 1))
