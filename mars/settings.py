@@ -109,7 +109,8 @@ class Settings(BaseSettings):
     retrieval_depth: int = Field(200, ge=1, description="Candidates each stage retrieves before fusion.")
     room_grid: str = Field(
         "1,2,3",
-        description="Region crops of a room photo: comma-separated grid sizes (1 = whole photo, 2 = 2x2 grid, ...).",
+        description="Grid cells of a room photo searched in the index: comma-separated grid sizes (1 = whole photo, "
+        "2 = 2x2 grid, ...); a CNN image encoder also re-scores their candidates with dense windows (query/regions.py).",
     )
 
     result_cache_hits: int = Field(
