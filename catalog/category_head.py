@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mars.checkpoints import WatchedCheckpoint, read_checkpoint
+from mars.checkpoints import WatchedCheckpoint, read_checkpoint, write_checkpoint
 
 if TYPE_CHECKING:  # pragma: no cover
     from ingestion.pipeline import Embedded
@@ -124,15 +124,12 @@ class CategoryHead:
 
     def save(self, path: Path) -> None:
         """Write the checkpoint (safetensors: ``weight``, ``bias``; metadata: format, classes,
-        image encoder, provenance as JSON strings)."""
-        from safetensors.numpy import save_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
+        image encoder, provenance as JSON strings), atomically (:func:`mars.checkpoints.write_checkpoint`)."""
+        write_checkpoint(
+            path,
             {"weight": self.weight, "bias": self.bias},
-            str(path),
-            metadata={"format": FORMAT, "classes": json.dumps(self.classes), "image_encoder": self.image_encoder,
-                      "meta": json.dumps(self.meta, sort_keys=True)},
+            {"format": FORMAT, "classes": json.dumps(self.classes), "image_encoder": self.image_encoder,
+             "meta": json.dumps(self.meta, sort_keys=True)},
         )
 
     @classmethod

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from critic.features import FEATURES, vector_feature_matrix
 from critic.protocol import CriticPair, Verdict
+from mars.checkpoints import write_checkpoint
 
 #: Strength of the Beta prior that shrinks class and class-in-room rates toward their parent
 #: rate (additive smoothing as in Zhai & Lafferty, "A study of smoothing methods for language
@@ -218,14 +219,13 @@ class LearnedCritic:
         return ""  # no_visual says nothing about fit
 
     def save(self, path: Path) -> None:
-        """Write the checkpoint (safetensors: tensors + JSON metadata)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
+        """Write the checkpoint (safetensors: tensors + JSON metadata), atomically."""
+        write_checkpoint(
+            path,
             {"weights": self.weights.astype(np.float32), "bias": np.array([self.bias], np.float32),
              "mean": self.mean.astype(np.float32), "std": self.std.astype(np.float32)},
-            str(path),
-            metadata={"format": FORMAT, "features": json.dumps(FEATURES), "stats": self.stats.to_json(),
-                      "meta": json.dumps(self.meta, sort_keys=True)},
+            {"format": FORMAT, "features": json.dumps(FEATURES), "stats": self.stats.to_json(),
+             "meta": json.dumps(self.meta, sort_keys=True)},
         )
 
     @classmethod

@@ -151,11 +151,12 @@ def run_ablation(
     critic_backend, critic_detail, critic_ready = "none", "", True
     with Progress(disable=not progress, transient=True) as bar:
         task_id = bar.add_task("ablation", total=len(queries))
+        lacking = {config.key: _missing_list(config, engine) for config in CONFIGS}  # the same for every query
         for q in queries:
             by_task[q.task].append(q.id)
             image = images(q)
             for config in CONFIGS:
-                missing = _missing_input(config, q) or _missing_list(config, engine)
+                missing = _missing_input(config, q) or lacking[config.key]
                 if missing is not None:
                     notes[(q.task, config.key)] = missing
                 elif config.mode is None:

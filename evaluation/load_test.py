@@ -50,6 +50,7 @@ import h11
 import httpx
 import numpy as np
 
+from evaluation.beir import load_queries
 from workers.local import served_api
 
 
@@ -57,16 +58,14 @@ def load_bodies(ikea: Path, text_only: bool, limit: int) -> list[dict[str, Any]]
     """``POST /v1/search`` bodies from the benchmark's queries: text-to-image queries as text,
     room queries (room-class / room-type) as text + base64 room photo, mode ``hybrid``."""
     bodies = []
-    photos: dict[str, str] = {}
-    for line in (ikea / "queries.jsonl").open():
-        q = json.loads(line)
-        if q.get("task") == "text-to-image":
-            bodies.append({"text": q["text"], "mode": "hybrid", "top_k": 10})
-        elif q.get("task") in ("room-class", "room-type") and not text_only and q.get("image"):
-            path = ikea / q["image"]
-            if str(path) not in photos:
-                photos[str(path)] = base64.b64encode(path.read_bytes()).decode()
-            bodies.append({"text": q["text"], "image_base64": photos[str(path)], "mode": "hybrid", "top_k": 10})
+    photos: dict[Path, str] = {}
+    for q in load_queries(ikea / "queries.jsonl"):
+        if q.task == "text-to-image":
+            bodies.append({"text": q.text, "mode": "hybrid", "top_k": 10})
+        elif q.task in ("room-class", "room-type") and not text_only and q.image is not None:
+            if q.image not in photos:
+                photos[q.image] = base64.b64encode(q.image.read_bytes()).decode()
+            bodies.append({"text": q.text, "image_base64": photos[q.image], "mode": "hybrid", "top_k": 10})
     random.Random(0).shuffle(bodies)
     return bodies[:limit]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 from rich.progress import Progress
@@ -14,6 +14,8 @@ from rich.table import Table
 from evaluation.beir import BenchmarkQuery, QueryImages, load_qrels, load_queries
 from evaluation.metrics import METRICS, score_queries
 from query.funnel import SearchQuery
+
+T = TypeVar("T")
 
 #: Results fetched per query: enough for Recall@50.
 EVAL_DEPTH = 100
@@ -41,15 +43,20 @@ def select_queries(
     queries = [q for q in load_queries(queries_path) if not tasks or q.task in tasks]
     qrels = load_qrels(qrels_path)
     queries = [q for q in queries if qrels.get(q.id)]
-    if limit is not None:
-        taken: dict[str, int] = defaultdict(int)
-        kept = []
-        for q in queries:
-            if taken[q.task] < limit:
-                taken[q.task] += 1
-                kept.append(q)
-        queries = kept
-    return queries, qrels
+    return limit_per_task(queries, limit), qrels
+
+
+def limit_per_task(items: Sequence[T], limit: int | None) -> list[T]:
+    """The first ``limit`` items of each ``.task`` in input order (all of them when None)."""
+    if limit is None:
+        return list(items)
+    taken: dict[str, int] = defaultdict(int)
+    kept = []
+    for item in items:
+        if taken[item.task] < limit:  # type: ignore[attr-defined]
+            taken[item.task] += 1  # type: ignore[attr-defined]
+            kept.append(item)
+    return kept
 
 
 def eval_query(

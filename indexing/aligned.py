@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from indexing.encoders import l2_normalize
-from mars.checkpoints import WatchedCheckpoint, read_checkpoint
+from mars.checkpoints import WatchedCheckpoint, read_checkpoint, write_checkpoint
 
 log = logging.getLogger("mars.aligned")
 
@@ -124,16 +124,19 @@ class AlignHeads:
         """
         return self._project("text", x)
 
-    def save(self, path: Path) -> None:
-        """Write the checkpoint (safetensors; metadata: format, encoders, meta as JSON)."""
-        from safetensors.numpy import save_file
+    def mismatch(self, image_encoder: str, text_encoder: str) -> str | None:
+        """Why these heads do not fit an index built with ``image_encoder`` and ``text_encoder``
+        (``"trained on encoders ..., the index uses ..."``), or None when they fit."""
+        found, wanted = (self.image_encoder, self.text_encoder), (image_encoder, text_encoder)
+        return None if found == wanted else f"trained on encoders {found!r}, the index uses {wanted!r}"
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
+    def save(self, path: Path) -> None:
+        """Write the checkpoint (safetensors; metadata: format, encoders, meta as JSON), atomically."""
+        write_checkpoint(
+            path,
             self.tensors,
-            str(path),
-            metadata={"format": FORMAT, "image_encoder": self.image_encoder, "text_encoder": self.text_encoder,
-                      "meta": json.dumps(self.meta, sort_keys=True)},
+            {"format": FORMAT, "image_encoder": self.image_encoder, "text_encoder": self.text_encoder,
+             "meta": json.dumps(self.meta, sort_keys=True)},
         )
 
     @classmethod
@@ -161,13 +164,8 @@ def AlignHeadsFile(path: Path, image_encoder: str, text_encoder: str) -> Watched
     usable, or it was trained on other encoders (logged once per file version): without heads
     the funnel simply has no ``aligned`` list and new items get no ``aligned`` vector.
     """
-    wanted = (image_encoder, text_encoder)
-
-    def mismatch(heads: AlignHeads) -> str | None:
-        found = (heads.image_encoder, heads.text_encoder)
-        return None if found == wanted else f"trained on encoders {found!r}, the index uses {wanted!r}"
-
-    return WatchedCheckpoint(path, AlignHeads.load, AlignHeadsError, mismatch, log, "alignment heads")
+    return WatchedCheckpoint(path, AlignHeads.load, AlignHeadsError, lambda heads: heads.mismatch(image_encoder, text_encoder),
+                             log, "alignment heads")
 
 
 def with_aligned(vectors: Mapping[str, np.ndarray], heads: AlignHeads | None) -> dict[str, np.ndarray]:

@@ -125,9 +125,7 @@ class QdrantEdgeStore:
         self.path = Path(path)
         self.dims = dict(dims)
         self._ids: dict[uuid.UUID, str] | None = None
-        self.config = config = qe.EdgeConfig(
-            vectors={name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine) for name, dim in dims.items()}
-        )
+        self.config = config = _edge_config(dims)
         if (path / "wal").exists() or (path / "segments").exists():
             try:
                 self.shard = qe.EdgeShard.load(str(path), config)
@@ -231,9 +229,7 @@ class QdrantEdgeStore:
             Whatever the iterable or the engine raised while building (the old shard stands).
         """
         new_dims = {k: int(v) for k, v in (dims or self.dims).items()}
-        config = qe.EdgeConfig(
-            vectors={name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine) for name, dim in new_dims.items()}
-        )
+        config = _edge_config(new_dims)
         staging = self.path.with_name(self.path.name + ".next")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -271,6 +267,11 @@ class QdrantEdgeStore:
         """Flush and close the shard (releases its lock)."""
         self.shard.flush()
         self.shard.close()
+
+
+def _edge_config(dims: dict[str, int]):  # noqa: ANN202 - qdrant_edge.EdgeConfig
+    """A Qdrant Edge shard config with one cosine named vector per entry of ``dims``."""
+    return qe.EdgeConfig(vectors={name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine) for name, dim in dims.items()})
 
 
 def _upsert_operation(points: Sequence[VectorPoint]):  # noqa: ANN202 - qdrant_edge.UpdateOperation

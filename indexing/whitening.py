@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from indexing.encoders import l2_normalize
-from mars.checkpoints import WatchedCheckpoint, read_checkpoint
+from mars.checkpoints import WatchedCheckpoint, read_checkpoint, write_checkpoint
 
 log = logging.getLogger("mars.whitening")
 
@@ -123,13 +123,14 @@ class Whitening:
             raise ValueError(f"the whitening expects vectors of dimension {self.input_dim}, got shape {np.shape(x)}")
         return l2_normalize((v - self.mean) @ self.projection)
 
-    def save(self, path: Path) -> None:
-        """Write the checkpoint (safetensors; metadata: format, image encoder, meta as JSON)."""
-        from safetensors.numpy import save_file
+    def mismatch(self, image_encoder: str) -> str | None:
+        """Why this whitening does not fit an index built with ``image_encoder``, or None."""
+        return None if self.image_encoder == image_encoder else f"fitted on {self.image_encoder!r}, the index uses {image_encoder!r}"
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"mean": self.mean, "projection": self.projection}, str(path),
-                  metadata={"format": FORMAT, "image_encoder": self.image_encoder, "meta": json.dumps(self.meta, sort_keys=True)})
+    def save(self, path: Path) -> None:
+        """Write the checkpoint (safetensors; metadata: format, image encoder, meta as JSON), atomically."""
+        write_checkpoint(path, {"mean": self.mean, "projection": self.projection},
+                         {"format": FORMAT, "image_encoder": self.image_encoder, "meta": json.dumps(self.meta, sort_keys=True)})
 
     @classmethod
     def load(cls, path: Path) -> "Whitening":
@@ -152,8 +153,4 @@ def WhiteningFile(path: Path, image_encoder: str) -> WatchedCheckpoint[Whitening
     and re-read when the file changes. Calling it returns the :class:`Whitening`, or None when
     there is no file, the file is not usable, or it was fitted on another encoder (logged once
     per file version): without it the image list compares raw cosine similarities."""
-
-    def mismatch(white: Whitening) -> str | None:
-        return None if white.image_encoder == image_encoder else f"fitted on {white.image_encoder!r}, the index uses {image_encoder!r}"
-
-    return WatchedCheckpoint(path, Whitening.load, WhiteningError, mismatch, log, "whitening")
+    return WatchedCheckpoint(path, Whitening.load, WhiteningError, lambda white: white.mismatch(image_encoder), log, "whitening")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,6 +20,23 @@ from typing import Generic, TypeVar
 import numpy as np
 
 T = TypeVar("T")
+
+
+def write_checkpoint(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    """Write a safetensors checkpoint atomically: to ``<path>.next`` beside it, then renamed
+    over ``path`` (``os.replace``), so a :class:`WatchedCheckpoint` never reads a half-written
+    file. Parent folders are created.
+
+    Raises:
+        OSError: the folder or the file cannot be written.
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".next")
+    save_file(dict(tensors), str(staging), metadata=dict(metadata))
+    os.replace(staging, path)
 
 
 def read_checkpoint(path: Path, fmt: str, error: type[ValueError]) -> tuple[dict[str, np.ndarray], Mapping[str, str], str]:

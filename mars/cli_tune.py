@@ -36,9 +36,11 @@ def register(app: typer.Typer) -> None:
         qrels: Annotated[Optional[Path], typer.Option("--qrels", help="qrels TSV; default <ikea>/qrels/dev.tsv.")] = None,
         task: Annotated[Optional[list[str]], typer.Option("--task", "--tasks", help="Only these tasks (repeatable).")] = None,
         limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most this many queries per task.")] = None,
-        k_grid: Annotated[str, typer.Option("--k-grid", help="RRF constants k tried, comma-separated.")] = "10,20,40,60,100",
-        weight_grid: Annotated[str, typer.Option(
-            "--weight-grid", help="Weights tried for each list but the shape's anchor (fixed at 1.0), comma-separated.")] = "0,0.1,0.25,0.5,1,2",
+        k_grid: Annotated[Optional[str], typer.Option(
+            "--k-grid", help="RRF constants k tried, comma-separated (default 10,20,40,60,100: evaluation.tune.K_GRID).")] = None,
+        weight_grid: Annotated[Optional[str], typer.Option(
+            "--weight-grid", help="Weights tried for each list but the shape's anchor (fixed at 1.0), comma-separated "
+            "(default 0,0.1,0.25,0.5,1,2: evaluation.tune.WEIGHT_GRID).")] = None,
         folds: Annotated[int, typer.Option("--folds", min=0, help="Cross-validation folds by room (0 skips it).")] = 2,
         write: Annotated[bool, typer.Option(
             "--write", help="Write MARS_RRF_K, MARS_WEIGHTS_PHOTO and MARS_WEIGHTS_TEXT into --env-file (other lines kept). "
@@ -59,12 +61,14 @@ def register(app: typer.Typer) -> None:
         from mars.cli import _engine, _fail, console, err
         from mars.settings import get_settings
 
-        from evaluation.runner import select_queries
+        from evaluation.runner import limit_per_task, select_queries
         from evaluation.tune import (
-            collect_lists, format_tables, load_lists, markdown_summary, save_lists, settings_env, tune, update_dotenv,
+            K_GRID, WEIGHT_GRID, collect_lists, format_tables, load_lists, markdown_summary, save_lists, settings_env, tune,
+            update_dotenv,
         )
 
-        ks, ws = _floats(k_grid, "--k-grid"), _floats(weight_grid, "--weight-grid")
+        ks = _floats(k_grid, "--k-grid") if k_grid is not None else list(K_GRID)
+        ws = _floats(weight_grid, "--weight-grid") if weight_grid is not None else list(WEIGHT_GRID)
         if any(k <= 0 for k in ks):
             raise typer.BadParameter("k must be > 0", param_hint="--k-grid")
         if any(w < 0 for w in ws):
@@ -75,15 +79,7 @@ def register(app: typer.Typer) -> None:
                 runs = load_lists(from_lists)
             except (OSError, ValueError, TypeError) as exc:
                 raise _fail(exc) from exc
-            runs = [r for r in runs if not task or r.task in task]
-            if limit is not None:
-                taken: dict[str, int] = {}
-                kept = []
-                for r in runs:
-                    taken[r.task] = taken.get(r.task, 0) + 1
-                    if taken[r.task] <= limit:
-                        kept.append(r)
-                runs = kept
+            runs = limit_per_task([r for r in runs if not task or r.task in task], limit)
         else:
             try:
                 chosen, judged = select_queries(queries or ikea / "queries.jsonl", qrels or ikea / "qrels" / "dev.tsv",

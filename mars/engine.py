@@ -229,11 +229,9 @@ class Engine:
             RuntimeError: nothing has been indexed yet.
             ValueError: the heads were trained on other encoders than the index's.
         """
-        if (heads.image_encoder, heads.text_encoder) != (self.settings.image_encoder, self.settings.text_encoder):
-            raise ValueError(
-                f"the heads were trained on encoders {(heads.image_encoder, heads.text_encoder)}, the index uses "
-                f"{(self.settings.image_encoder, self.settings.text_encoder)}"
-            )
+        reason = heads.mismatch(self.settings.image_encoder, self.settings.text_encoder)
+        if reason is not None:
+            raise ValueError(f"the alignment heads were {reason}")
         with self.write_lock:
             store = self.vector_store()
             if store is None or self.manifest is None:
@@ -244,10 +242,7 @@ class Engine:
                 for p in store.scan()
             ]
             store.reindex(points, dims=dims)
-            path = heads_path(self.home)
-            staging = path.with_name(path.name + ".next")
-            heads.save(staging)
-            os.replace(staging, path)
+            heads.save(heads_path(self.home))
             self.manifest["dims"] = dims
             self.manifest_path.write_text(json.dumps(self.manifest, indent=2))
         self.refresh()
@@ -255,18 +250,16 @@ class Engine:
 
     def install_whitening(self, whitening: Whitening) -> None:
         """Make ``whitening`` the index's image-vector whitening: store it at
-        :func:`indexing.whitening.whitening_path` (written beside, then renamed) and drop the
-        cached search results. Nothing is re-indexed: the image list whitens at query time.
+        :func:`indexing.whitening.whitening_path` and drop the cached search results. Nothing is
+        re-indexed: the image list whitens at query time.
 
         Raises:
             ValueError: it was fitted on another image encoder than the index's.
         """
-        if whitening.image_encoder != self.settings.image_encoder:
-            raise ValueError(f"the whitening was fitted on {whitening.image_encoder!r}, the index uses {self.settings.image_encoder!r}")
-        path = whitening_path(self.home)
-        staging = path.with_name(path.name + ".next")
-        whitening.save(staging)
-        os.replace(staging, path)
+        reason = whitening.mismatch(self.settings.image_encoder)
+        if reason is not None:
+            raise ValueError(f"the whitening was {reason}")
+        whitening.save(whitening_path(self.home))
         self.funnel.invalidate_results()
 
     def search_store(self) -> VectorStore | None:

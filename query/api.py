@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import binascii
 import gc
-import hashlib
 import logging
 from dataclasses import replace
 from contextlib import asynccontextmanager
@@ -28,7 +27,7 @@ from mars.engine import Engine
 from mars.settings import Settings, get_settings
 from query.auth import require
 from query.auth import router as keys_router
-from query.bodies import Base64Photos, read_body, replay
+from query.bodies import Base64Photos, photo_digest, read_body, replay
 from query.console_api import mount_console
 from query.cors import install_cors
 from query.deferred import DeferredResults
@@ -172,7 +171,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, w
             raise HTTPException(413, f"image is {len(data)} bytes, over the limit of {eng.settings.max_image_bytes}")
         # Keyed on the uploaded bytes: a photo whose region vectors are cached (a merchandiser
         # refining a search for the same room) is checked but neither decoded nor hashed again.
-        digest = digest or "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = digest or photo_digest(data)
         try:
             image = decode_image(data, max_pixels=eng.settings.max_image_pixels, what="uploaded image",
                                  formats=ROOM_FORMATS, lazy=eng.funnel.has_region_vectors(digest))

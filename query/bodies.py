@@ -50,6 +50,12 @@ def replay(body: bytes) -> Receive:
     return receive
 
 
+def photo_digest(data: bytes) -> str:
+    """The key of an uploaded photo in the funnel's region cache: ``"sha256:<hex>"`` of its bytes
+    (set as ``image.info["mars_digest"]``, :meth:`query.funnel.Funnel.region_key`)."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 class Base64Photos:
     """Decodes base64 photos (``image_base64`` of ``POST /v1/search``), remembering the most
     recent ones: a photo sent again (a merchandiser refining a search for the same room) is
@@ -80,7 +86,7 @@ class Base64Photos:
             if hit is not None:
                 return hit
         data = base64.b64decode(text, validate=True)
-        entry = (data, "sha256:" + hashlib.sha256(data).hexdigest())
+        entry = (data, photo_digest(data))
         if len(data) <= self.max_bytes:
             with self._lock:
                 self._photos.setdefault(key, entry)

@@ -202,7 +202,7 @@ class Funnel:
         self._region_cache: LRUCache[str, np.ndarray] = LRUCache(config.region_cache_bytes, getsizeof=lambda a: a.nbytes)
         self._text_cache: LRUCache[str, np.ndarray] = LRUCache(config.cache_size)
         self._results: LRUCache[tuple, tuple] = LRUCache(max(config.result_cache_hits, 1), getsizeof=lambda hits: len(hits) + 1)
-        self._rows: LRUCache[str, Product] = LRUCache(max(config.row_cache_size, 1))
+        self._rows: LRUCache[tuple[str, str], Product] = LRUCache(max(config.row_cache_size, 1))
         self._product_vectors: LRUCache[tuple[str, str], np.ndarray] = LRUCache(max(config.product_vector_cache, 1))
         self._cache_lock = threading.Lock()
         self._results_generation = 0
@@ -219,8 +219,12 @@ class Funnel:
     @staticmethod
     def region_key(image: Image.Image) -> str:
         """The region-cache key of a photo: ``image.info["mars_digest"]`` when the caller set
-        one (the API sets the SHA-256 of the uploaded bytes), else the SHA-256 of the pixels."""
-        return image.info.get("mars_digest") or hashlib.sha256(image.tobytes()).hexdigest() + repr(image.size)
+        one (the API sets the SHA-256 of the uploaded bytes), else the SHA-256 of the pixels,
+        then remembered there (a search asks for it up to four times)."""
+        key = image.info.get("mars_digest")
+        if key is None:
+            key = image.info["mars_digest"] = hashlib.sha256(image.tobytes()).hexdigest() + repr(image.size)
+        return key
 
     def has_region_vectors(self, key: str) -> bool:
         """Whether the region vectors of the photo with :meth:`region_key` ``key`` are cached."""
@@ -242,6 +246,28 @@ class Funnel:
         key = f"{self.region_key(image)}@{whitening.digest}"
         return self._cached(self._region_cache, key, lambda: whitening.apply(self.region_vectors(image)))
 
+    def _by_id(self, cache: LRUCache, enabled: bool, tag: str, ids: Sequence[str],
+               fetch: Callable[[list[str]], dict[str, object]]) -> dict:
+        """Values of ``ids`` from ``cache`` (keys ``(tag, id)``) when ``enabled``, the misses
+        from ``fetch(missing)`` in one call (ids it does not return stay absent). Fetched values
+        are kept unless :meth:`invalidate_results` ran meanwhile (they may predate a write)."""
+        found: dict = {}
+        with self._cache_lock:
+            for i in ids if enabled else ():
+                value = cache.get((tag, i))
+                if value is not None:
+                    found[i] = value
+            generation = self._results_generation
+        missing = [i for i in ids if i not in found]
+        if missing:
+            fetched = fetch(missing)
+            found.update(fetched)
+            if enabled:
+                with self._cache_lock:
+                    if generation == self._results_generation:
+                        cache.update(((tag, i), v) for i, v in fetched.items())
+        return found
+
     def product_image_vectors(
         self, store: VectorStore, product_ids: Sequence[str], whitening: Whitening | None
     ) -> dict[str, np.ndarray]:
@@ -249,23 +275,17 @@ class Funnel:
         ``whitening``), for products that have one. With ``config.product_vector_cache`` > 0
         they are kept in a bounded LRU cache (by whitening digest and product id) that
         :meth:`invalidate_results` drops; misses are fetched from ``store`` in one call."""
-        tag = whitening.digest if whitening is not None else ""
-        caching = self.config.product_vector_cache > 0
-        with self._cache_lock:
-            found = {i: v for i in product_ids if caching and (v := self._product_vectors.get((tag, i))) is not None}
-        missing = [i for i in product_ids if i not in found]
-        if missing:
+
+        def fetch(missing: list[str]) -> dict[str, np.ndarray]:
             stored = store.fetch(missing)
             ids = [i for i in missing if i in stored and "image" in stored[i].vectors]
-            if ids:
-                raw = np.stack([stored[i].vectors["image"] for i in ids])
-                fetched = dict(zip(ids, whitening.apply(raw) if whitening is not None else raw))
-                found.update(fetched)
-                if caching:
-                    with self._cache_lock:
-                        for i, v in fetched.items():
-                            self._product_vectors[tag, i] = v
-        return found
+            if not ids:
+                return {}
+            raw = np.stack([stored[i].vectors["image"] for i in ids])
+            return dict(zip(ids, whitening.apply(raw) if whitening is not None else raw))
+
+        tag = f"white:{whitening.digest}" if whitening is not None else "raw"
+        return self._by_id(self._product_vectors, self.config.product_vector_cache > 0, tag, product_ids, fetch)
 
     def image_hits(
         self, store: VectorStore, image: Image.Image, depth: int, cats: Sequence[str] | None,
@@ -370,7 +390,7 @@ class Funnel:
             heads = self.aligner() if self.aligner is not None and text and "aligned" in store.dims and wanted("aligned") else None
             if heads is not None:
                 lists["aligned"] = self.stage_hits(
-                    "aligned", text, cats, depth,
+                    "aligned", f"{text}@{heads.digest}", cats, depth,
                     lambda: store.search_many("aligned", heads.text(self.text_vector(text)), depth, cats)[0],
                 )
             if query.image is not None and "image" in store.dims and wanted("image"):
@@ -553,24 +573,12 @@ class Funnel:
             with self.sessions() as session:
                 rows = session.execute(select(Product).where(Product.id.in_(ids))).scalars().all()
                 return {p.id: p for p in rows}
-        size = self.config.row_cache_size
-        found: dict[str, Product] = {}
-        with self._cache_lock:
-            for i in ids if size > 0 else ():
-                p = self._rows.get(i)
-                if p is not None:
-                    found[i] = p
-            generation = self._results_generation
-        missing = [i for i in ids if i not in found]
-        if missing:
+
+        def fetch(missing: list[str]) -> dict[str, Product]:
             with self.sessions() as session:
-                rows = session.execute(_ROWS_WITHOUT_CATEGORIES, {"ids": missing}).scalars().all()
-            found.update((p.id, p) for p in rows)
-            if size > 0:
-                with self._cache_lock:
-                    if generation == self._results_generation:
-                        self._rows.update((p.id, p) for p in rows)
-        return found
+                return {p.id: p for p in session.execute(_ROWS_WITHOUT_CATEGORIES, {"ids": missing}).scalars().all()}
+
+        return self._by_id(self._rows, self.config.row_cache_size > 0, "row", ids, fetch)
 
 
 #: Catalog rows by id without their categories (built once: SQLAlchemy caches its compilation).

@@ -120,6 +120,31 @@ def test_a_list_computed_across_an_invalidation_is_not_kept():
     assert funnel.stage_hits("bm25", "q", None, 10, lambda: ["recomputed"]) == ["fresh"]
 
 
+def test_product_vectors_fetched_across_an_invalidation_are_not_kept():
+    import numpy as np
+
+    from indexing.vectors import VectorPoint
+
+    funnel = Funnel(None, None, None, None, None, None, FunnelConfig(product_vector_cache=10))  # type: ignore[arg-type]
+    fetched: list[list[str]] = []
+
+    class Store:
+        write_lands = True
+
+        def fetch(self, ids):  # noqa: ANN001, ANN202
+            fetched.append(list(ids))
+            if self.write_lands:
+                funnel.invalidate_results()  # e.g. an ingest batch replaced the photo meanwhile
+            return {i: VectorPoint(i, {"image": np.ones(4, np.float32)}) for i in ids if i != "no-photo"}
+
+    store = Store()
+    assert set(funnel.product_image_vectors(store, ["a", "no-photo"], None)) == {"a"}
+    store.write_lands = False
+    funnel.product_image_vectors(store, ["a"], None)
+    funnel.product_image_vectors(store, ["a"], None)
+    assert fetched == [["a", "no-photo"], ["a"]], "kept only when no write landed during the fetch"
+
+
 def test_the_result_cache_is_bounded_and_keyed_by_list_lock_and_depth():
     funnel = Funnel(None, None, None, None, None, None, FunnelConfig(result_cache_hits=25))  # type: ignore[arg-type]
     hits = [str(i) for i in range(10)]  # each list costs 11 of the 25

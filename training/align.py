@@ -34,6 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from catalog.models import Product
+from evaluation.metrics import mrr_at_k, recall_at_k
 from indexing.aligned import TOWERS, AlignHeads
 from indexing.encoders import TextEncoder
 from indexing.vectors import VectorStore
@@ -208,9 +209,8 @@ def validation_metrics(heads: AlignHeads, data: AlignData, held: Sequence[int], 
         relevant = by_key[data.keys[qi]]
         top = np.argsort(-scores[row], kind="stable")[:depth].tolist()
         for k in ks:
-            out[f"recall@{k}"] += len(relevant & set(top[:k])) / len(relevant)
-        first = next((r for r, j in enumerate(top[:10], start=1) if j in relevant), None)
-        out["mrr@10"] += 1.0 / first if first else 0.0
+            out[f"recall@{k}"] += recall_at_k(top, relevant, k)
+        out["mrr@10"] += mrr_at_k(top, relevant, 10)
     n = max(len(held), 1)
     return {k: round(v / n, 4) for k, v in out.items()} | {"queries": float(len(held))}
 
