@@ -44,9 +44,15 @@ class ProductRecord(BaseModel):
         return value
 
     def embedding_text(self) -> str:
-        """The text the text encoder embeds: type, colour, title, then the description."""
-        head = ", ".join(part for part in (self.type, self.colour) if part)
-        return ". ".join(part for part in (head, self.title, self.text) if part)
+        """The text the text encoder embeds (:func:`embedding_text` of the record's fields)."""
+        return embedding_text(self.type, self.colour, self.title, self.text)
+
+
+def embedding_text(type_: str, colour: str, title: str, text: str) -> str:
+    """The text the text encoder embeds for a product: ``"<type>, <colour>. <title>.
+    <description>"`` with empty parts dropped."""
+    head = ", ".join(part for part in (type_, colour) if part)
+    return ". ".join(part for part in (head, title, text) if part)
 
 
 def content_hash(record: ProductRecord, image_bytes: bytes | None) -> str:

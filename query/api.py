@@ -261,10 +261,11 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, w
              responses={202: {"description": "The critic has not answered yet; ask again."}})
     def deferred_result(result_id: str, request: Request) -> SearchResponse | JSONResponse:
         """The full (critic re-ranked) response of a ``critic_wait: false`` search: 202 while the
-        critic works, 404 when the id is unknown or expired (10 minutes)."""
+        critic works, 404 when the id is unknown or expired (10 minutes by default)."""
         future = request.app.state.deferred.get(result_id)
         if future is None:
-            raise HTTPException(404, f"no deferred result {result_id!r} (unknown, or expired after 10 minutes)")
+            ttl = request.app.state.deferred.ttl_s
+            raise HTTPException(404, f"no deferred result {result_id!r} (unknown, or expired after {ttl:g} s)")
         if not future.done():
             return JSONResponse({"status": "pending", "result_url": f"/v1/search/results/{result_id}"}, status_code=202)
         exc = future.exception()

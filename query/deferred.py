@@ -31,6 +31,7 @@ class DeferredResults:
 
     def __init__(self, workers: int = 2, ttl_s: float = 600.0, max_results: int = 1000) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mars-critic")
+        self.ttl_s = ttl_s
         self._results: TTLCache[str, Future] = TTLCache(maxsize=max_results, ttl=ttl_s)  # cachetools
         self._lock = threading.Lock()
 

@@ -124,9 +124,18 @@ def pair_text(type_: str, colour: str, title: str) -> str:
     >>> pair_text("Pendant lamp", "", "MELODI")
     'pendant lamp, MELODI'
     """
-    head = " ".join(part.strip().lower() for part in (colour, type_) if part and part.strip())
     title = (title or "").strip()
-    return ", ".join(part for part in (head, title) if part)
+    return ", ".join(part for part in (colour_type(type_, colour), title) if part)
+
+
+def colour_type(type_: str, colour: str) -> str:
+    """``"<colour> <type>"`` lower-cased, empty parts dropped: the short query-like text of a
+    product (the benchmark's text-to-image queries look like this).
+
+    >>> colour_type("Wall shelf", "Stainless steel")
+    'stainless steel wall shelf'
+    """
+    return " ".join(part.strip().lower() for part in (colour, type_) if part and part.strip())
 
 
 def _is_url(path: str) -> bool:
@@ -488,10 +497,9 @@ class PairEncoder:
             out = out + self.inner.logit_bias
         return out
 
-    def loss(self, items: Sequence[PairItem], pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, items: Sequence[PairItem]) -> torch.Tensor:
         """:func:`contrastive_loss` of one batch of pairs (duplicates of text are positives)."""
-        pv = self.pixel_values([it.image for it in items]) if pixel_values is None else pixel_values
-        logits = self.logits(self.texts([it.text for it in items]), self.images(pv))
+        logits = self.logits(self.texts([it.text for it in items]), self.images(self.pixel_values([it.image for it in items])))
         return contrastive_loss(self.kind, logits, positive_mask([it.text for it in items]).to(self.device))
 
     @torch.no_grad()
@@ -542,10 +550,15 @@ def _scale_bias(inner: Any) -> dict[str, float]:
 
 @dataclass
 class TrainState:
-    """What :func:`fit_pairs` did: ``steps``, one ``{"step", "loss", "lr", "epoch"}`` per step."""
+    """What a fit did: one ``{"step", "loss", ...}`` per step (:func:`fit_pairs` adds ``lr``
+    and ``epoch``); ``steps`` is their number."""
 
-    steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        """Steps taken."""
+        return len(self.history)
 
 
 def _batch_starts(n: int, batch_size: int) -> list[int]:
@@ -598,9 +611,8 @@ def fit_pairs(encoder: PairEncoder, items: Sequence[PairItem], config: DualEncod
             if encoder.kind == "clip":
                 with torch.no_grad():
                     encoder.inner.logit_scale.clamp_(0.0, CLIP_MAX_LOGIT_SCALE)
-            state.steps += 1
             value = float(loss.detach())
-            state.history.append({"step": state.steps, "loss": round(value, 6), "lr": opt.param_groups[0]["lr"],
+            state.history.append({"step": state.steps + 1, "loss": round(value, 6), "lr": opt.param_groups[0]["lr"],
                                   "epoch": round(epoch + (b + 1) / len(bounds), 4)})
             if on_step is not None:
                 on_step(state.steps, total, value)
@@ -721,6 +733,6 @@ def train_dual_encoder(base: str | Path, out: str | Path, data: PairData, config
 
 __all__ = ["CLIP_MAX_LOGIT_SCALE", "DualEncoderConfig", "KINDS", "PairData", "PairEncoder", "PairItem", "RECALL_KS",
            "REPORT_FILE", "TARGET_MODULES", "TrainState", "add_lora", "clip_loss", "collect_pairs", "contrastive_loss",
-           "evaluate_pairs", "fit_pairs", "group_relevant", "holdout_split", "load_base", "model_kind", "pair_text",
+           "colour_type", "evaluate_pairs", "fit_pairs", "group_relevant", "holdout_split", "load_base", "model_kind", "pair_text",
            "positive_mask", "reload_check", "resolve_device", "retrieval_metrics", "siglip_loss",
            "train_dual_encoder", "trainable_parameter_names"]

@@ -51,7 +51,10 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from training.dual_encoder import REPORT_FILE, group_relevant, holdout_split, resolve_device, retrieval_metrics
+from ingestion.records import embedding_text
+from training.dual_encoder import (
+    REPORT_FILE, TrainState, colour_type, group_relevant, holdout_split, resolve_device, retrieval_metrics,
+)
 
 #: Anchor kinds (:func:`anchor_texts`).
 ANCHORS: tuple[str, ...] = ("colour-type", "title", "both")
@@ -92,10 +95,9 @@ class TextPairData:
 
 
 def positive_text(type_: str, colour: str, title: str, text: str) -> str:
-    """The product's full text as ingestion embeds it (``ProductRecord.embedding_text``):
-    ``"<type>, <colour>. <title>. <description>"`` with empty parts dropped."""
-    parts = [p.strip() for p in (type_, colour) if p and p.strip()]
-    return ". ".join(p for p in (", ".join(parts), (title or "").strip(), (text or "").strip()) if p)
+    """The product's full text exactly as ingestion embeds it
+    (:func:`ingestion.records.embedding_text`)."""
+    return embedding_text(type_, colour, title, text)
 
 
 def anchor_texts(type_: str, colour: str, title: str, kind: str = "colour-type") -> list[str]:
@@ -109,9 +111,9 @@ def anchor_texts(type_: str, colour: str, title: str, kind: str = "colour-type")
     """
     if kind not in ANCHORS:
         raise ValueError(f"unknown anchor kind {kind!r}; choose one of {', '.join(ANCHORS)}")
-    colour_type = " ".join(p.strip().lower() for p in (colour, type_) if p and p.strip())
+    head = colour_type(type_, colour)
     title = (title or "").strip()
-    chosen = {"colour-type": [colour_type], "title": [title], "both": [colour_type, title]}[kind]
+    chosen = {"colour-type": [head], "title": [title], "both": [head, title]}[kind]
     return [a for a in chosen if a]
 
 
@@ -317,15 +319,8 @@ def evaluate_text(model: Any, pairs: Sequence[TextPair], *, batch_size: int = 32
     return {"text_to_text": retrieval_metrics(sim, relevant), "loss": float(np.mean(losses)) if losses else None}
 
 
-@dataclass
-class TextTrainState:
-    """Loss of every training step (``{"step", "loss"}``)."""
-
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
 def fit_text(model: Any, pairs: Sequence[TextPair], config: TextEmbedderConfig,
-             on_step: Callable[[int, int, float], None] | None = None) -> TextTrainState:
+             on_step: Callable[[int, int, float], None] | None = None) -> TrainState:
     """MNRL fine-tune of ``model`` on ``pairs`` with the library's fit loop (``old_fit``),
     batches from :class:`NoDuplicateBatches`. ``on_step(step, total, loss)`` after every step.
 
@@ -346,13 +341,13 @@ def fit_text(model: Any, pairs: Sequence[TextPair], config: TextEmbedderConfig,
         epochs, steps_per_epoch = config.epochs, len(sampler)
     total = epochs * steps_per_epoch
     loss = MultipleNegativesRankingLoss(model, scale=config.scale)
-    state = TextTrainState()
+    state = TrainState()
 
     def record(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
         value = float(output.detach())
-        state.history.append({"step": len(state.history) + 1, "loss": round(value, 6)})
+        state.history.append({"step": state.steps + 1, "loss": round(value, 6)})
         if on_step is not None:
-            on_step(len(state.history), total, value)
+            on_step(state.steps, total, value)
 
     hook = loss.register_forward_hook(record)
     torch.manual_seed(config.seed)
@@ -435,5 +430,5 @@ def train_text_embedder(base: str | Path | None, out: str | Path, data: TextPair
 
 
 __all__ = ["ANCHORS", "DEFAULT_BASE", "DEFAULT_SCALE", "NoDuplicateBatches", "TextEmbedderConfig", "TextPair",
-           "TextPairData", "TextTrainState", "anchor_texts", "base_path", "collect_text_pairs", "evaluate_text",
+           "TextPairData", "anchor_texts", "base_path", "collect_text_pairs", "evaluate_text",
            "fit_text", "positive_text", "train_text_embedder"]
