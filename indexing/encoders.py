@@ -141,7 +141,10 @@ class HFDualEncoder:
     processor, as written by ``save_pretrained``. Image and text vectors share one space.
 
     Raises:
-        EncoderConfigError: if the directory does not exist or holds another architecture.
+        EncoderConfigError: the directory does not exist, has no readable ``config.json``, holds
+            another architecture (``config.model_type``), or holds a SigLIP tokenizer whose
+            ``model_max_length`` exceeds the text tower's positions (SigLIP pads every text to
+            it; real SigLIP tokenizers say 64).
     """
 
     def __init__(self, path: str, batch_size: int = 16) -> None:
@@ -149,13 +152,23 @@ class HFDualEncoder:
 
         if not Path(path).is_dir():
             raise EncoderConfigError(f"hf encoder directory {path} does not exist")
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if not (Path(path) / "config.json").is_file():
+            raise EncoderConfigError(f"{path} has no config.json: expected a transformers SigLIP or CLIP model "
+                                     "written by save_pretrained (model, tokenizer and image processor)")
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise EncoderConfigError(f"cannot read the model config in {path}: {exc}") from exc
         if config.model_type not in ("siglip", "clip"):
             raise EncoderConfigError(f"{path} holds a {config.model_type!r} model; expected siglip or clip")
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        limit = config.text_config.max_position_embeddings
+        if config.model_type == "siglip" and self.tokenizer.model_max_length > limit:
+            raise EncoderConfigError(f"the SigLIP tokenizer in {path} has model_max_length {self.tokenizer.model_max_length}, "
+                                     f"more than the text tower's {limit} positions; set model_max_length (SigLIP pads every text to it)")
         self.name = f"hf:{path}"
         self.batch_size = batch_size
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil")
         self.padding = "max_length" if config.model_type == "siglip" else True
         self.dim = 0

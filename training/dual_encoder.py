@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from indexing.encoders import EncoderConfigError, HFDualEncoder, l2_normalize, load_encoders
+from indexing.encoders import HFDualEncoder, l2_normalize, load_encoders
 
 #: LoRA targets: the query and value projections of every attention block, in the text and
 #: the vision tower (transformers names them ``q_proj`` / ``v_proj`` in SigLIP and CLIP).
@@ -323,35 +323,11 @@ def load_base(base: str | Path) -> HFDualEncoder:
     model cast to float32 for training.
 
     Raises:
-        EncoderConfigError: the directory does not exist, or holds another architecture than
-            ``siglip`` / ``clip`` (``config.model_type``), or has no ``config.json``.
-        ValueError: a SigLIP tokenizer without a usable ``model_max_length`` (SigLIP pads every
-            text to it; real SigLIP tokenizers say 64).
+        EncoderConfigError: what :class:`~indexing.encoders.HFDualEncoder` refuses (no such
+            directory, no ``config.json``, another architecture than ``siglip`` / ``clip``, a
+            SigLIP tokenizer without a usable ``model_max_length``).
     """
-    path = Path(base)
-    if not path.is_dir():
-        raise EncoderConfigError(f"base model directory {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise EncoderConfigError(f"{path} has no config.json: expected a transformers SigLIP or CLIP model "
-                                 "written by save_pretrained (model, tokenizer and image processor)")
-    try:
-        from transformers import AutoConfig
-
-        model_type = AutoConfig.from_pretrained(str(path), local_files_only=True).model_type
-    except (OSError, ValueError, KeyError) as exc:
-        raise EncoderConfigError(f"cannot read the model config in {path}: {exc}") from exc
-    if model_type not in KINDS:
-        raise EncoderConfigError(f"{path} holds a {model_type!r} model; `mars train encoder` fine-tunes siglip or clip "
-                                 "(transformers SiglipModel / CLIPModel)")
-    if model_type == "siglip":
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        limit = AutoConfig.from_pretrained(str(path), local_files_only=True).text_config.max_position_embeddings
-        if tok.model_max_length > limit:
-            raise ValueError(f"the SigLIP tokenizer in {path} has model_max_length {tok.model_max_length}, more than the "
-                             f"text tower's {limit} positions; set model_max_length (SigLIP pads every text to it)")
-    encoder = HFDualEncoder(str(path))
+    encoder = HFDualEncoder(str(base))
     encoder.model.float()
     return encoder
 
