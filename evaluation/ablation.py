@@ -52,6 +52,7 @@ from evaluation.beir import BenchmarkQuery, QueryImages
 from evaluation.metrics import score_queries
 from evaluation.runner import eval_query, select_queries
 from query.funnel import search_text
+from training.room_folds import out_of_fold
 
 #: The metrics of the ablation table, in cell order.
 ABLATION_METRICS: tuple[str, ...] = ("nDCG@10", "Recall@10", "Success@10")
@@ -123,7 +124,9 @@ def run_ablation(
     progress: bool = True,
     baseline: NaiveIndex | None = None,
 ) -> dict[str, Any]:
-    """Run every :data:`CONFIGS` row over the selected queries of a :class:`mars.engine.Engine`.
+    """Run every :data:`CONFIGS` row over the selected queries of a :class:`mars.engine.Engine`,
+    out of fold by room when pieces fitted on judged rooms are installed
+    (:func:`training.room_folds.out_of_fold`); the critic is used as installed.
 
     Args:
         engine: the engine (its ``search``, ``settings``, ``funnel`` query-vector caches and,
@@ -152,31 +155,37 @@ def run_ablation(
     with Progress(disable=not progress, transient=True) as bar:
         task_id = bar.add_task("ablation", total=len(queries))
         lacking = {config.key: _missing_list(config, engine) for config in CONFIGS}  # the same for every query
-        for q in queries:
-            by_task[q.task].append(q.id)
-            image = images(q)
-            for config in CONFIGS:
-                missing = _missing_input(config, q) or lacking[config.key]
-                if missing is not None:
-                    notes[(q.task, config.key)] = missing
-                elif config.mode is None:
-                    runs[config.key][q.id] = _baseline_search(engine, naive, eval_query(q, image))
-                elif config.mode == "full" and not critic_ready:
-                    continue
-                else:
-                    search = eval_query(q, image, mode=config.mode, top_k=ABLATION_DEPTH, weights=config.weights)
-                    response = engine.search(search)
-                    if config.mode == "full":
-                        critic_backend, critic_detail = response.critic.backend, response.critic.detail
-                        critic_status[response.critic.status] += 1
-                        if response.critic.status == "not configured":
-                            critic_ready = False
-                            continue
-                    items = response.items
-                    if config.only is not None:
-                        items = [i for i in items if getattr(i.provenance, config.only) is not None]
-                    runs[config.key][q.id] = [i.id for i in items]
-            bar.advance(task_id)
+
+        def run_group(group: Sequence[BenchmarkQuery]) -> list[None]:
+            nonlocal critic_backend, critic_detail, critic_ready
+            for q in group:
+                by_task[q.task].append(q.id)
+                image = images(q)
+                for config in CONFIGS:
+                    missing = _missing_input(config, q) or lacking[config.key]
+                    if missing is not None:
+                        notes[(q.task, config.key)] = missing
+                    elif config.mode is None:
+                        runs[config.key][q.id] = _baseline_search(engine, naive, eval_query(q, image))
+                    elif config.mode == "full" and not critic_ready:
+                        continue
+                    else:
+                        search = eval_query(q, image, mode=config.mode, top_k=ABLATION_DEPTH, weights=config.weights)
+                        response = engine.search(search)
+                        if config.mode == "full":
+                            critic_backend, critic_detail = response.critic.backend, response.critic.detail
+                            critic_status[response.critic.status] += 1
+                            if response.critic.status == "not configured":
+                                critic_ready = False
+                                continue
+                        items = response.items
+                        if config.only is not None:
+                            items = [i for i in items if getattr(i.provenance, config.only) is not None]
+                        runs[config.key][q.id] = [i.id for i in items]
+                bar.advance(task_id)
+            return []
+
+        out_of_fold(engine, queries, qrels, run_group)
 
     report: dict[str, Any] = {
         "configs": [{"key": c.key, "label": c.label} for c in CONFIGS],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,14 +33,15 @@ def select_queries(
     *,
     tasks: Sequence[str] | None = None,
     limit: int | None = None,
+    where: Callable[[BenchmarkQuery], bool] | None = None,
 ) -> tuple[list[BenchmarkQuery], dict[str, set[str]]]:
     """The queries to evaluate and the qrels: those of ``tasks`` (all when None) that have
-    judgments, at most ``limit`` per task in file order.
+    judgments and pass ``where`` (all when None), at most ``limit`` per task in file order.
 
     Raises:
         FileNotFoundError: a queries or qrels file is missing.
     """
-    queries = [q for q in load_queries(queries_path) if not tasks or q.task in tasks]
+    queries = [q for q in load_queries(queries_path) if (not tasks or q.task in tasks) and (where is None or where(q))]
     qrels = load_qrels(qrels_path)
     queries = [q for q in queries if qrels.get(q.id)]
     return limit_per_task(queries, limit), qrels
@@ -90,18 +91,20 @@ def run_eval(
     tasks: Sequence[str] | None = None,
     limit: int | None = None,
     progress: bool = True,
+    where: Callable[[BenchmarkQuery], bool] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``engine`` (anything with ``search(SearchQuery)`` and ``settings``).
 
     Returns a JSON-ready dict: ``mode``, ``tasks`` (task -> {"queries": n, metric: mean}),
     ``per_query`` (query id -> metric values) and ``locks`` (query id -> lock key or None).
     Each query passes its room type (``room_category``) as the search's room context;
-    :data:`ROOM_LEVEL_TASKS` run without an automatic lock.
+    :data:`ROOM_LEVEL_TASKS` run without an automatic lock. ``where`` keeps a subset of the
+    queries (:func:`select_queries`).
 
     Raises:
         FileNotFoundError: a queries/qrels file or a query image is missing.
     """
-    queries, qrels = select_queries(queries_path, qrels_path, tasks=tasks, limit=limit)
+    queries, qrels = select_queries(queries_path, qrels_path, tasks=tasks, limit=limit, where=where)
     settings = engine.settings
     images = QueryImages(settings.max_image_bytes, settings.max_image_pixels)
     runs: dict[str, list[str]] = {}
@@ -123,15 +126,16 @@ def run_eval(
     return report
 
 
-def format_table(report: dict[str, Any]) -> Table:
-    """The per-task metric table of a :func:`run_eval` report."""
-    table = Table(title=f"mode: {report['mode']}")
+def format_table(report: dict[str, Any], metrics: Sequence[str] = tuple(METRICS), title: str | None = None) -> Table:
+    """The per-task table of ``metrics`` of a :func:`run_eval` report (or any report with
+    ``tasks``: task -> {"queries", metric...}); the title names the mode unless given."""
+    table = Table(title=title or f"mode: {report['mode']}")
     table.add_column("task")
     table.add_column("queries", justify="right")
-    for name in METRICS:
+    for name in metrics:
         table.add_column(name, justify="right")
     for task, row in report["tasks"].items():
-        table.add_row(task, str(row["queries"]), *(f"{row[name]:.4f}" for name in METRICS))
+        table.add_row(task, str(row["queries"]), *(f"{row[name]:.4f}" for name in metrics))
     return table
 
 

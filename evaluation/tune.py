@@ -62,14 +62,15 @@ from query.funnel import query_shape
 K_GRID: tuple[float, ...] = (10.0, 20.0, 40.0, 60.0, 100.0)
 #: Weights tried for each list but the anchor (fixed at 1.0).
 WEIGHT_GRID: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
-#: The funnel's lists (``aligned`` once ``mars train align`` has run); a list of another name is tuned too.
-LIST_NAMES: tuple[str, ...] = ("bm25", "text", "image", "aligned")
+#: The funnel's lists (``aligned`` once ``mars train align`` has run, ``prior`` once ``mars train
+#: prior`` has, for queries with a room type); a list of another name is tuned too.
+LIST_NAMES: tuple[str, ...] = ("bm25", "text", "image", "aligned", "prior")
 #: Query shapes and the settings field holding their weights.
 SHAPES: dict[str, str] = {"photo": "weights_photo", "text": "weights_text"}
 #: The anchor (weight fixed at 1.0) of a shape is the first of these among its lists (else the
 #: list in most of its queries): the photo list for photo queries, the text-vector list for
 #: text-only ones — the lists the shipped weights are scaled to.
-ANCHOR_PREFERENCE: tuple[str, ...] = ("image", "text", "bm25", "aligned")
+ANCHOR_PREFERENCE: tuple[str, ...] = ("image", "text", "bm25", "aligned", "prior")
 #: Dotenv keys of the tuned settings.
 ENV_K, ENV_WEIGHTS = "MARS_RRF_K", {"photo": "MARS_WEIGHTS_PHOTO", "text": "MARS_WEIGHTS_TEXT"}
 
@@ -107,7 +108,9 @@ def collect_lists(
     progress: bool = True,
     console: Any = None,
 ) -> list[QueryLists]:
-    """Retrieve every query once (mode ``hybrid``, as ``mars eval`` asks it) and keep its id lists.
+    """Retrieve every query once (mode ``hybrid``, as ``mars eval`` asks it) and keep its id lists;
+    out of fold (:func:`training.room_folds.out_of_fold`) when the whitening has a learned
+    stage, so that the weights are tuned on the lists a new room would get.
 
     Args:
         engine: anything with ``funnel`` (a :class:`query.funnel.Funnel`) and ``settings``.
@@ -119,24 +122,30 @@ def collect_lists(
     Raises:
         FileNotFoundError / ingestion.images.ImageRejected: a query photo is missing or unreadable.
     """
+    from training.room_folds import out_of_fold
+
     settings = engine.settings
     depth = depth or settings.retrieval_depth
     images = QueryImages(settings.max_image_bytes, settings.max_image_pixels)
     judged = [q for q in queries if qrels.get(q.id)]
     every_list = _every_list(engine.funnel)
-    out: list[QueryLists] = []
     with Progress(disable=not progress, transient=True, console=console) as bar:
         task_id = bar.add_task("retrieving lists", total=len(judged))
-        for q in judged:
-            search = eval_query(q, images(q), mode="hybrid", top_k=EVAL_DEPTH, weights=every_list)
-            retrieval = engine.funnel.retrieve(search)
-            out.append(QueryLists(
-                id=q.id, task=q.task, shape=query_shape(search), group=q.room_id or q.id,
-                lists={name: [h.id for h in hits[:depth]] for name, hits in retrieval.lists.items()},
-                relevant=sorted(qrels[q.id]),
-            ))
-            bar.advance(task_id)
-    return out
+
+        def retrieve(group: Sequence[BenchmarkQuery]) -> list[QueryLists]:
+            out = []
+            for q in group:
+                search = eval_query(q, images(q), mode="hybrid", top_k=EVAL_DEPTH, weights=every_list)
+                retrieval = engine.funnel.retrieve(search)
+                out.append(QueryLists(
+                    id=q.id, task=q.task, shape=query_shape(search), group=q.room_id or q.id,
+                    lists={name: [h.id for h in hits[:depth]] for name, hits in retrieval.lists.items()},
+                    relevant=sorted(qrels[q.id]),
+                ))
+                bar.advance(task_id)
+            return out
+
+        return out_of_fold(engine, judged, qrels, retrieve)
 
 
 def _every_list(funnel: Any) -> dict[str, float]:

@@ -22,21 +22,36 @@ import numpy as np
 T = TypeVar("T")
 
 
-def write_checkpoint(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
-    """Write a safetensors checkpoint atomically: to ``<path>.next`` beside it, then renamed
-    over ``path`` (``os.replace``), so a :class:`WatchedCheckpoint` never reads a half-written
-    file. Parent folders are created.
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: to ``<path>.next`` beside it, then renamed over
+    ``path`` (``os.replace``), so a :class:`WatchedCheckpoint` never reads a half-written file.
+    Parent folders are created.
 
     Raises:
         OSError: the folder or the file cannot be written.
     """
-    from safetensors.numpy import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + ".next")
-    save_file(dict(tensors), str(staging), metadata=dict(metadata))
+    staging.write_bytes(data)
     os.replace(staging, path)
+
+
+def file_digest(data: bytes) -> str:
+    """The first 12 hex digits of the sha256 of a checkpoint file's bytes (its version in
+    cache keys)."""
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def write_checkpoint(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    """Write a safetensors checkpoint atomically (:func:`replace_file`).
+
+    Raises:
+        OSError: the folder or the file cannot be written.
+    """
+    from safetensors.numpy import save
+
+    replace_file(path, save(dict(tensors), metadata=dict(metadata)))
 
 
 def read_checkpoint(path: Path, fmt: str, error: type[ValueError]) -> tuple[dict[str, np.ndarray], Mapping[str, str], str]:
@@ -62,7 +77,7 @@ def read_checkpoint(path: Path, fmt: str, error: type[ValueError]) -> tuple[dict
         raise error(f"{path} is not a safetensors file: {exc}") from exc
     if metadata.get("format") != fmt:
         raise error(f"{path} is not a {fmt} checkpoint (format {metadata.get('format')!r})")
-    return dict(tensors), metadata, hashlib.sha256(data).hexdigest()[:12]
+    return dict(tensors), metadata, file_digest(data)
 
 
 class WatchedCheckpoint(Generic[T]):

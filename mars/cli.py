@@ -614,10 +614,12 @@ def train_critic(
     out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint path; default MARS_CRITIC_CHECKPOINT or <home>/critic/learned.safetensors.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Train the learned critic on staged rooms: mine pairs with the hybrid funnel, report
-    room-grouped cross-validated nDCG@10 (hybrid vs re-ranked), then fit on all rooms and save."""
+    """Train the learned critic on staged rooms: mine pairs with the hybrid funnel (each room
+    with a learned whitening stage and prior fitted without it, when the whitening has a
+    learned stage), report room-grouped cross-validated nDCG@10 (hybrid vs re-ranked), then
+    fit on all rooms and save."""
     from evaluation.beir import load_qrels, load_queries
-    from training.critic import ROOM_TASKS, cross_validate, evaluate, fit, mine
+    from training.critic import ROOM_TASKS, cross_validate, evaluate, fit, mine_out_of_fold
 
     engine = _engine()
     try:
@@ -626,7 +628,8 @@ def train_critic(
         with Progress(TextColumn("mining pairs"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=err, disable=as_json) as bar:
             task = bar.add_task("mine", total=sum(1 for q in room_queries if judged.get(q.id)))
-            mined = mine(engine, room_queries, judged, depth=depth, controls=controls, on_query=lambda: bar.advance(task))
+            mined = mine_out_of_fold(engine, room_queries, judged, depth=depth, controls=controls,
+                                     on_query=lambda: bar.advance(task))
         report: dict = {"pairs": sum(len(m.pairs) for m in mined), "queries": len(mined)}
         if folds:
             report["cross_validation"] = cross_validate(mined, folds=folds, top_n=engine.settings.critic_top_n)
@@ -751,27 +754,38 @@ def train_align_command(
 @train_app.command("whitening")
 def train_whitening_command(
     rooms: Annotated[Path, typer.Option("--rooms", help="Folder of room photos (e.g. ../shared/data/ikea/rooms).")],
+    queries: Annotated[Optional[Path], typer.Option(
+        "--queries", help="queries.jsonl with room photos; with --qrels, also fit the learned stage on their judged products.")] = None,
+    qrels: Annotated[Optional[Path], typer.Option("--qrels", help="Relevance judgments (TSV) of --queries.")] = None,
     dim: Annotated[int, typer.Option("--dim", min=1, help="Whitened dimensions kept (leading principal components).")] = 512,
     eps: Annotated[float, typer.Option("--eps", min=0.0, help="Ridge on the eigenvalues, as a multiple of their mean.")] = 1.0,
+    learned_dim: Annotated[int, typer.Option("--learned-dim", min=1, help="Dimensions the learned stage keeps.")] = 384,
+    shrink: Annotated[float, typer.Option("--shrink", min=0.0, max=1.0,
+                                          help="Learned stage: shrinkage of the pairs' covariance toward identity.")] = 0.5,
     region_step: Annotated[int, typer.Option("--region-step", min=1, help="Keep every N-th region of each room photo.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print the fit report as JSON.")] = False,
 ) -> None:
     """Fit a PCA whitening of image vectors (Jégou & Chum, ECCV 2012) on the stored product
-    photos and the regions of the room photos in --rooms (unsupervised: no judgments), and store
-    it with the index. The image list then compares room regions with product photos as
-    whitened vectors. Needs the stores: stop `mars serve` first; no re-index."""
+    photos and the regions of the room photos in --rooms (unsupervised), and with --queries and
+    --qrels a learned stage (Mikolajczyk & Matas 2007) on (room region, relevant product photo)
+    pairs; store it with the index. The image list then compares room regions with product
+    photos as whitened vectors. Needs the stores: stop `mars serve` first; no re-index."""
+    from evaluation.beir import load_qrels, load_queries
     from indexing.whitening import whitening_path
     from ingestion.images import ImageRejected
-    from training.whitening import fit_whitening, room_photos
+    from training.whitening import fit_whitening, judged_photos, room_photos
 
+    if (queries is None) != (qrels is None):
+        raise _fail(ValueError("--queries and --qrels go together (the learned stage needs both)"))
     engine = _engine()
     try:
         photos = room_photos(rooms)
+        judged = judged_photos(load_queries(queries), load_qrels(qrels)) if queries and qrels else None
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=err, disable=as_json) as bar:
             task = bar.add_task("whitening: room regions", total=len(photos))
-            white = fit_whitening(engine, photos, dim=dim, eps=eps, region_step=region_step,
-                                  on_photo=lambda: bar.advance(task))
+            white = fit_whitening(engine, photos, judged=judged, dim=dim, eps=eps, learned_dim=learned_dim, shrink=shrink,
+                                  region_step=region_step, on_photo=lambda: bar.advance(task))
         engine.install_whitening(white)
     except (FileNotFoundError, ImageRejected, RuntimeError, ValueError) as exc:
         raise _fail(exc) from exc
@@ -782,8 +796,38 @@ def train_whitening_command(
         return
     m = white.meta
     console.print(f"whitening fitted on {m['products']} product photos + {m['regions']} regions of {m['room_photos']} room "
-                  f"photos: {m['dim']} of {white.input_dim} dimensions, {m['variance_kept']:.1%} of the variance, eps {m['eps']}, "
-                  f"{m['seconds']} s; written to {whitening_path(engine.home)}")
+                  f"photos: {m['dim']} of {white.input_dim} dimensions, {m['variance_kept']:.1%} of the variance, eps {m['eps']}")
+    if "learned" in m:
+        learned = m["learned"]
+        console.print(f"learned stage: {learned['pairs']} (region, product) pairs from {learned['judged_photos']} judged "
+                      f"photos, {learned['dim']} dimensions, shrink {learned['shrink']}")
+    console.print(f"{m['seconds']} s; written to {whitening_path(engine.home)}")
+
+
+@train_app.command("prior")
+def train_prior_command(
+    queries: Annotated[Path, typer.Option("--queries", help="queries.jsonl whose room queries carry room_id and room_category.")],
+    qrels: Annotated[Path, typer.Option("--qrels", help="Relevance judgments (TSV): the products each room shows.")],
+) -> None:
+    """Count, per room type, the staged rooms that show each product (a popularity prior per
+    room type) from judged room queries, and store it with the index. Queries with a room type
+    (--room) then get the `prior` list, fused with the MARS_WEIGHTS_* weight `prior` (shipped:
+    2.0 without a photo, 0 with one). Needs the stores: stop `mars serve` first."""
+    from evaluation.beir import load_qrels, load_queries
+    from indexing.staging_prior import StagingPrior, staging_prior_path
+
+    try:
+        prior = StagingPrior.from_judgments(load_queries(queries), load_qrels(qrels))
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(exc) from exc
+    engine = _engine()
+    try:
+        engine.install_prior(prior)
+    finally:
+        engine.close()
+    rooms = ", ".join(f"{k} {n}" for k, n in sorted(prior.rooms.items(), key=lambda kv: -kv[1]))
+    console.print(f"staging prior: {sum(prior.rooms.values())} rooms ({rooms}), {len(prior.counts)} products; "
+                  f"written to {staging_prior_path(engine.home)}")
 
 
 def _finite(value):  # noqa: ANN001, ANN202 - JSON-ready values

@@ -25,6 +25,7 @@ from catalog.db import make_engine, session_factory, upgrade_to_head
 from catalog.locking import Taxonomy
 from critic.registry import build_critic
 from indexing.aligned import VECTOR as ALIGNED, AlignHeads, AlignHeadsFile, heads_path, with_aligned
+from indexing.staging_prior import StagingPrior, StagingPriorFile, staging_prior_path
 from indexing.whitening import Whitening, WhiteningFile, whitening_path
 from indexing.encoders import ImageEncoder, TextEncoder, load_encoders
 from catalog.models import IngestJob, Product
@@ -116,6 +117,9 @@ class Engine:
             raise
         self._encoders = encoders
         self._store: VectorStore | None = None
+        #: Serialises the lazy opening of the vector store: a bulk job's first batch and a
+        #: concurrent search must not both open (and create) the same shard.
+        self._store_open = threading.Lock()
         self._reference: FaissFlatStore | None = None
         self._taxonomy: Taxonomy | None = None
         #: Serialises index writes of this process (bulk-job batches, streamed items, deletes).
@@ -133,6 +137,9 @@ class Engine:
         #: Returns the image-vector whitening (``mars train whitening``) or None, re-read when its
         #: file changes; the image list then compares whitened vectors (:mod:`indexing.whitening`).
         self.whitening = WhiteningFile(whitening_path(self.home), settings.image_encoder)
+        #: Returns the staging prior (``mars train prior``) or None, re-read when its file changes;
+        #: queries with a room type then get the ``prior`` list (:mod:`indexing.staging_prior`).
+        self.prior = StagingPriorFile(staging_prior_path(self.home))
         #: The active merchandising rules, cached for ``MARS_RULES_CACHE_S`` (see :meth:`refresh_rules`).
         self.rules = RuleCache(self._load_rules, settings.rules_cache_s)
         self.funnel = Funnel(
@@ -158,6 +165,7 @@ class Engine:
             rules=self.rules,
             aligner=self.aligned,
             whitening=self.whitening,
+            prior=self.prior,
         )
 
     def _owner_pid(self) -> str:
@@ -198,7 +206,9 @@ class Engine:
         """The vector store (Qdrant Edge or Qdrant via qdrant-client), or None while nothing
         has been indexed (no manifest yet)."""
         if self._store is None and self.manifest is not None:
-            self._store = self._open_vector_store(self.manifest["dims"])
+            with self._store_open:
+                if self._store is None:
+                    self._store = self._open_vector_store(self.manifest["dims"])
         return self._store
 
     def _create_vector_store(self) -> VectorStore:
@@ -260,6 +270,12 @@ class Engine:
         if reason is not None:
             raise ValueError(f"the whitening was {reason}")
         whitening.save(whitening_path(self.home))
+        self.funnel.invalidate_results()
+
+    def install_prior(self, prior: StagingPrior) -> None:
+        """Make ``prior`` the index's staging prior: store it at
+        :func:`indexing.staging_prior.staging_prior_path` and drop the cached search results."""
+        prior.save(staging_prior_path(self.home))
         self.funnel.invalidate_results()
 
     def search_store(self) -> VectorStore | None:

@@ -52,8 +52,9 @@ class Settings(BaseSettings):
     )
 
     image_encoder: str = Field(
-        "efficientnet-lite0",
-        description="'efficientnet-lite0' (offline default) or 'hf:<dir>' for a local SigLIP/CLIP checkpoint.",
+        "efficientnet-lite0-gem",
+        description="'efficientnet-lite0-gem' (offline default: GeM-pooled), 'efficientnet-lite0' (average-pooled, "
+        "indexes built before GeM) or 'hf:<dir>' for a local SigLIP/CLIP checkpoint.",
     )
     text_encoder: str = Field(
         "all-minilm-l6-v2",
@@ -115,19 +116,20 @@ class Settings(BaseSettings):
 
     result_cache_hits: int = Field(
         400_000, ge=0,
-        description="Embedded mode: hits the funnel's per-stage result cache keeps (BM25, text, image and aligned "
-        "lists by query input, lock and depth; ~200 bytes each, so ~80 MB at the default; dropped on every "
+        description="Embedded mode: hits the funnel's per-stage result cache keeps (BM25, text, image, aligned and "
+        "prior lists by query input, lock and depth; ~200 bytes each, so ~80 MB at the default; dropped on every "
         "write); 0 turns it off. Server mode never caches (other processes write the stores).",
     )
     rrf_k: float = Field(10.0, gt=0, description="RRF constant k (Cormack et al., SIGIR 2009); tuned by `mars tune`.")
     weights_photo: dict[str, float] = Field(
-        default_factory=lambda: {"bm25": 0.25, "image": 1.0, "text": 0.25, "aligned": 0.1},
+        default_factory=lambda: {"bm25": 0.25, "image": 1.0, "text": 0.25, "aligned": 0.1, "prior": 0.0},
         description="RRF weight per list for queries with a room photo, as JSON, e.g. "
-        '\'{"bm25": 0.25, "image": 1.0, "text": 0.25}\' (lists: bm25, image, text, aligned; a list not named weighs 1.0; a list weighted 0 is not searched).',
+        '\'{"bm25": 0.25, "image": 1.0, "text": 0.25}\' (lists: bm25, image, text, aligned, prior; a list not named weighs 1.0; a list weighted 0 is not searched).',
     )
     weights_text: dict[str, float] = Field(
-        default_factory=lambda: {"bm25": 1.0, "text": 1.0, "aligned": 0.25},
-        description="RRF weight per list for queries without a photo, as JSON (lists: bm25, text, aligned).",
+        default_factory=lambda: {"bm25": 1.0, "text": 1.0, "aligned": 0.25, "prior": 2.0},
+        description="RRF weight per list for queries without a photo, as JSON (lists: bm25, text, aligned, prior: the "
+        "staging prior of the query's room type, `mars train prior`).",
     )
     rules_cache_s: float = Field(
         5.0, ge=0, description="Seconds a process keeps the merchandising rules it read; its own rule writes drop "

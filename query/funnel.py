@@ -35,6 +35,7 @@ from critic.protocol import Critic, CriticPair, CriticTimeout
 from indexing.aligned import AlignHeads
 from indexing.encoders import ImageEncoder, TextEncoder
 from indexing.lexical import LexicalIndex
+from indexing.staging_prior import StagedHit, StagingPrior, room_type_key
 from indexing.vectors import VectorHit, VectorStore
 from indexing.whitening import Whitening
 from ingestion.remote import is_remote
@@ -179,6 +180,8 @@ class Funnel:
             (:class:`indexing.aligned.AlignHeads`) or None while none is trained.
         whitening: callable returning the image-vector whitening
             (:class:`indexing.whitening.Whitening`) or None while none is fitted.
+        prior: callable returning the staging prior
+            (:class:`indexing.staging_prior.StagingPrior`) or None while none is fitted.
     """
 
     def __init__(
@@ -193,10 +196,11 @@ class Funnel:
         rules: Callable[[], Sequence[Rule]] | None = None,
         aligner: Callable[[], AlignHeads | None] | None = None,
         whitening: Callable[[], Whitening | None] | None = None,
+        prior: Callable[[], StagingPrior | None] | None = None,
     ) -> None:
         self.sessions, self.taxonomy, self.lexical = sessions, taxonomy, lexical
         self.vectors, self.encoders, self.critic, self.config = vectors, encoders, critic, config
-        self.rules, self.aligner, self.whitening = rules, aligner, whitening
+        self.rules, self.aligner, self.whitening, self.prior = rules, aligner, whitening, prior
         # Least-recently-used caches (cachetools), all guarded by one lock. Stage results are
         # sized in hits (a list counts its hits + 1); cachetools wants maxsize >= 1.
         self._region_cache: LRUCache[str, np.ndarray] = LRUCache(config.region_cache_bytes, getsizeof=lambda a: a.nbytes)
@@ -315,6 +319,15 @@ class Funnel:
         best = (regions @ np.stack([vectors[i] for i in ids]).T).max(axis=0)
         return sorted((VectorHit(i, float(s)) for i, s in zip(ids, best)), key=lambda h: (-h.score, h.id))
 
+    def prior_hits(self, prior: StagingPrior, room: str, cats: Sequence[str] | None, depth: int) -> list[StagedHit]:
+        """The ``prior`` list of a query about a ``room`` room type: the staging prior's order
+        (:meth:`StagingPrior.ranked`) kept to the products still in the catalog and within the
+        lock ``cats``, at most ``depth``."""
+        ranked = prior.ranked(room)
+        with self.sessions() as session:
+            keep = products_within(session, [h.id for h in ranked], cats[0] if cats else None)
+        return [h for h in ranked if h.id in keep][:depth]
+
     def text_vector(self, text: str) -> np.ndarray:
         """Embedding of the query text, float32 (1, dim), cached by text."""
         return self._cached(self._text_cache, text, lambda: self.encoders()[1].encode_texts([text]))
@@ -322,8 +335,9 @@ class Funnel:
     def stage_hits(
         self, name: str, key: str, cats: Sequence[str] | None, depth: int, compute: Callable[[], list]
     ) -> list:
-        """One stage's hit list (``name``: ``bm25``, ``text`` or ``image``) for the query input
-        ``key`` (search text, or the photo's :meth:`region_key`) within ``cats`` at ``depth``:
+        """One stage's hit list (``name``: ``bm25``, ``text``, ``aligned``, ``image`` or
+        ``prior``) for the query input ``key`` (search text, the photo's :meth:`region_key`, or
+        the room type) within ``cats`` at ``depth``:
         from the result cache (like Solr's queryResultCache) when ``config.result_cache_hits``
         > 0, else ``compute()``. Least recently used lists are dropped past that many hits in
         all (a list counts its hits + 1), and every list by :meth:`invalidate_results`; a list
@@ -401,6 +415,14 @@ class Funnel:
                     lambda: self.image_hits(store, image, depth, cats, white),
                 )
             timings["vector"] = (time.perf_counter() - t) * 1000
+        prior = self.prior() if self.prior is not None and query.room and query.mode in ("hybrid", "full") and wanted("prior") else None
+        if prior is not None:
+            t = time.perf_counter()
+            room = query.room
+            lists["prior"] = self.stage_hits(
+                "prior", f"{room_type_key(room)}@{prior.digest}", cats, depth, lambda: self.prior_hits(prior, room, cats, depth)
+            )
+            timings["prior"] = (time.perf_counter() - t) * 1000
 
         t = time.perf_counter()
         used = {name: weights.get(name, 1.0) for name in lists}
@@ -445,8 +467,9 @@ class Funnel:
         white = self.whitening() if self.whitening is not None else None
         if white is not None and regions is not None:  # the critic compares in the space the image list ranked in
             regions = self.whitened_regions(query.image, white)
-            stored = {i: replace(p, vectors={**p.vectors, "image": white.apply(p.vectors["image"])[0]}) if "image" in p.vectors else p
-                      for i, p in stored.items()}
+            ids = [i for i, p in stored.items() if "image" in p.vectors]
+            whitened = dict(zip(ids, white.apply(np.stack([stored[i].vectors["image"] for i in ids])))) if ids else {}
+            stored = {i: replace(p, vectors={**p.vectors, "image": whitened[i]}) if i in whitened else p for i, p in stored.items()}
         qvec = self.text_vector(text)[0] if text and store is not None and "text" in store.dims else None
         categories = self.taxonomy().categories
         photos = {f.id: _product_photo(products[f.id]) for f in head} if self.critic is not None and self.critic.uses_images else {}
@@ -539,7 +562,7 @@ class Funnel:
                     image=p.image,
                     score=critic.score if critic else x.score,
                     provenance=Provenance(
-                        bm25=hit("bm25"), image=hit("image"), text=hit("text"), aligned=hit("aligned"),
+                        bm25=hit("bm25"), image=hit("image"), text=hit("text"), aligned=hit("aligned"), prior=hit("prior"),
                         fused=None if x.inserted else StageHit(rank=f.rank, score=f.score), critic=critic, rules=x.notes,
                     ),
                 )

@@ -7,8 +7,10 @@ detector available offline, the regions are
 
 * the cells of ``n x n`` grids (grid 1 is the whole photo, grid 2 its quarters, ...): the
   vectors searched in the index;
-* for a CNN image encoder, also dense square windows at several scales, average-pooled from
-  one feature map of the photo at :data:`REGION_SHORT_SIDE` pixels (regional pooling of
+* for a CNN image encoder, also dense square windows at several scales, pooled from one
+  feature map of the photo at :data:`REGION_SHORT_SIDE` pixels with the encoder's own
+  global pooling (GeM or average, so a window that holds just the product is pooled like
+  the product photo) (regional pooling of
   convolutional activations, as in R-MAC: Tolias, Sicre & Jégou, "Particular object
   retrieval with integral max-pooling of CNN activations", ICLR 2016). They re-score the
   grid cells' candidates exactly; small objects (a lamp, a vase) fill a small window and
@@ -85,11 +87,15 @@ def window_boxes(width: int, height: int, scales: Sequence[float]) -> list[Box]:
     return boxes
 
 
-def pool_boxes(feature_map: np.ndarray, boxes: Sequence[Box]) -> np.ndarray:
-    """Average of ``feature_map`` (float32 (C, H, W)) over each box (in cells, right/bottom
-    exclusive) through an integral image; returns float32 (len(boxes), C), not normalised.
-    An empty box (a grid finer than the map) is widened to one cell.
+def pool_boxes(feature_map: np.ndarray, boxes: Sequence[Box], power: float = 1.0) -> np.ndarray:
+    """Generalized mean (``power`` 1: average) of ``feature_map`` (float32 (C, H, W), non-
+    negative activations when ``power`` > 1) over each box (in cells, right/bottom exclusive)
+    through an integral image of ``x ** power``; returns float32 (len(boxes), C), not
+    normalised. An empty box (a grid finer than the map) is widened to one cell.
     """
+    if power != 1.0:
+        pooled = pool_boxes(np.maximum(feature_map, 1e-6) ** power, boxes)
+        return np.maximum(pooled, 0.0) ** (1.0 / power)
     c, h, w = feature_map.shape
     integral = np.zeros((c, h + 1, w + 1), dtype=np.float64)
     integral[:, 1:, 1:] = feature_map.cumsum(1).cumsum(2)
@@ -110,8 +116,9 @@ def embed_regions(encoder: object, image: Image.Image, grids: Sequence[int]) -> 
     :func:`grid_cell_count` grid cells in :func:`grid_regions` order (row 0 is the whole photo
     when grid 1 is asked), then, when ``encoder`` has a ``feature_map(image, short_side)``
     method (a CNN), the :func:`window_boxes` windows at :data:`WINDOW_SCALES`, all pooled from
-    one feature map at :data:`REGION_SHORT_SIDE`; otherwise the grid cells are cropped and
-    embedded with ``encoder.encode_images``.
+    one feature map at :data:`REGION_SHORT_SIDE` with the encoder's ``pooling_power`` (GeM
+    exponent, 1 when absent); otherwise the grid cells are cropped and embedded with
+    ``encoder.encode_images``.
 
     Raises:
         ValueError: a grid size < 1 or an empty photo.
@@ -123,5 +130,5 @@ def embed_regions(encoder: object, image: Image.Image, grids: Sequence[int]) -> 
     fmap = feature_map(rgb, REGION_SHORT_SIDE)
     _, h, w = fmap.shape
     boxes = grid_regions(w, h, grids) + window_boxes(w, h, WINDOW_SCALES)
-    pooled = pool_boxes(fmap, boxes)
+    pooled = pool_boxes(fmap, boxes, getattr(encoder, "pooling_power", 1.0))
     return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)

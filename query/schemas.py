@@ -36,6 +36,7 @@ class Provenance(BaseModel):
     image: StageHit | None = None
     text: StageHit | None = None
     aligned: StageHit | None = None
+    prior: StageHit | None = None
     fused: StageHit | None = None
     critic: CriticResult | None = None
     rules: list[str] = Field(default_factory=list, description="What merchandising rules did to this item, in order.")

@@ -30,7 +30,7 @@ def encoders():
     """The real EfficientNet-Lite0 + MiniLM encoders, shared by every engine in the session."""
     from indexing.encoders import load_encoders
 
-    return load_encoders("efficientnet-lite0", "all-minilm-l6-v2", batch_size=8)
+    return load_encoders("efficientnet-lite0-gem", "all-minilm-l6-v2", batch_size=8)
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +74,20 @@ def ikea_slice(ikea: Path, tmp_path_factory) -> dict:
         "queries": room_queries,
         "qrels": qrels,
     }
+
+
+@pytest.fixture(scope="session")
+def slice_home(ikea_slice, encoders, tmp_path_factory) -> Path:
+    """A MARS_HOME with the slice ingested (no training run); copy it before changing it."""
+    from ingestion.readers import open_source
+    from mars.engine import Engine
+    from mars.settings import Settings
+
+    home = tmp_path_factory.mktemp("slice-home") / "mars"
+    engine = Engine(Settings(home=home), encoders=encoders)
+    engine.ingest(open_source(ikea_slice["corpus"]), source="slice")
+    engine.close()
+    return home
 
 
 @pytest.fixture

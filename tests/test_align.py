@@ -132,7 +132,7 @@ def test_train_align_installs_the_aligned_vector_and_the_funnel_searches_it(make
 
 def test_install_refuses_heads_of_other_encoders(make_engine, ikea_slice, tmp_path):
     engine = make_engine(tmp_path / "h2")
-    heads, *_ = fit_heads(_synthetic(), range(8), AlignConfig(dim=8, hidden=8, epochs=1), ("efficientnet-lite0", "other-text"))
+    heads, *_ = fit_heads(_synthetic(), range(8), AlignConfig(dim=8, hidden=8, epochs=1), (engine.settings.image_encoder, "other-text"))
     with pytest.raises(ValueError, match="encoders"):
         engine.install_aligned(heads)
     heads.text_encoder = engine.settings.text_encoder

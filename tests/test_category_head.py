@@ -93,7 +93,7 @@ def test_train_on_real_slice_gives_metrics_and_a_checkpoint_that_round_trips(sli
     path = tmp_path / "head.safetensors"
     head.save(path)
     loaded = CategoryHead.load(path)
-    assert loaded.classes == head.classes and loaded.image_encoder == "efficientnet-lite0"
+    assert loaded.classes == head.classes and loaded.image_encoder == "efficientnet-lite0-gem"
     assert np.array_equal(loaded.weight, head.weight) and np.array_equal(loaded.bias, head.bias)
     assert loaded.meta == head.meta and loaded.digest and len(loaded.digest) == 12
     p = loaded.probabilities(data.x[:4])

@@ -192,7 +192,7 @@ def test_encoder_setting_is_recorded_with_the_index(make_engine, ikea_slice, tmp
     engine = make_engine(home=tmp_path / "h")
     engine.ingest(open_source(ikea_slice["corpus"]), "slice")
     manifest = json.loads((tmp_path / "h" / "index" / "manifest.json").read_text())
-    assert manifest == {"image_encoder": "efficientnet-lite0", "text_encoder": "all-minilm-l6-v2",
+    assert manifest == {"image_encoder": "efficientnet-lite0-gem", "text_encoder": "all-minilm-l6-v2",
                         "dims": {"image": 1280, "text": 384}}
     engine.close()
     with pytest.raises(IndexMismatchError, match="was built with"):

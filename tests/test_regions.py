@@ -48,6 +48,35 @@ def test_pool_boxes_is_the_mean_over_each_box():
     np.testing.assert_allclose(pooled[3], fmap[:, 3, 3], atol=1e-5)  # widened to one cell
 
 
+def test_pool_boxes_with_a_power_is_the_generalized_mean():
+    rng = np.random.default_rng(1)
+    fmap = rng.uniform(0.0, 6.0, size=(4, 5, 6)).astype(np.float32)  # non-negative, like ReLU6 activations
+    pooled = pool_boxes(fmap, [(0, 0, 6, 5), (1, 2, 4, 5)], power=3.0)
+    np.testing.assert_allclose(pooled[0], np.cbrt((fmap**3).mean(axis=(1, 2))), rtol=1e-4)
+    np.testing.assert_allclose(pooled[1], np.cbrt((fmap[:, 2:5, 1:4] ** 3).mean(axis=(1, 2))), rtol=1e-4)
+    # GeM lies between the mean and the max
+    assert np.all(pooled[0] >= fmap.mean(axis=(1, 2)) - 1e-4) and np.all(pooled[0] <= fmap.max(axis=(1, 2)) + 1e-4)
+
+
+def test_gem_encoder_pools_product_photos_and_room_regions_alike(encoders, ikea, ikea_slice):
+    from indexing.encoders import GEM_POWER
+
+    def gem(fmap):  # by hand: the p-th root of the mean p-th power over the map
+        return (np.maximum(fmap, 1e-6) ** GEM_POWER).mean(axis=(1, 2)) ** (1 / GEM_POWER)
+
+    image_encoder = encoders[0]
+    assert image_encoder.name == "efficientnet-lite0-gem" and image_encoder.pooling_power == GEM_POWER
+    photo = Image.open(ikea / next(r["image"] for r in ikea_slice["records"] if r["image"])).convert("RGB")
+    fmap = image_encoder.feature_map(photo, image_encoder.image_size)  # a 500x500 photo: the same 224x224 input
+    expected = gem(fmap)
+    np.testing.assert_allclose(image_encoder.encode_images([photo])[0], expected / np.linalg.norm(expected), atol=1e-4)
+    # the whole-photo region of a room is pooled the same way
+    room = Image.open(ikea_slice["room"])
+    room_map = image_encoder.feature_map(room.convert("RGB"), REGION_SHORT_SIDE)
+    whole = gem(room_map)
+    np.testing.assert_allclose(embed_regions(image_encoder, room, (1,))[0], whole / np.linalg.norm(whole), atol=1e-4)
+
+
 def test_cnn_regions_are_grid_cells_then_windows_from_one_feature_map(encoders, ikea_slice):
     image_encoder = encoders[0]
     room = Image.open(ikea_slice["room"])
@@ -57,11 +86,13 @@ def test_cnn_regions_are_grid_cells_then_windows_from_one_feature_map(encoders, 
     assert min(h, w) == REGION_SHORT_SIDE // 32
     assert regions.shape == (grid_cell_count((1, 2, 3)) + len(window_boxes(w, h, WINDOW_SCALES)), 1280)
     np.testing.assert_allclose(np.linalg.norm(regions, axis=1), 1.0, atol=1e-5)
-    whole = fmap.mean(axis=(1, 2))
-    np.testing.assert_allclose(regions[0], whole / np.linalg.norm(whole), atol=1e-5)
+    p = image_encoder.pooling_power
+    assert p == 3.0
+    whole = np.cbrt((np.maximum(fmap, 1e-6) ** p).mean(axis=(1, 2)))
+    np.testing.assert_allclose(regions[0], whole / np.linalg.norm(whole), atol=1e-4)
     # the grid-2 cells come next in row order: the top-left quarter of the map
-    quarter = fmap[:, : h // 2, : w // 2].mean(axis=(1, 2))
-    np.testing.assert_allclose(regions[1], quarter / np.linalg.norm(quarter), atol=1e-5)
+    quarter = np.cbrt((np.maximum(fmap[:, : h // 2, : w // 2], 1e-6) ** p).mean(axis=(1, 2)))
+    np.testing.assert_allclose(regions[1], quarter / np.linalg.norm(quarter), atol=1e-4)
     assert grid_regions(w, h, (2,))[0] == (0, 0, w // 2, h // 2)
 
 

@@ -3,6 +3,7 @@ image list comparing whitened room regions with whitened product photos."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -10,9 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from indexing.whitening import Whitening, WhiteningError, WhiteningFile, whitening_path
-from ingestion.readers import open_source
 from query.funnel import SearchQuery
-from training.whitening import fit_whitening, room_photos
+from training.whitening import fit_whitening, judged_photos, room_photos
 
 
 def _correlated(n=2000, d=6, seed=0):
@@ -65,16 +65,56 @@ def test_checkpoint_round_trip_and_the_watched_file(tmp_path):
         Whitening.load(tmp_path / "bad.safetensors")
 
 
-@pytest.fixture(scope="module")
-def slice_home(ikea_slice, encoders, tmp_path_factory):
-    from mars.engine import Engine
-    from mars.settings import Settings
+def _pairs(n=400, d=12, seed=1):
+    """Matching (region, product) pairs whose region side carries strong noise in half the
+    directions (a 'room' nuisance: clutter, light), plus background vectors of both sides."""
+    rng = np.random.default_rng(seed)
+    products = rng.normal(size=(n, d))
+    nuisance = np.zeros((n, d))
+    nuisance[:, : d // 2] = rng.normal(size=(n, d // 2)) * 1.5
+    regions = products + nuisance + rng.normal(size=(n, d)) * 0.05
+    return regions, products, np.concatenate([regions, products])
 
-    home = tmp_path_factory.mktemp("whitening") / "mars"
-    engine = Engine(Settings(home=home), encoders=encoders)
-    engine.ingest(open_source(ikea_slice["corpus"]), source="slice")
-    engine.close()
-    return home
+
+def _recall_at_1(white, regions, products):
+    scores = white.apply(regions) @ white.apply(products).T
+    return float(np.mean(scores.argmax(axis=1) == np.arange(len(regions))))
+
+
+def test_learned_stage_whitens_what_differs_between_matching_pairs():
+    regions, products, background = _pairs()
+    pca = Whitening.fit(background, "enc", dim=12, eps=0.1)
+    learned = pca.learn(regions[:300], products[:300], background, dim=8, shrink=0.1)
+    assert learned.output_dim == 8 and learned.learned_projection.shape == (12, 8) and learned.meta["learned"]["pairs"] == 300
+    out = learned.apply(regions[:3])
+    assert out.shape == (3, 8) and out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    # on pairs it was not fitted on, the learned stage matches regions to their products better
+    held_out = _recall_at_1(pca, regions[300:], products[300:]), _recall_at_1(learned, regions[300:], products[300:])
+    assert held_out[1] >= 0.95 and held_out[1] > held_out[0] + 0.1, held_out
+
+
+def test_learned_stage_rejects_bad_input_and_round_trips(tmp_path):
+    regions, products, background = _pairs(n=40)
+    pca = Whitening.fit(background, "enc", dim=12)
+    with pytest.raises(ValueError, match="pairs"):
+        pca.learn(regions[:1], products[:1], background)
+    with pytest.raises(ValueError, match="pairs"):
+        pca.learn(regions[:5], products[:4], background)
+    with pytest.raises(ValueError, match="dim"):
+        pca.learn(regions, products, background, dim=13)
+    with pytest.raises(ValueError, match="shrink"):
+        pca.learn(regions, products, background, dim=4, shrink=1.5)
+    with pytest.raises(ValueError, match="singular"):
+        pca.learn(regions[:3], products[:3], background, dim=4, shrink=0.0)  # 3 pairs cannot span 12 dims
+    with pytest.raises(WhiteningError, match="both"):
+        Whitening(pca.mean, pca.projection, "enc", learned_mean=np.zeros(12))
+    learned = pca.learn(regions, products, background, dim=4, shrink=0.5)
+    path = tmp_path / "whitening.safetensors"
+    learned.save(path)
+    loaded = Whitening.load(path)
+    np.testing.assert_allclose(loaded.apply(regions[:5]), learned.apply(regions[:5]), atol=1e-6)
+    assert loaded.output_dim == 4 and loaded.meta["learned"]["shrink"] == 0.5
 
 
 def test_fitted_whitening_changes_the_image_list_to_whitened_scores(make_engine, ikea_slice, slice_home, tmp_path):
@@ -108,6 +148,35 @@ def test_fitted_whitening_changes_the_image_list_to_whitened_scores(make_engine,
     np.testing.assert_allclose(pairs[0].room_regions, regions, atol=1e-5)
 
 
+def test_learned_stage_from_judged_room_queries_on_the_real_slice(make_engine, ikea_slice, slice_home, tmp_path):
+    from evaluation.beir import load_queries
+
+    home = shutil.copytree(slice_home, tmp_path / "mars")
+    engine = make_engine(home)
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps({**q, "image": str(ikea_slice["room"]) if q["image"] else None}) + "\n"
+                               for q in ikea_slice["queries"]))
+    judged = judged_photos(load_queries(queries), ikea_slice["qrels"])
+    assert list(judged) == [ikea_slice["room"].resolve()] and judged[ikea_slice["room"].resolve()] == ikea_slice["room_products"]
+    rooms = tmp_path / "rooms"
+    rooms.mkdir()
+    shutil.copy(ikea_slice["room"], rooms / "room.jpg")
+    white = fit_whitening(engine, room_photos(rooms), judged=judged, dim=48, learned_dim=16, shrink=0.5, region_step=3)
+    with_photo = sum(1 for r in ikea_slice["records"] if r["image"] and r["_id"] in ikea_slice["room_products"])
+    assert white.meta["learned"] == {"pairs": with_photo, "dim": 16, "shrink": 0.5, "judged_photos": 1,
+                                     "photos": [ikea_slice["room"].name]}
+    engine.install_whitening(white)
+    query = SearchQuery(text="a rug for this bedroom", image=_room(ikea_slice), mode="vector", weights={"text": 0.0})
+    result = engine.search(query)
+    regions = white.apply(engine.funnel.region_vectors(_room(ikea_slice)))
+    assert regions.shape[1] == 16
+    points = engine.search_store().fetch([item.id for item in result.items])
+    expected = {pid: float((regions @ white.apply(p.vectors["image"])[0]).max()) for pid, p in points.items()}
+    assert [i.provenance.image.score for i in result.items] == pytest.approx([expected[i.id] for i in result.items], abs=1e-4)
+    with pytest.raises(RuntimeError, match="fewer than 2"):
+        fit_whitening(engine, room_photos(rooms), judged={ikea_slice["room"]: {"not-a-product"}})
+
+
 def test_whitening_refuses_an_empty_index_a_foreign_fit_and_a_folder_without_photos(make_engine, tmp_path):
     engine = make_engine(tmp_path / "empty")
     with pytest.raises(RuntimeError, match="mars ingest"):
@@ -127,6 +196,8 @@ def test_cli_reports_a_clear_error_for_a_missing_rooms_folder(tmp_path, monkeypa
     monkeypatch.setenv("MARS_HOME", str(tmp_path / "home"))
     result = CliRunner().invoke(app, ["train", "whitening", "--rooms", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "no rooms folder" in result.output
+    result = CliRunner().invoke(app, ["train", "whitening", "--rooms", str(tmp_path), "--queries", str(tmp_path / "q.jsonl")])
+    assert result.exit_code == 2 and "go together" in result.output
 
 
 def _room(ikea_slice):

@@ -11,7 +11,8 @@ staged in each room):
 * **random controls** — ``controls`` products drawn from the rest of the fused list.
 
 Every pair keeps the reason it was picked. Features are computed by the same code the
-funnel uses at query time (:meth:`query.funnel.Funnel.critic_pairs`). Evaluation re-ranks
+funnel uses at query time (:meth:`query.funnel.Funnel.critic_pairs`), by retrieval that never
+saw the pair's room when the whitening has a learned stage (:func:`mine_out_of_fold`). Evaluation re-ranks
 the top ``critic_top_n`` of the fused list by the critic score, as ``--mode full`` does,
 and cross-validation holds out whole rooms (no room is seen in training and test).
 """
@@ -126,6 +127,30 @@ def mine(
         if on_query:
             on_query()
     return mined
+
+
+def mine_out_of_fold(
+    engine,
+    queries: Sequence[BenchmarkQuery],
+    qrels: dict[str, set[str]],
+    *,
+    on_query: Callable[[], None] | None = None,
+    **options: int,
+) -> list[MinedQuery]:
+    """:func:`mine` run by :func:`training.room_folds.out_of_fold`: when the installed whitening
+    has a learned stage (fitted on judged rooms), every room's pairs come from retrieval that
+    never saw the room. ``options``: ``depth``, ``controls``, ``seed``.
+
+    A critic fitted on in-sample retrieval scores (a dev room's products found far better than
+    a new room's would be) learns to trust them too much; out-of-fold features are the usual
+    cure (cross-fitting, as in stacked generalisation: Wolpert, Neural Networks 1992).
+
+    Raises:
+        FileNotFoundError / ImageRejected: a query photo is missing or unreadable.
+    """
+    from training.room_folds import out_of_fold
+
+    return out_of_fold(engine, queries, qrels, lambda group: mine(engine, group, qrels, on_query=on_query, **options))
 
 
 def _room_type(q: BenchmarkQuery) -> str | None:

@@ -384,6 +384,7 @@
     const ranks = el("dl", { class: "ranks" });
     const stages = [["BM25", p.bm25], ["Image", p.image], ["Text", p.text], ["Fused", p.fused]];
     if (p.aligned) stages.splice(3, 0, ["Aligned", p.aligned]);  // the text -> image list, once `mars train align` ran
+    if (p.prior) stages.splice(stages.length - 1, 0, ["Staged", p.prior]);  // the staging prior, once `mars train prior` ran
     for (const [label, hit] of stages) {
       ranks.append(el("div", null, el("dt", null, label), el("dd", null, stageText(hit))));
     }
