@@ -196,6 +196,35 @@ def test_batcher_gives_each_request_what_it_would_get_alone_and_isolates_failure
     batcher.close()
 
 
+def test_a_message_that_expired_in_the_queue_is_a_timeout_not_an_error():
+    """A worker that takes a message after its ``expires`` stores it REVOKED ("expired") instead of
+    running it; the client must read that as :class:`CriticTimeout` (the fused order stands), not
+    raise Celery's ``TaskRevokedError`` at the search. No worker here: the backend is marked as
+    Celery's worker marks it, while the client waits."""
+    from celery.signals import before_task_publish
+
+    broker = "redis://127.0.0.1:6379/14"
+    with flushed_redis(broker):
+        app = Celery("mars-critic-expiry-client", set_as_current=False)
+        app.conf.update(celery_config(Settings(broker_url=broker)))
+        published: list[str] = []
+
+        def expire(headers=None, **_):
+            published.append(headers["id"])
+            threading.Timer(0.3, lambda: app.backend.mark_as_revoked(headers["id"], reason="expired")).start()
+
+        before_task_publish.connect(expire, weak=False)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(CriticTimeout, match=r"revoked \(expired\) before a worker took it") as err:
+                QueuedCritic(deadline_ms=10_000, celery_app=app).score(_pairs(2, 5))
+        finally:
+            before_task_publish.disconnect(expire)
+        assert time.monotonic() - t0 < 5  # the REVOKED state answered, not the 10 s deadline
+        assert err.value.task_id == published[0] and err.value.deadline_ms == 10_000
+        assert isinstance(err.value, TimeoutError)
+
+
 # ---------------------------------------------------------------- the real worker
 
 

@@ -38,7 +38,8 @@ Client side
     :class:`TimeoutError`). Each request has its own task id, so its result can only come back
     to its own caller; a late result of a timed-out request is never read. The deadline also
     travels with the task: the broker message expires then (Celery "Calling Tasks" →
-    ``expires``: the worker marks an expired message REVOKED instead of running it) and the
+    ``expires``: the worker marks an expired message REVOKED instead of running it, and the
+    client reads that REVOKED state as a :class:`~critic.protocol.CriticTimeout` too) and the
     batcher drops pairs whose deadline has passed before they reach the model.
 
 Results
@@ -79,6 +80,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
+from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.signals import worker_init, worker_process_init, worker_shutdown
 from PIL import Image
@@ -566,7 +568,8 @@ class QueuedCritic:
         """One :class:`Verdict` per pair, in order, scored by the ``critic`` worker.
 
         Raises:
-            CriticTimeout: no result within ``deadline_ms`` (the fused order should stand).
+            CriticTimeout: no result within ``deadline_ms``, or the message expired in the queue
+                (Celery stored it REVOKED) before a worker took it; the fused order should stand.
             kombu.exceptions.OperationalError: the broker cannot be reached.
             Exception: what the worker's critic raised, re-raised here by Celery (e.g.
                 :class:`critic.prompt.CriticAnswerError`).
@@ -598,6 +601,9 @@ class QueuedCritic:
         except CriticTimeout as exc:  # the worker gave up on it (its clock saw the deadline pass)
             raise CriticTimeout(f"the queued critic dropped the request: {exc} (task {result.id}); the fused "
                                 "order stands", result.id, deadline_ms) from None
+        except TaskRevokedError as exc:  # the message expired in the queue: the worker stored REVOKED
+            raise CriticTimeout(f"the queued critic's message was revoked ({exc}) before a worker took it "
+                                f"(task {result.id}); the fused order stands", result.id, deadline_ms) from None
         except CeleryTimeout:
             result.backend.remove_pending_result(result)  # unsubscribe; a late result is never read
             raise CriticTimeout(
