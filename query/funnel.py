@@ -36,7 +36,7 @@ from indexing.aligned import AlignHeads
 from indexing.encoders import ImageEncoder, TextEncoder
 from indexing.lexical import LexicalIndex
 from indexing.staging_prior import StagedHit, StagingPrior, room_type_key
-from indexing.vectors import VectorHit, VectorStore
+from indexing.vectors import VectorHit, VectorPoint, VectorStore
 from indexing.whitening import Whitening
 from ingestion.remote import is_remote
 from query.fusion import Fused, weighted_rrf
@@ -151,6 +151,17 @@ def critic_order(ids: Sequence[str], scores: Mapping[str, float]) -> list[str]:
     """``ids`` (fused order) re-ordered for ``--mode full``: ids with a critic score first,
     highest score first, then the unscored ones; ties keep their fused order (stable sort)."""
     return sorted(ids, key=lambda i: (i not in scores, -scores.get(i, 0.0)))
+
+
+def image_vectors(stored: Mapping[str, VectorPoint], whitening: Whitening | None) -> dict[str, np.ndarray]:
+    """The ``image`` vectors of ``stored`` points (product id -> point), whitened in one batch
+    when a ``whitening`` is given: float32 (D,) each, or (whitening dim,); points without an
+    image vector are left out."""
+    ids = [i for i, p in stored.items() if "image" in p.vectors]
+    if not ids:
+        return {}
+    raw = np.stack([stored[i].vectors["image"] for i in ids])
+    return dict(zip(ids, whitening.apply(raw) if whitening is not None else raw))
 
 
 def max_over_regions(per_region: Sequence[Sequence[VectorHit]], limit: int) -> list[VectorHit]:
@@ -280,16 +291,9 @@ class Funnel:
         they are kept in a bounded LRU cache (by whitening digest and product id) that
         :meth:`invalidate_results` drops; misses are fetched from ``store`` in one call."""
 
-        def fetch(missing: list[str]) -> dict[str, np.ndarray]:
-            stored = store.fetch(missing)
-            ids = [i for i in missing if i in stored and "image" in stored[i].vectors]
-            if not ids:
-                return {}
-            raw = np.stack([stored[i].vectors["image"] for i in ids])
-            return dict(zip(ids, whitening.apply(raw) if whitening is not None else raw))
-
         tag = f"white:{whitening.digest}" if whitening is not None else "raw"
-        return self._by_id(self._product_vectors, self.config.product_vector_cache > 0, tag, product_ids, fetch)
+        return self._by_id(self._product_vectors, self.config.product_vector_cache > 0, tag, product_ids,
+                           lambda missing: image_vectors(store.fetch(missing), whitening))
 
     def image_hits(
         self, store: VectorStore, image: Image.Image, depth: int, cats: Sequence[str] | None,
@@ -467,8 +471,7 @@ class Funnel:
         white = self.whitening() if self.whitening is not None else None
         if white is not None and regions is not None:  # the critic compares in the space the image list ranked in
             regions = self.whitened_regions(query.image, white)
-            ids = [i for i, p in stored.items() if "image" in p.vectors]
-            whitened = dict(zip(ids, white.apply(np.stack([stored[i].vectors["image"] for i in ids])))) if ids else {}
+            whitened = image_vectors(stored, white)
             stored = {i: replace(p, vectors={**p.vectors, "image": whitened[i]}) if i in whitened else p for i, p in stored.items()}
         qvec = self.text_vector(text)[0] if text and store is not None and "text" in store.dims else None
         categories = self.taxonomy().categories

@@ -68,6 +68,7 @@ def test_gem_encoder_pools_product_photos_and_room_regions_alike(encoders, ikea,
     assert image_encoder.name == "efficientnet-lite0-gem" and image_encoder.pooling_power == GEM_POWER
     photo = Image.open(ikea / next(r["image"] for r in ikea_slice["records"] if r["image"])).convert("RGB")
     fmap = image_encoder.feature_map(photo, image_encoder.image_size)  # a 500x500 photo: the same square input
+    assert fmap.shape[1:] == (10, 10)  # product photos are seen at 320 px (stride 32), not the native 224
     expected = gem(fmap)
     np.testing.assert_allclose(image_encoder.encode_images([photo])[0], expected / np.linalg.norm(expected), atol=1e-4)
     # the whole-photo region of a room is pooled the same way
