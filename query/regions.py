@@ -8,7 +8,7 @@ detector available offline, the regions are
 * the cells of ``n x n`` grids (grid 1 is the whole photo, grid 2 its quarters, ...): the
   vectors searched in the index;
 * for a CNN image encoder, also dense square windows at several scales, pooled from one
-  feature map of the photo at :data:`REGION_SHORT_SIDE` pixels with the encoder's own
+  feature map of the photo at the encoder's ``region_side`` pixels with the encoder's own
   global pooling (GeM or average, so a window that holds just the product is pooled like
   the product photo) (regional pooling of
   convolutional activations, as in R-MAC: Tolias, Sicre & Jégou, "Particular object
@@ -25,12 +25,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
-
-#: Short side in pixels at which a CNN encoder sees the whole room photo to pool its regions
-#: (EfficientNet-Lite0's feature map then has 24 cells on that side, stride 32). Chosen on the
-#: IKEA dev rooms: 448 / 640 / 768 / 960 gave image-list room-type nDCG@10 0.606 / 0.630 /
-#: 0.641 / 0.640 (one exact in-lock run per setting, the same windows).
-REGION_SHORT_SIDE = 768
 
 #: Side of the dense square windows as a fraction of the feature map's short side; windows
 #: step by half their side, and the last one in each row and column touches the border.
@@ -116,7 +110,8 @@ def embed_regions(encoder: object, image: Image.Image, grids: Sequence[int]) -> 
     :func:`grid_cell_count` grid cells in :func:`grid_regions` order (row 0 is the whole photo
     when grid 1 is asked), then, when ``encoder`` has a ``feature_map(image, short_side)``
     method (a CNN), the :func:`window_boxes` windows at :data:`WINDOW_SCALES`, all pooled from
-    one feature map at :data:`REGION_SHORT_SIDE` with the encoder's ``pooling_power`` (GeM
+    one feature map of the photo at the encoder's ``region_side`` pixels on its short side
+    (:data:`indexing.encoders.GEM_REGION_SIDE`), with the encoder's ``pooling_power`` (GeM
     exponent, 1 when absent); otherwise the grid cells are cropped and embedded with
     ``encoder.encode_images``.
 
@@ -127,7 +122,7 @@ def embed_regions(encoder: object, image: Image.Image, grids: Sequence[int]) -> 
     feature_map = getattr(encoder, "feature_map", None)
     if feature_map is None:
         return encoder.encode_images(crop_regions(rgb, grids))  # type: ignore[attr-defined]
-    fmap = feature_map(rgb, REGION_SHORT_SIDE)
+    fmap = feature_map(rgb, encoder.region_side)  # type: ignore[attr-defined]
     _, h, w = fmap.shape
     boxes = grid_regions(w, h, grids) + window_boxes(w, h, WINDOW_SCALES)
     pooled = pool_boxes(fmap, boxes, getattr(encoder, "pooling_power", 1.0))

@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 from query.regions import (
-    REGION_SHORT_SIDE,
     WINDOW_SCALES,
     embed_regions,
     grid_cell_count,
@@ -73,7 +72,7 @@ def test_gem_encoder_pools_product_photos_and_room_regions_alike(encoders, ikea,
     np.testing.assert_allclose(image_encoder.encode_images([photo])[0], expected / np.linalg.norm(expected), atol=1e-4)
     # the whole-photo region of a room is pooled the same way
     room = Image.open(ikea_slice["room"])
-    room_map = image_encoder.feature_map(room.convert("RGB"), REGION_SHORT_SIDE)
+    room_map = image_encoder.feature_map(room.convert("RGB"), image_encoder.region_side)
     whole = gem(room_map)
     np.testing.assert_allclose(embed_regions(image_encoder, room, (1,))[0], whole / np.linalg.norm(whole), atol=1e-4)
 
@@ -82,9 +81,12 @@ def test_cnn_regions_are_grid_cells_then_windows_from_one_feature_map(encoders, 
     image_encoder = encoders[0]
     room = Image.open(ikea_slice["room"])
     regions = embed_regions(image_encoder, room, (1, 2, 3))
-    fmap = image_encoder.feature_map(room.convert("RGB"), REGION_SHORT_SIDE)
+    from indexing.encoders import GEM_REGION_SIDE
+
+    assert image_encoder.region_side == GEM_REGION_SIDE
+    fmap = image_encoder.feature_map(room.convert("RGB"), GEM_REGION_SIDE)
     _, h, w = fmap.shape
-    assert min(h, w) == REGION_SHORT_SIDE // 32
+    assert min(h, w) == GEM_REGION_SIDE // 32  # the room photo is seen at 1408 px on its short side
     assert regions.shape == (grid_cell_count((1, 2, 3)) + len(window_boxes(w, h, WINDOW_SCALES)), 1280)
     np.testing.assert_allclose(np.linalg.norm(regions, axis=1), 1.0, atol=1e-5)
     p = image_encoder.pooling_power
