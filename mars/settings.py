@@ -24,9 +24,9 @@ class Settings(BaseSettings):
     Fusion defaults are the ones ``mars tune`` chose on the IKEA dev split (README, "Fusion
     weights"): weighted Reciprocal Rank Fusion (Cormack, Clarke & Büttcher, "Reciprocal Rank
     Fusion outperforms Condorcet and individual rank learning methods", SIGIR 2009) with
-    ``rrf_k = 10``; queries with a room photo weigh image 1.0, BM25 0.25, text 0.25, aligned
+    ``rrf_k = 10``; queries with a room photo weigh image 1.0, BM25 0.1, text 0.1, aligned
     0.1 (the text mostly sets the category lock and the photo carries the look); queries
-    without one weigh BM25 1.0, text 1.0, aligned 0.25. The ``aligned`` list exists once
+    without one weigh BM25 1.0, text 1.0, aligned 0.5. The ``aligned`` list exists once
     ``mars train align`` has run.
     """
 
@@ -122,12 +122,12 @@ class Settings(BaseSettings):
     )
     rrf_k: float = Field(10.0, gt=0, description="RRF constant k (Cormack et al., SIGIR 2009); tuned by `mars tune`.")
     weights_photo: dict[str, float] = Field(
-        default_factory=lambda: {"bm25": 0.25, "image": 1.0, "text": 0.25, "aligned": 0.1, "prior": 0.0},
+        default_factory=lambda: {"bm25": 0.1, "image": 1.0, "text": 0.1, "aligned": 0.1, "prior": 0.0},
         description="RRF weight per list for queries with a room photo, as JSON, e.g. "
         '\'{"bm25": 0.25, "image": 1.0, "text": 0.25}\' (lists: bm25, image, text, aligned, prior; a list not named weighs 1.0; a list weighted 0 is not searched).',
     )
     weights_text: dict[str, float] = Field(
-        default_factory=lambda: {"bm25": 1.0, "text": 1.0, "aligned": 0.25, "prior": 2.0},
+        default_factory=lambda: {"bm25": 1.0, "text": 1.0, "aligned": 0.5, "prior": 2.0},
         description="RRF weight per list for queries without a photo, as JSON (lists: bm25, text, aligned, prior: the "
         "staging prior of the query's room type, `mars train prior`).",
     )
