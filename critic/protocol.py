@@ -1,19 +1,24 @@
-"""The :class:`Critic` protocol, its input :class:`CriticPair`, its :class:`Verdict`, and
-:class:`CriticTimeout` (a critic that missed its deadline).
+"""The critic seam: the :class:`Critic` protocol, its input :class:`CriticPair`, its
+:class:`Verdict`, and its one error contract, :class:`CriticUnavailable` (with
+:class:`CriticTimeout`, a critic that missed its deadline).
 
-Backends (the learned critic; later Qwen2-VL and an OpenAI-compatible endpoint) implement
-the same protocol; the funnel only calls :meth:`Critic.score`. :mod:`critic.registry`
-builds the one the settings name.
+Backends (the learned critic, Qwen2-VL, an OpenAI-compatible endpoint, the queued client)
+implement the same protocol; the funnel only calls :meth:`Critic.score` and, when it raises
+:class:`CriticUnavailable`, keeps the fused order and says why in the response.
+:func:`mars.registry.build_critic` builds the one the settings name. Standard library and
+numpy only (PIL images are only typed here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
-from PIL import Image
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -68,10 +73,22 @@ class Critic(Protocol):
     name: str
     uses_images: bool
 
-    def score(self, pairs: Sequence[CriticPair]) -> list[Verdict]: ...
+    def score(self, pairs: Sequence[CriticPair]) -> list[Verdict]:
+        """One :class:`Verdict` per pair, in order.
+
+        Raises:
+            CriticUnavailable: the backend could not judge the pairs (a timeout, a transport
+                error, an answer it could not read): the caller keeps its own order.
+        """
 
 
-class CriticTimeout(TimeoutError):
+class CriticUnavailable(RuntimeError):
+    """A critic could not judge this request: a timeout, a transport error, or an output it
+    could not read. Every backend raises this (and only this) for such failures, so the funnel
+    keeps the fused order and puts ``str(exc)`` in the response's critic detail."""
+
+
+class CriticTimeout(CriticUnavailable, TimeoutError):
     """A critic did not answer within the request's deadline; the fused order should stand.
 
     Raised by the queued critic (:class:`workers.critic.QueuedCritic`, and inside its worker by

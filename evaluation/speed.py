@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, default=50_000, help="size of the synthetic text-only catalog (0 to skip)")
     args = parser.parse_args()
 
-    from indexing.encoders import load_encoders
+    from mars.registry import load_encoders
 
     encoders = load_encoders("efficientnet-lite0", "all-minilm-l6-v2")
     out: dict = {}

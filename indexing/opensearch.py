@@ -1,7 +1,7 @@
-"""Server-mode BM25: an OpenSearch index behind the :class:`~indexing.lexical.LexicalIndex` protocol.
+"""Server-mode BM25: an OpenSearch index behind the :class:`~indexing.lexical_index.LexicalIndex` protocol.
 
 :class:`OpenSearchIndex` stores the same fields as the embedded tantivy index
-(:class:`indexing.lexical.TantivyIndex`) and queries them the same way:
+(:class:`indexing.tantivy_index.TantivyIndex`) and queries them the same way:
 
 * Scoring: Okapi BM25 (Robertson & Zaragoza, "The Probabilistic Relevance Framework:
   BM25 and Beyond", 2009) through a named similarity ``mars_bm25`` with configurable
@@ -50,7 +50,7 @@ from typing import Any
 
 from opensearchpy import OpenSearch, helpers
 
-from indexing.lexical import TEXT_FIELDS, LexicalDoc, LexicalHit
+from indexing.lexical_index import TEXT_FIELDS, LexicalDoc, LexicalHit
 from indexing.versions import next_version, versions_of
 
 #: Query text is reduced to these word characters, as for tantivy; multi_match has no
@@ -63,7 +63,7 @@ ANALYZER = "mars_english"
 
 
 class OpenSearchIndex:
-    """A :class:`~indexing.lexical.LexicalIndex` on an OpenSearch cluster.
+    """A :class:`~indexing.lexical_index.LexicalIndex` on an OpenSearch cluster.
 
     Exactly one of ``url`` and ``client`` is given.
 

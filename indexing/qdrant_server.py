@@ -1,11 +1,11 @@
 """Server-mode vector store: a Qdrant server or cluster through ``qdrant-client``.
 
-:class:`QdrantServerStore` implements :class:`indexing.vectors.VectorStore` with the same
-semantics as the embedded :class:`indexing.vectors.QdrantEdgeStore`: one collection with
+:class:`QdrantServerStore` implements :class:`indexing.vector_store.VectorStore` with the same
+semantics as the embedded :class:`indexing.qdrant_edge.QdrantEdgeStore`: one collection with
 the named vectors of ``dims`` (cosine distance), a payload ``{"product_id": str,
 "category_ids": list[str], "type": str, "colour": str}`` with a keyword payload index on
 ``category_ids`` for the category lock, and point ids ``uuid5(POINT_NAMESPACE, product
-id)`` (:func:`indexing.vectors.point_id`), so a re-upsert replaces a point instead of
+id)`` (:func:`indexing.qdrant_points.point_id`), so a re-upsert replaces a point instead of
 adding a second one.
 
 Live name and versions. The store's ``name`` is a Qdrant *collection alias* that points
@@ -53,7 +53,8 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from indexing.vectors import VectorHit, VectorPoint, _check_queries, _sorted_hits, point_id
+from indexing.qdrant_points import CATEGORY_FIELD, payload_of, point_from, point_id
+from indexing.vector_store import VectorHit, VectorPoint, batches, check_point, check_queries, sorted_hits
 from indexing.versions import next_version, versions_of
 
 try:  # gRPC is an optional transport of qdrant-client (prefer_grpc=True)
@@ -62,9 +63,6 @@ except ImportError:  # pragma: no cover - grpcio ships with qdrant-client's depe
     grpc = None
 
 T = TypeVar("T")
-
-#: Payload field carrying the category keys of the lock (keyword index, ``MatchAny`` filter).
-CATEGORY_FIELD = "category_ids"
 
 _TRANSIENT_HTTPX = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
@@ -86,19 +84,8 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    batch: list[T] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 class QdrantServerStore:
-    """A :class:`~indexing.vectors.VectorStore` on a Qdrant server, cluster or local-mode client.
+    """A :class:`~indexing.vector_store.VectorStore` on a Qdrant server, cluster or local-mode client.
 
     Exactly one of ``url``, ``path`` and ``client`` is given.
 
@@ -249,8 +236,9 @@ class QdrantServerStore:
 
     def reindex(
         self, points: Iterable[VectorPoint], *, keep_old: bool = False, dims: dict[str, int] | None = None
-    ) -> str:
-        """Build a new versioned collection from ``points`` and swap the alias onto it.
+    ) -> None:
+        """Build a new versioned collection from ``points`` and swap the alias onto it
+        (:meth:`live_collection` then names it: ``<name>_v<N+1>``).
 
         ``points`` is consumed once, in batches of ``batch_size`` (a generator is fine).
         The alias moves in one ``update_collection_aliases`` request (delete + create).
@@ -259,9 +247,6 @@ class QdrantServerStore:
             points: every point of the new index.
             keep_old: keep the previous collection (for rollback) instead of deleting it.
             dims: vector sizes of the new collection (a new encoder); defaults to ``dims``.
-
-        Returns:
-            The new collection's name ``<name>_v<N+1>``.
 
         Raises:
             RuntimeError: the alias is missing (the store was dropped).
@@ -275,7 +260,7 @@ class QdrantServerStore:
         new = self._next_version_name()
         self._create_collection(new, new_dims)
         try:
-            for batch in _batches(points, self.batch_size):
+            for batch in batches(points, self.batch_size):
                 self._upsert_into(new, new_dims, batch)
             self.client.update_collection_aliases(
                 change_aliases_operations=[
@@ -291,7 +276,6 @@ class QdrantServerStore:
         self.dims = new_dims
         if not keep_old:
             self.client.delete_collection(old)
-        return new
 
     def point_alias_to(self, collection: str) -> None:
         """Move the alias to an existing versioned ``collection`` (rollback after ``keep_old``).
@@ -352,30 +336,10 @@ class QdrantServerStore:
         raise AssertionError("unreachable")  # the loop returns or raises
 
     def _upsert_into(self, collection: str, dims: dict[str, int], points: Sequence[VectorPoint]) -> None:
-        structs = []
-        for p in points:
-            vectors = {}
-            for name, v in p.vectors.items():
-                if name not in dims:
-                    raise KeyError(f"product {p.product_id!r}: unknown vector {name!r}; this store has {sorted(dims)}")
-                arr = np.asarray(v, dtype=np.float32)
-                if arr.shape != (dims[name],):
-                    raise ValueError(
-                        f"product {p.product_id!r}: vector {name!r} must have shape ({dims[name]},), got {arr.shape}"
-                    )
-                vectors[name] = arr.tolist()
-            structs.append(
-                models.PointStruct(
-                    id=point_id(p.product_id),
-                    vector=vectors,
-                    payload={
-                        "product_id": p.product_id,
-                        CATEGORY_FIELD: list(p.category_ids),
-                        "type": p.type,
-                        "colour": p.colour,
-                    },
-                )
-            )
+        structs = [
+            models.PointStruct(id=point_id(p.product_id), vector=check_point(p, dims), payload=payload_of(p))
+            for p in points
+        ]
         self._call(self.client.upsert, collection_name=collection, points=structs, wait=True)
 
     def upsert(self, points: Sequence[VectorPoint]) -> None:
@@ -385,12 +349,12 @@ class QdrantServerStore:
         Raises:
             KeyError: a vector name not in ``dims``. ValueError: a vector of the wrong size.
         """
-        for batch in _batches(points, self.batch_size):
+        for batch in batches(points, self.batch_size):
             self._upsert_into(self.name, self.dims, batch)
 
     def delete(self, product_ids: Sequence[str]) -> None:
         """Delete points by product id (unknown ids are ignored by Qdrant)."""
-        for batch in _batches(product_ids, self.batch_size):
+        for batch in batches(product_ids, self.batch_size):
             self._call(
                 self.client.delete,
                 collection_name=self.name,
@@ -416,7 +380,7 @@ class QdrantServerStore:
         Raises:
             KeyError: unknown vector name. ValueError: wrong query dimension.
         """
-        q = _check_queries(self.dims, name, queries)
+        q = check_queries(self.dims, name, queries)
         if len(q) == 0 or limit <= 0:
             return [[] for _ in range(len(q))]
         flt = None
@@ -432,7 +396,7 @@ class QdrantServerStore:
         ]
         responses = self._call(self.client.query_batch_points, collection_name=self.name, requests=requests)
         return [
-            _sorted_hits([VectorHit(p.payload["product_id"], float(p.score)) for p in res.points])
+            sorted_hits([VectorHit(p.payload["product_id"], float(p.score)) for p in res.points])
             for res in responses
         ]
 
@@ -491,12 +455,4 @@ class QdrantServerStore:
 
 def _to_point(record: models.Record) -> VectorPoint:
     """A qdrant-client record (payload + named vectors as float lists) as a :class:`VectorPoint`."""
-    vectors = record.vector if isinstance(record.vector, dict) else {}
-    payload = record.payload or {}
-    return VectorPoint(
-        product_id=payload["product_id"],
-        vectors={k: np.asarray(v, dtype=np.float32) for k, v in vectors.items()},
-        category_ids=list(payload.get(CATEGORY_FIELD, [])),
-        type=payload.get("type", ""),
-        colour=payload.get("colour", ""),
-    )
+    return point_from(record.payload, record.vector)

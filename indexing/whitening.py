@@ -34,7 +34,7 @@ On the IKEA dev rooms (exact in-lock image list, 123 rooms, 2,187 product photos
 the products + every 5th region of the rooms of the other fold, 2-fold by room), dim 512 and
 eps 1.0 gave room-class nDCG@10 0.2757 -> 0.3041, room-type 0.6411 -> 0.6540 and room-scene
 0.0868 -> 0.1563 over raw cosine; dim 256 and eps 0.1 were lower. With GeM-pooled vectors
-(:data:`indexing.encoders.GEM_POWER`) the PCA stage gave 0.3547 / 0.6568 / 0.1782, and the
+(:data:`indexing.efficientnet.GEM_POWER`) the PCA stage gave 0.3547 / 0.6568 / 0.1782, and the
 learned stage, fitted on the pairs of the other fold's rooms only, 0.3944 / 0.6768 / 0.1911
 (shrink 0.45, dim 384; shrink 0.3-0.6 and dim 256-512 all gave 0.38-0.39 / 0.667-0.677).
 """

@@ -23,8 +23,8 @@ from catalog.models import Category, CategorySynonym, IngestJob, Product, Produc
 from catalog.taxonomy import TypePlacement, place_type
 from indexing.encoders import ImageEncoder, TextEncoder
 from indexing.aligned import VECTOR as ALIGNED, AlignHeads, with_aligned
-from indexing.lexical import LexicalDoc, LexicalIndex
-from indexing.vectors import VectorPoint, VectorStore
+from indexing.lexical_index import LexicalDoc, LexicalIndex
+from indexing.vector_store import VectorPoint, VectorStore
 from ingestion.images import ImageRejected, decode_image, read_image_bytes
 from ingestion.readers import RawRecord
 from ingestion.records import ProductRecord, content_hash

@@ -1030,7 +1030,7 @@ def train_eval_critic(
             engine = _engine(settings)
             student = engine.critic
         else:
-            from critic.registry import build_critic
+            from mars.registry import build_critic
 
             student, _ = build_critic(settings)
         if max_new_tokens is not None:

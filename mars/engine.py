@@ -23,15 +23,18 @@ from sqlalchemy import delete, select
 from catalog.category_head import CategoryHeadFile, category_head_path
 from catalog.db import make_engine, session_factory, upgrade_to_head
 from catalog.locking import Taxonomy
-from critic.registry import build_critic
 from indexing.aligned import VECTOR as ALIGNED, AlignHeads, AlignHeadsFile, heads_path, with_aligned
 from indexing.staging_prior import StagingPrior, StagingPriorFile, staging_prior_path
 from indexing.whitening import Whitening, WhiteningFile, whitening_path
-from indexing.encoders import ImageEncoder, TextEncoder, load_encoders
+from indexing.encoders import ImageEncoder, TextEncoder
+from mars.registry import load_encoders
+from mars.wiring import stage3_critic
 from catalog.models import IngestJob, Product
 from catalog.rules import list_rules
-from indexing.lexical import LexicalIndex, TantivyIndex
-from indexing.vectors import FaissFlatStore, QdrantEdgeStore, VectorPoint, VectorStore
+from indexing.lexical_index import LexicalIndex
+from indexing.faiss_flat import FaissFlatStore
+from indexing.vector_store import VectorPoint, VectorStore
+from mars import registry
 from ingestion.pipeline import IngestReport, IngestTargets, run_ingest
 from ingestion.readers import RawRecord
 from ingestion.remote import RemoteImageFetcher
@@ -79,10 +82,7 @@ class Engine:
         self.settings = settings
         self.home = settings.home.resolve()
         self.home.mkdir(parents=True, exist_ok=True)
-        if settings.vector_backend == "qdrant" and not settings.qdrant_url:
-            raise ValueError("MARS_VECTOR_BACKEND=qdrant needs MARS_QDRANT_URL (http://host:6333, a directory or :memory:)")
-        if settings.lexical_backend == "opensearch" and not settings.opensearch_url:
-            raise ValueError("MARS_LEXICAL_BACKEND=opensearch needs MARS_OPENSEARCH_URL (http://host:9200)")
+        registry.check_url(settings)
         self._lock: FileLock | None = None
         if settings.embedded_stores:
             self._lock = FileLock(str(self.home / "owner.lock"))
@@ -127,7 +127,7 @@ class Engine:
         self._jobs: ThreadPoolExecutor | None = None
         self._queued: dict[int, Future] = {}
         self._closing = threading.Event()
-        self.critic, critic_detail = build_critic(settings)
+        self.critic, critic_detail = stage3_critic(settings)
         #: Returns the category head (``mars train category-head``) or None, re-read when its file
         #: changes; ingestion suggests a class for items without a type (:mod:`catalog.category_head`).
         self.category_head = CategoryHeadFile(category_head_path(settings), settings.image_encoder)
@@ -175,24 +175,10 @@ class Engine:
             return "unknown"
 
     def _open_lexical(self) -> LexicalIndex:
-        s = self.settings
-        boosts = {"title": s.boost_title, "type": s.boost_type, "colour": s.boost_colour, "text": s.boost_text}
-        if s.lexical_backend == "opensearch":
-            from indexing.opensearch import OpenSearchIndex
-
-            return OpenSearchIndex(boosts, url=s.opensearch_url, k1=s.bm25_k1, b=s.bm25_b, replicas=s.opensearch_replicas)
-        return TantivyIndex(self.home / "index" / "bm25", boosts)
+        return registry.LEXICAL_BACKENDS[self.settings.lexical_backend].open(self.settings, self.home)
 
     def _open_vector_store(self, dims: dict[str, int]) -> VectorStore:
-        s = self.settings
-        if s.vector_backend == "qdrant":
-            from indexing.qdrant_server import QdrantServerStore
-
-            url = s.qdrant_url or ""
-            if url.startswith(("http://", "https://")):
-                return QdrantServerStore(dims, url=url, api_key=s.qdrant_api_key)
-            return QdrantServerStore(dims, path=url)
-        return QdrantEdgeStore(self.home / "index" / "vectors", dims)
+        return registry.VECTOR_BACKENDS[self.settings.vector_backend].open(self.settings, self.home, dims)
 
     def encoders(self) -> tuple[ImageEncoder, TextEncoder]:
         """The (image, text) encoders, loaded on first use."""
@@ -283,7 +269,7 @@ class Engine:
         exact FAISS ``IndexFlatIP`` reference built from the same vectors (rebuilt after each
         write). The backend name is validated by :class:`~mars.settings.Settings`."""
         store = self.vector_store()
-        if self.settings.vector_backend != "faiss" or store is None:
+        if not registry.VECTOR_BACKENDS[self.settings.vector_backend].exact_search or store is None:
             return store
         if self._reference is None:
             self._reference = FaissFlatStore.from_store(store)

@@ -9,8 +9,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mars import registry
 
 
 class Settings(BaseSettings):
@@ -89,7 +91,7 @@ class Settings(BaseSettings):
         3600, ge=1, description="Seconds before Redis re-delivers an unacknowledged task; longer than the longest task."
     )
     ingest_chunk_size: int = Field(32, ge=1, description="Records per queued ingest task (one encoder batch each).")
-    vector_backend: Literal["qdrant-edge", "faiss", "qdrant"] = Field(
+    vector_backend: str = Field(
         "qdrant-edge",
         description="'qdrant-edge' (embedded default), 'faiss' (exact IndexFlatIP reference over the Qdrant Edge "
         "vectors) or 'qdrant' (a Qdrant server/cluster at MARS_QDRANT_URL, via qdrant-client).",
@@ -100,7 +102,7 @@ class Settings(BaseSettings):
         "':memory:' runs qdrant-client's local mode in this one process.",
     )
     qdrant_api_key: str | None = Field(None, description="Qdrant API key (server mode).")
-    lexical_backend: Literal["tantivy", "opensearch"] = Field(
+    lexical_backend: str = Field(
         "tantivy", description="BM25 engine: 'tantivy' (embedded default) or 'opensearch' (at MARS_OPENSEARCH_URL)."
     )
     opensearch_url: str | None = Field(None, description="OpenSearch cluster for MARS_LEXICAL_BACKEND=opensearch.")
@@ -141,7 +143,7 @@ class Settings(BaseSettings):
     boost_colour: float = Field(1.5, ge=0, description="BM25 field boost of the colour.")
     boost_text: float = Field(1.0, ge=0, description="BM25 field boost of the description.")
 
-    critic: Literal["none", "learned", "vlm", "openai"] = Field(
+    critic: str = Field(
         "learned",
         description="Critic for --mode full: 'learned' (offline default; trained by `mars train critic`), "
         "'vlm' (Qwen2-VL from MARS_CRITIC_MODEL), 'openai' (an OpenAI-compatible endpoint, e.g. vLLM) or 'none'.",
@@ -202,6 +204,16 @@ class Settings(BaseSettings):
         "process's memory (moving window): N replicas allow N times as much.",
     )
 
+    @field_validator("vector_backend", "lexical_backend", "critic")
+    @classmethod
+    def _registered(cls, value: str, info: ValidationInfo) -> str:
+        """Backend and critic names are those of :mod:`mars.registry`."""
+        names = {"vector_backend": registry.VECTOR_BACKENDS, "lexical_backend": registry.LEXICAL_BACKENDS,
+                 "critic": registry.CRITICS}[info.field_name]
+        if value not in names:
+            raise ValueError(f"unknown {info.field_name} {value!r}; use one of: {', '.join(names)}")
+        return value
+
     @field_validator("rate_limit")
     @classmethod
     def _valid_rate_limit(cls, value: str) -> str:
@@ -221,9 +233,8 @@ class Settings(BaseSettings):
         """True when a store lives in this process (tantivy, Qdrant Edge, or Qdrant local
         mode): then one process owns ``home`` and runs every write itself. False when both
         stores are servers (Qdrant at an http(s) URL and OpenSearch): any number of API and
-        worker processes share them and bulk jobs go to the queues."""
-        remote_vectors = self.vector_backend == "qdrant" and (self.qdrant_url or "").startswith(("http://", "https://"))
-        return not (remote_vectors and self.lexical_backend == "opensearch")
+        worker processes share them and bulk jobs go to the queues (:func:`mars.registry.embedded_stores`)."""
+        return registry.embedded_stores(self)
 
     @property
     def critic_path(self) -> Path:

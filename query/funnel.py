@@ -31,12 +31,12 @@ from sqlalchemy.orm import Session, raiseload, sessionmaker
 from catalog.locking import CategoryLock, Taxonomy
 from catalog.models import Product
 from catalog.rules import brands_of, products_within
-from critic.protocol import Critic, CriticPair, CriticTimeout
+from critic.protocol import Critic, CriticPair, CriticUnavailable
 from indexing.aligned import AlignHeads
 from indexing.encoders import ImageEncoder, TextEncoder
-from indexing.lexical import LexicalIndex
+from indexing.lexical_index import LexicalIndex
 from indexing.staging_prior import StagedHit, StagingPrior, room_type_key
-from indexing.vectors import VectorHit, VectorPoint, VectorStore
+from indexing.vector_store import VectorHit, VectorPoint, VectorStore
 from indexing.whitening import Whitening
 from ingestion.remote import is_remote
 from query.fusion import Fused, weighted_rrf
@@ -533,9 +533,9 @@ class Funnel:
             pairs = self.critic_pairs(query, [x.fused for x in keep[: self.config.critic_top_n]], products)
             try:
                 scored = self.critic.score(pairs)
-            except CriticTimeout as exc:  # e.g. the queued critic missed its deadline: the fused order stands
-                detail = "; ".join(d for d in (self.config.critic_detail, str(exc)) if d)
-                critic_status = CriticStatus(backend=self.critic.name, status="timeout", detail=detail)
+            except CriticUnavailable as exc:  # a timeout, a transport error, an unreadable answer: the fused order stands
+                detail = "; ".join(d for d in (str(exc), self.config.critic_detail) if d)
+                critic_status = CriticStatus(backend=self.critic.name, status="unavailable", detail=detail)
             else:
                 for pair, verdict in zip(pairs, scored):
                     verdicts[pair.product_id] = CriticResult(score=verdict.score, rationale=verdict.rationale)

@@ -111,7 +111,7 @@ def embed_regions(encoder: object, image: Image.Image, grids: Sequence[int]) -> 
     when grid 1 is asked), then, when ``encoder`` has a ``feature_map(image, short_side)``
     method (a CNN), the :func:`window_boxes` windows at :data:`WINDOW_SCALES`, all pooled from
     one feature map of the photo at the encoder's ``region_side`` pixels on its short side
-    (:data:`indexing.encoders.GEM_REGION_SIDE`; an encoder with a feature map must have it),
+    (:data:`indexing.efficientnet.GEM_REGION_SIDE`; an encoder with a feature map must have it),
     with the encoder's ``pooling_power`` (GeM exponent, 1 when absent); otherwise the grid
     cells are cropped and embedded with
     ``encoder.encode_images``.

@@ -28,7 +28,7 @@ def ikea() -> Path:
 @pytest.fixture(scope="session")
 def encoders():
     """The real EfficientNet-Lite0 + MiniLM encoders, shared by every engine in the session."""
-    from indexing.encoders import load_encoders
+    from mars.registry import load_encoders
 
     return load_encoders("efficientnet-lite0-gem", "all-minilm-l6-v2", batch_size=8)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from indexing.lexical import LexicalDoc, LexicalIndex, TantivyIndex
+from indexing.lexical_index import LexicalDoc, LexicalIndex
+from indexing.tantivy_index import TantivyIndex
 
 DOCS = [
     LexicalDoc("1", "STRANDMON", "Armchair", "Yellow", "A classic wing chair.", ["armchair", "armchair/armchair"]),

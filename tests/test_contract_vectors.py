@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from indexing.qdrant_server import QdrantServerStore
-from indexing.vectors import FaissFlatStore, QdrantEdgeStore, VectorPoint, VectorStore
+from indexing.faiss_flat import FaissFlatStore
+from indexing.qdrant_edge import QdrantEdgeStore
+from indexing.vector_store import VectorPoint, VectorStore
 
 DIMS = {"image": 16, "text": 8}
 

@@ -341,8 +341,8 @@ def test_deadline_raises_critic_timeout_and_later_requests_are_unaffected(worker
 
 
 def test_registry_sends_the_named_critic_to_the_queue(tmp_path):
-    from critic.registry import build_critic
+    from mars.wiring import stage3_critic
 
-    critic, detail = build_critic(Settings(home=tmp_path, critic="vlm", critic_model=str(tmp_path), critic_queue=True))
+    critic, detail = stage3_critic(Settings(home=tmp_path, critic="vlm", critic_model=str(tmp_path), critic_queue=True))
     assert isinstance(critic, QueuedCritic) and critic.name == "queued:vlm" and "'critic' queue" in detail
-    assert build_critic(Settings(home=tmp_path, critic="none", critic_queue=True)) == (None, "MARS_CRITIC=none")
+    assert stage3_critic(Settings(home=tmp_path, critic="none", critic_queue=True)) == (None, "MARS_CRITIC=none")

@@ -281,7 +281,7 @@ def test_loss_goes_down_on_a_fixed_batch(tiny, pairs):
 def test_train_dual_encoder_saves_a_loadable_merged_model(tiny, pairs, tmp_path):
     from safetensors.torch import load_file
 
-    from indexing.encoders import load_encoders
+    from mars.registry import load_encoders
 
     kind, path = tiny
     config = DualEncoderConfig(max_steps=3, batch_size=8, lr=1e-2, holdout=0.25, seed=0, device="cpu")
@@ -368,7 +368,7 @@ def text_catalog(ikea_slice, ikea, tmp_path_factory) -> Path:
 
 
 def test_mnrl_fine_tunes_minilm(text_catalog, tmp_path):
-    from indexing.encoders import load_encoders
+    from mars.registry import load_encoders
 
     db, session = _session(text_catalog)
     try:

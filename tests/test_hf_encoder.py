@@ -50,7 +50,7 @@ def model_dir(request, tmp_path):
 
 
 def test_hf_dual_encoder_loads_locally_and_normalises(model_dir):
-    from indexing.encoders import load_encoders
+    from mars.registry import load_encoders
 
     path, dim = model_dir
     image_enc, text_enc = load_encoders(f"hf:{path}", f"hf:{path}")
@@ -66,7 +66,8 @@ def test_hf_dual_encoder_loads_locally_and_normalises(model_dir):
 
 
 def test_unknown_or_missing_encoders(tmp_path):
-    from indexing.encoders import EncoderConfigError, load_encoders
+    from indexing.encoders import EncoderConfigError
+    from mars.registry import load_encoders
 
     with pytest.raises(EncoderConfigError, match="unknown image encoder"):
         load_encoders("resnet", "all-minilm-l6-v2")

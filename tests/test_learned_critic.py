@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from critic.features import FEATURES, vector_features
 from critic.learned import PRIOR_STRENGTH, ClassStats, LearnedCritic
 from critic.protocol import CriticPair
-from critic.registry import build_critic
+from mars.registry import build_critic
 from mars.settings import Settings
 from evaluation.beir import BenchmarkQuery
 from training.critic import MinedQuery, cross_validate, evaluate, fit, rerank

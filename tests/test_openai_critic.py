@@ -355,7 +355,7 @@ def test_constructor_defaults_open_no_connection():
 
 def test_registry_builds_the_endpoint_critic_from_settings(tmp_path):
     from critic.openai_compat import OpenAICompatCritic
-    from critic.registry import build_critic
+    from mars.registry import build_critic
     from mars.settings import Settings
 
     with pytest.raises(ValueError, match="MARS_CRITIC_ENDPOINT"):

@@ -24,7 +24,7 @@ from opensearchpy import ConnectionError as OSConnectionError
 from opensearchpy.exceptions import RequestError, TransportError
 from opensearchpy.helpers import BulkIndexError
 
-from indexing.lexical import LexicalDoc, LexicalHit, LexicalIndex
+from indexing.lexical_index import LexicalDoc, LexicalHit, LexicalIndex
 from indexing.opensearch import OpenSearchIndex
 
 BOOSTS = {"title": 2.0, "type": 3.0, "colour": 1.5, "text": 1.0}

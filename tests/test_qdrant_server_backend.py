@@ -15,7 +15,8 @@ from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from indexing.qdrant_server import QdrantServerStore, is_transient
-from indexing.vectors import VectorPoint, VectorStore, point_id
+from indexing.qdrant_points import point_id
+from indexing.vector_store import VectorPoint, VectorStore
 
 pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect in the local Qdrant")
 
@@ -135,7 +136,8 @@ def test_batches_and_scan(make_store):
 def test_reindex_swaps_alias_and_deletes_old(make_store):
     store = make_store(batch_size=2)
     store.upsert(_points("old", 4))
-    new = store.reindex(p for p in _points("new", 5, "c2"))  # a generator is consumed once
+    assert store.reindex(p for p in _points("new", 5, "c2")) is None  # a generator is consumed once
+    new = store.live_collection()
     assert new == f"{store.name}_v2"
     assert store.live_collection() == new and store.versions() == [new]  # old one deleted
     assert store.count() == 5
@@ -152,7 +154,8 @@ def test_reindex_keep_old_rollback_and_prune(make_store):
     store = make_store()
     store.upsert(_points("old", 4))
     v1 = store.live_collection()
-    v2 = store.reindex(_points("new", 2), keep_old=True)
+    store.reindex(_points("new", 2), keep_old=True)
+    v2 = store.live_collection()
     assert store.versions() == [v1, v2] and store.count() == 2
     store.point_alias_to(v1)
     assert store.live_collection() == v1 and store.count() == 4
@@ -183,7 +186,8 @@ def test_failed_build_is_deleted_and_live_untouched(make_store, monkeypatch):
     assert store.versions() == [f"{store.name}_v1"] and store.live_collection() == f"{store.name}_v1"
     assert store.count() == 4 and store.present(["old0", "new0"]) == {"old0"}
     # the next reindex still works and takes the next free version
-    assert store.reindex(_points("new", 1)) == f"{store.name}_v2"
+    store.reindex(_points("new", 1))
+    assert store.live_collection() == f"{store.name}_v2"
 
 
 def test_failed_swap_is_deleted_and_live_untouched(make_store, monkeypatch):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexing.encoders import GEM_REGION_SIDE
+from indexing.efficientnet import GEM_REGION_SIDE
 from query.regions import (
     WINDOW_SCALES,
     embed_regions,
@@ -59,7 +59,7 @@ def test_pool_boxes_with_a_power_is_the_generalized_mean():
 
 
 def test_gem_encoder_pools_product_photos_and_room_regions_alike(encoders, ikea, ikea_slice):
-    from indexing.encoders import GEM_POWER
+    from indexing.efficientnet import GEM_POWER
 
     def gem(fmap):  # by hand: the p-th root of the mean p-th power over the map
         return (np.maximum(fmap, 1e-6) ** GEM_POWER).mean(axis=(1, 2)) ** (1 / GEM_POWER)

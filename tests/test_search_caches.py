@@ -123,7 +123,7 @@ def test_a_list_computed_across_an_invalidation_is_not_kept():
 def test_product_vectors_fetched_across_an_invalidation_are_not_kept():
     import numpy as np
 
-    from indexing.vectors import VectorPoint
+    from indexing.vector_store import VectorPoint
 
     funnel = Funnel(None, None, None, None, None, None, FunnelConfig(product_vector_cache=10))  # type: ignore[arg-type]
     fetched: list[list[str]] = []

@@ -37,7 +37,7 @@ from catalog.models import Product
 from evaluation.metrics import mrr_at_k, recall_at_k
 from indexing.aligned import TOWERS, AlignHeads
 from indexing.encoders import TextEncoder
-from indexing.vectors import VectorStore
+from indexing.vector_store import VectorStore
 
 #: The texts each product contributes, from its own catalog fields.
 VIEWS: tuple[str, ...] = ("{colour} {type}", "{title} {type}", "{type}", "{colour} {title} {type}")

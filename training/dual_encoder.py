@@ -3,7 +3,7 @@ catalog's own (product photo, product text) pairs.
 
 Model (:func:`load_base`, :func:`add_lora`): a local ``SiglipModel`` or ``CLIPModel`` directory
 (``save_pretrained`` layout with tokenizer and image processor, exactly what
-``MARS_IMAGE_ENCODER=hf:<dir>`` loads: :class:`indexing.encoders.HFDualEncoder`), kind detected
+``MARS_IMAGE_ENCODER=hf:<dir>`` loads: :class:`indexing.hf_encoder.HFDualEncoder`), kind detected
 from ``config.model_type``. LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language
 Models", arXiv:2106.09685; peft ``LoraConfig`` / ``get_peft_model``) is put on the ``q_proj`` and
 ``v_proj`` linear layers of every attention block of BOTH towers (:data:`TARGET_MODULES`); every
@@ -38,7 +38,7 @@ Protocol (:func:`train_dual_encoder`): a seeded share ``holdout`` of the product
 the held-out products are measured before and after training; the LoRA weights are merged
 (``merge_and_unload``) and the plain model, tokenizer and image processor are written with
 ``save_pretrained`` to ``out``, plus ``mars_training.json`` (the report). The written directory
-is then loaded back through :func:`indexing.encoders.load_encoders` and must reproduce the
+is then loaded back through :func:`mars.registry.load_encoders` and must reproduce the
 trained model's vectors (``reload_check`` in the report).
 """
 
@@ -58,7 +58,9 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from indexing.encoders import HFDualEncoder, l2_normalize, load_encoders
+from indexing.encoders import l2_normalize
+from indexing.hf_encoder import HFDualEncoder
+from mars.registry import load_encoders
 
 #: LoRA targets: the query and value projections of every attention block, in the text and
 #: the vision tower (transformers names them ``q_proj`` / ``v_proj`` in SigLIP and CLIP).
@@ -319,11 +321,11 @@ def resolve_device(device: str) -> torch.device:
 
 def load_base(base: str | Path) -> HFDualEncoder:
     """Load a local SigLIP / CLIP directory exactly as ``MARS_*_ENCODER=hf:<dir>`` does
-    (:class:`indexing.encoders.HFDualEncoder`: model, tokenizer, PIL image processor), with the
+    (:class:`indexing.hf_encoder.HFDualEncoder`: model, tokenizer, PIL image processor), with the
     model cast to float32 for training.
 
     Raises:
-        EncoderConfigError: what :class:`~indexing.encoders.HFDualEncoder` refuses (no such
+        EncoderConfigError: what :class:`~indexing.hf_encoder.HFDualEncoder` refuses (no such
             directory, no ``config.json``, another architecture than ``siglip`` / ``clip``, a
             SigLIP tokenizer without a usable ``model_max_length``).
     """
@@ -418,7 +420,7 @@ def contrastive_loss(kind: str, logits: torch.Tensor, positive: torch.Tensor) ->
 class PairEncoder:
     """The training-time forward of a (LoRA-wrapped) SigLIP / CLIP: texts and images to unit
     vectors with gradients, tokenised and pre-processed exactly as
-    :class:`indexing.encoders.HFDualEncoder` does at search time (SigLIP texts padded to
+    :class:`indexing.hf_encoder.HFDualEncoder` does at search time (SigLIP texts padded to
     ``model_max_length`` without an attention mask; CLIP texts padded to the batch's longest
     with one).
 
@@ -604,7 +606,7 @@ def _sample(items: list[PairItem], max_items: int | None, seed: int) -> list[Pai
 
 
 def reload_check(out: Path, merged: Any, base: HFDualEncoder, items: Sequence[PairItem]) -> dict[str, Any]:
-    """Load ``out`` through :func:`indexing.encoders.load_encoders` (``hf:<out>`` on both sides)
+    """Load ``out`` through :func:`mars.registry.load_encoders` (``hf:<out>`` on both sides)
     and compare its vectors of up to 4 of ``items`` with those of ``merged`` (the in-memory
     merged model, on CPU).
 

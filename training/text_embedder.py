@@ -33,7 +33,7 @@ Protocol (:func:`train_text_embedder`): a seeded share ``holdout`` of the produc
 that anchor) Recall@1/5/10 and MRR (:func:`training.dual_encoder.retrieval_metrics`) and the
 MNRL loss are measured before and after; the model is saved with ``model.save`` to ``out``
 (usable as ``MARS_TEXT_ENCODER=st:<out>``) with ``mars_training.json`` (the report), and loaded
-back through :class:`indexing.encoders.SentenceTransformerEncoder` to check it.
+back through :class:`indexing.sentence_encoder.SentenceTransformerEncoder` to check it.
 """
 
 from __future__ import annotations
@@ -373,7 +373,7 @@ def train_text_embedder(base: str | Path | None, out: str | Path, data: TextPair
     Steps: sample ``max_items`` products (seeded), hold out ``holdout`` of them, measure
     (:func:`evaluate_text`), train (:func:`fit_text`), measure again, ``model.save(out)``,
     write ``out/mars_training.json``, reload ``out`` with
-    :class:`indexing.encoders.SentenceTransformerEncoder` and compare its vectors.
+    :class:`indexing.sentence_encoder.SentenceTransformerEncoder` and compare its vectors.
 
     Returns:
         The report: ``base``, ``out``, ``config``, ``data`` (counts), ``products``, ``train`` /
@@ -388,7 +388,7 @@ def train_text_embedder(base: str | Path | None, out: str | Path, data: TextPair
     """
     from sentence_transformers import SentenceTransformer
 
-    from indexing.encoders import SentenceTransformerEncoder
+    from indexing.sentence_encoder import SentenceTransformerEncoder
 
     t0 = time.perf_counter()
     config = config or TextEmbedderConfig()

@@ -361,7 +361,7 @@ _pool = ""
 def warm_up(settings: "Settings | None" = None) -> MicroBatcher:
     """Build this process's critic and batcher once and run one dummy scoring through them.
 
-    The critic is :func:`critic.registry.build_critic` of ``settings`` (default
+    The critic is :func:`mars.registry.build_critic` of ``settings`` (default
     :func:`mars.settings.get_settings`) with ``critic_queue`` off, so a worker that shares the
     API's configuration (``MARS_CRITIC_QUEUE=true``) serves the real critic instead of sending
     requests to its own queue; B and T come from ``critic_queue_max_pairs`` and
@@ -378,7 +378,7 @@ def warm_up(settings: "Settings | None" = None) -> MicroBatcher:
         if _batcher is not None:
             return _batcher
         from critic.prompt import CriticAnswerError
-        from critic.registry import build_critic
+        from mars.registry import build_critic
         from mars.settings import get_settings
 
         s = settings or get_settings()

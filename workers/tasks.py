@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from catalog.category_head import CategoryHeadFile, category_head_path
 from catalog.db import make_engine, session_factory
 from catalog.models import IngestJob, JobItem, RejectedRecord, utcnow
-from indexing.encoders import load_encoders
+from mars.registry import load_encoders
 from ingestion.pipeline import (
     Embedded,
     IngestTargets,

@@ -1,64 +1,21 @@
-"""BM25 index behind the :class:`LexicalIndex` protocol; the embedded implementation is tantivy.
+"""The embedded BM25 index: tantivy in a directory (one process at a time may write to it).
 
-tantivy scores with Okapi BM25 (k1 = 1.2, b = 0.75, Robertson & Zaragoza, "The
-Probabilistic Relevance Framework: BM25 and Beyond", 2009) summed over the queried
-fields, each field's score multiplied by its boost. Text fields use tantivy's ``en_stem``
-analyzer (lower-case + Porter stemming); ``category_ids`` holds raw keys for the lock.
+tantivy scores with Okapi BM25 (k1 = 1.2, b = 0.75, Robertson & Zaragoza 2009) summed over
+the queried fields, each field's score multiplied by its boost. Text fields use tantivy's
+``en_stem`` analyzer (lower-case + Porter stemming); ``category_ids`` holds raw keys for the lock.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import tantivy
 
-TEXT_FIELDS = ("title", "type", "colour", "text")
+from indexing.lexical_index import TEXT_FIELDS, LexicalDoc, LexicalHit
+
 _QUERY_CHARS = re.compile(r"[^0-9A-Za-z]+")
-
-
-@dataclass
-class LexicalDoc:
-    """A product as the BM25 index stores it; ``category_ids`` are category keys (class and type)."""
-
-    id: str
-    title: str = ""
-    type: str = ""
-    colour: str = ""
-    text: str = ""
-    category_ids: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class LexicalHit:
-    """One BM25 result: product id and its BM25 score (higher is better)."""
-
-    id: str
-    score: float
-
-
-@runtime_checkable
-class LexicalIndex(Protocol):
-    """What the funnel needs from a BM25 backend (tantivy here; OpenSearch in server mode)."""
-
-    def upsert(self, docs: Sequence[LexicalDoc]) -> None:
-        """Insert or replace documents by id; visible to search when this returns."""
-
-    def delete(self, ids: Sequence[str]) -> None:
-        """Remove documents by id (unknown ids are ignored)."""
-
-    def search(self, text: str, limit: int, category_ids: Sequence[str] | None = None) -> list[LexicalHit]:
-        """Top ``limit`` documents for ``text``, restricted to documents carrying any of
-        ``category_ids`` when given; ties broken by id."""
-
-    def count(self) -> int:
-        """Number of documents."""
-
-    def close(self) -> None:
-        """Release the writer and its lock."""
 
 
 class TantivyIndex:
