@@ -14,7 +14,7 @@ The same models and migrations serve SQLite (embedded mode) and PostgreSQL (serv
 - ``sa.JSON`` is ``json`` on PostgreSQL (not ``jsonb``: it keeps a rejected record's raw
   input verbatim, ``\u0000`` escapes included, which ``jsonb`` refuses);
 - PostgreSQL enforces ``VARCHAR(n)`` lengths and refuses NUL characters in text, SQLite does
-  neither: the diagnostic fields of :class:`RejectedRecord` and :class:`IngestJob` are
+  neither: the diagnostic fields of :class:`RejectionRow` and :class:`IngestJob` are
   made storable on both (see :func:`storable_text`); product fields are bounded by the
   ingestion validation (``ingestion.records.ProductRecord``).
 """
@@ -194,7 +194,7 @@ class JobItem(Base):
         return storable_text(value, 128)
 
 
-class RejectedRecord(Base):
+class RejectionRow(Base):
     """A record that failed validation, with its reason and the raw input (as JSON)."""
 
     __tablename__ = "rejected_records"

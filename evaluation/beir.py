@@ -56,7 +56,7 @@ def load_queries(path: Path) -> list[BenchmarkQuery]:
 class QueryImages:
     """Decodes query photos once each (with the ingest byte and pixel limits) and caches them.
 
-    Raises (from ``__call__``): FileNotFoundError for a missing file, ImageRejected for one
+    Raises (from ``__call__``): FileNotFoundError for a missing file, InvalidImage for one
     that is not an image or is over a limit.
     """
 

@@ -120,7 +120,7 @@ def collect_lists(
         progress: show a rich progress bar (on ``console`` when given).
 
     Raises:
-        FileNotFoundError / ingestion.images.ImageRejected: a query photo is missing or unreadable.
+        FileNotFoundError / ingestion.images.InvalidImage: a query photo is missing or unreadable.
     """
     from training.room_folds import out_of_fold
 

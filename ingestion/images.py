@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 
-class ImageRejected(ValueError):
+class InvalidImage(ValueError):
     """The image cannot be used; the message is the reason shown to the user."""
 
 
@@ -31,7 +31,7 @@ def decode_image(
     is turned into the same rejection.
 
     Raises:
-        ImageRejected: not an image (of ``formats``), truncated, or more than ``max_pixels`` pixels.
+        InvalidImage: not an image (of ``formats``), truncated, or more than ``max_pixels`` pixels.
     """
     try:
         with warnings.catch_warnings():
@@ -39,19 +39,19 @@ def decode_image(
             img = Image.open(io.BytesIO(data), formats=formats)
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageRejected(f"{what} has {width}x{height} pixels, over the limit of {max_pixels}")
+                raise InvalidImage(f"{what} has {width}x{height} pixels, over the limit of {max_pixels}")
             if lazy:
                 return img
             img.load()
-    except ImageRejected:
+    except InvalidImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(f"{what} has too many pixels, over the limit of {max_pixels} ({exc})") from exc
+        raise InvalidImage(f"{what} has too many pixels, over the limit of {max_pixels} ({exc})") from exc
     except UnidentifiedImageError as exc:
         accepted = f", accepted: {', '.join(formats)}" if formats else ""
-        raise ImageRejected(f"{what} is not a readable image ({exc.__class__.__name__}{accepted})") from exc
+        raise InvalidImage(f"{what} is not a readable image ({exc.__class__.__name__}{accepted})") from exc
     except OSError as exc:
-        raise ImageRejected(f"{what} is not a readable image ({exc})") from exc
+        raise InvalidImage(f"{what} is not a readable image ({exc})") from exc
     return img.convert("RGB")
 
 
@@ -59,12 +59,12 @@ def read_image_bytes(path: str | Path, *, max_bytes: int) -> bytes:
     """Read an image file's bytes, refusing missing, non-regular or oversized files.
 
     Raises:
-        ImageRejected: the file is missing, not a file, or larger than ``max_bytes``.
+        InvalidImage: the file is missing, not a file, or larger than ``max_bytes``.
     """
     p = Path(path)
     if not p.is_file():
-        raise ImageRejected(f"image file {p} does not exist")
+        raise InvalidImage(f"image file {p} does not exist")
     size = p.stat().st_size
     if size > max_bytes:
-        raise ImageRejected(f"image file {p} is {size} bytes, over the limit of {max_bytes}")
+        raise InvalidImage(f"image file {p} is {size} bytes, over the limit of {max_bytes}")
     return p.read_bytes()

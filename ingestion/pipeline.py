@@ -19,13 +19,13 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from catalog.category_head import CategoryHead, suggest_categories
-from catalog.models import Category, CategorySynonym, IngestJob, Product, ProductCategory, RejectedRecord, utcnow
+from catalog.models import Category, CategorySynonym, IngestJob, Product, ProductCategory, RejectionRow, utcnow
 from catalog.taxonomy import TypePlacement, place_type
 from indexing.encoders import ImageEncoder, TextEncoder
 from indexing.aligned import VECTOR as ALIGNED, AlignHeads, with_aligned
 from indexing.lexical_index import LexicalDoc, LexicalIndex
 from indexing.vector_store import VectorPoint, VectorStore
-from ingestion.images import ImageRejected, decode_image, read_image_bytes
+from ingestion.images import InvalidImage, decode_image, read_image_bytes
 from ingestion.readers import RawRecord
 from ingestion.records import ProductRecord, content_hash
 from ingestion.remote import is_remote
@@ -38,7 +38,7 @@ class IngestTargets:
     ``vectors`` and ``encoders`` are callables so the models load and the store is created
     only when something actually needs embedding. ``fetch_image`` downloads an http(s)
     image (e.g. :meth:`ingestion.remote.RemoteImageFetcher.fetch`) and raises
-    ``ImageRejected`` on failure; without it, URL images are not fetched. Either way an item
+    ``InvalidImage`` on failure; without it, URL images are not fetched. Either way an item
     whose URL image is not used is indexed by text, with a warning saying why.
     ``write_lock`` is held around each batch's index writes and catalog commit (the engine's
     lock, so a bulk job and streamed items of one process take turns per batch).
@@ -270,13 +270,13 @@ def prepare(chunk: Sequence[RawRecord], targets: IngestTargets, seen: dict[str, 
         if record.image and not is_remote(record.image):
             try:
                 image_bytes = read_image_bytes(record.image, max_bytes=targets.max_image_bytes)
-            except ImageRejected as exc:
+            except InvalidImage as exc:
                 rejected.append((raw, record.id, str(exc)))
                 continue
         elif record.image and targets.fetch_image is not None:
             try:
                 image_bytes = targets.fetch_image(record.image)
-            except ImageRejected as exc:
+            except InvalidImage as exc:
                 image_note = f"{record.id}: {exc}; indexed by text"
         prepared.append(Prepared(raw, record, image_bytes, content_hash(record, image_bytes), image_note))
     return prepared, rejected
@@ -309,7 +309,7 @@ def embed(todo: Sequence[Prepared], targets: IngestTargets, rejected: list[Rejec
         if p.image_bytes is not None:
             try:
                 images[p.record.id] = decode_image(p.image_bytes, max_pixels=targets.max_image_pixels, what=f"image {p.record.image}")
-            except ImageRejected as exc:
+            except InvalidImage as exc:
                 if not is_remote(p.record.image):
                     rejected.append((p.raw, p.record.id, str(exc)))
                     continue
@@ -374,6 +374,6 @@ def record_rejections(session: Session, job_id: int, rejected: Sequence[Rejected
     """Add ``rejected`` to the ``rejected_records`` table of job ``job_id`` (the caller commits)."""
     out = []
     for raw, rid, reason in rejected:
-        session.add(RejectedRecord(job_id=job_id, source=raw.source, position=raw.position, record_id=rid, reason=reason, raw=raw.raw))
+        session.add(RejectionRow(job_id=job_id, source=raw.source, position=raw.position, record_id=rid, reason=reason, raw=raw.raw))
         out.append(Rejection(raw.position, rid, reason))
     return out

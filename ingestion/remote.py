@@ -15,7 +15,7 @@ for a whole ingest run. Per URL it enforces:
   backoff cap). Any other status (404, 403, ...), an oversized or undecodable body is
   final at once.
 
-Every failure is raised as :class:`ingestion.images.ImageRejected` whose message is the
+Every failure is raised as :class:`ingestion.images.InvalidImage` whose message is the
 reason shown to the user, e.g. ``"HTTP 404 from https://..."``,
 ``"image over 1000000 bytes (Content-Length 2000000) from https://..."``,
 ``"timed out after 2 retries: ReadTimeout on GET https://..."``.
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from ingestion.images import ImageRejected, decode_image
+from ingestion.images import InvalidImage, decode_image
 
 if TYPE_CHECKING:
     from mars.settings import Settings
@@ -131,7 +131,7 @@ class RemoteImageFetcher:
         within ``max_pixels``.
 
         Raises:
-            ImageRejected: not an http(s) URL; a final HTTP status ("HTTP 404 from <url>");
+            InvalidImage: not an http(s) URL; a final HTTP status ("HTTP 404 from <url>");
                 a transient failure still failing after ``retries`` retries ("timed out
                 after 2 retries: ...", "connection failed after 2 retries: ...", "still
                 failing after 2 retries: HTTP 503 from <url>"); a body over ``max_bytes`` ("image over N bytes ..."); a download
@@ -139,7 +139,7 @@ class RemoteImageFetcher:
                 many pixels; any other ``httpx`` error (too many redirects, bad URL, ...).
         """
         if not is_remote(url):
-            raise ImageRejected(f"not an http(s) URL: {url!r}")
+            raise InvalidImage(f"not an http(s) URL: {url!r}")
         retry = 0
         while True:
             try:
@@ -147,7 +147,7 @@ class RemoteImageFetcher:
                 break
             except _Transient as exc:
                 if retry >= self.retries:
-                    raise ImageRejected(f"{exc.kind} after {retry} retries: {exc.detail}") from exc
+                    raise InvalidImage(f"{exc.kind} after {retry} retries: {exc.detail}") from exc
                 self._sleep(self.delay_s(retry, exc.retry_after))
                 retry += 1
         decode_image(data, max_pixels=self.max_pixels, what=f"image from {url}")
@@ -161,24 +161,24 @@ class RemoteImageFetcher:
                 if status in TRANSIENT_STATUSES:
                     raise _Transient("still failing", f"HTTP {status} from {url}", _retry_after_s(response))
                 if not 200 <= status < 300:
-                    raise ImageRejected(f"HTTP {status} from {url}")
+                    raise InvalidImage(f"HTTP {status} from {url}")
                 length = response.headers.get("content-length", "").strip()
                 if length.isdigit() and int(length) > self.max_bytes:
-                    raise ImageRejected(f"image over {self.max_bytes} bytes (Content-Length {length}) from {url}")
+                    raise InvalidImage(f"image over {self.max_bytes} bytes (Content-Length {length}) from {url}")
                 body = bytearray()
                 for chunk in response.iter_bytes():
                     body += chunk
                     if len(body) > self.max_bytes:
-                        raise ImageRejected(f"image over {self.max_bytes} bytes from {url} (stopped reading)")
+                        raise InvalidImage(f"image over {self.max_bytes} bytes from {url} (stopped reading)")
                     if time.monotonic() > deadline:
-                        raise ImageRejected(f"download from {url} took over {self.total_timeout_s:g} s")
+                        raise InvalidImage(f"download from {url} took over {self.total_timeout_s:g} s")
                 return bytes(body)
         except httpx.TimeoutException as exc:
             raise _Transient("timed out", f"{exc.__class__.__name__} on GET {url}") from exc
         except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
             raise _Transient("connection failed", f"{exc.__class__.__name__} on GET {url}: {exc}") from exc
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            raise ImageRejected(f"GET {url} failed: {exc.__class__.__name__}: {exc}") from exc
+            raise InvalidImage(f"GET {url} failed: {exc.__class__.__name__}: {exc}") from exc
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "RemoteImageFetcher":

@@ -284,7 +284,7 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print the full response as JSON.")] = False,
 ) -> None:
     """Search the catalog with text and/or a room photo."""
-    from ingestion.images import ImageRejected, decode_image, read_image_bytes
+    from ingestion.images import InvalidImage, decode_image, read_image_bytes
     from query.funnel import QueryError, SearchQuery
 
     settings = get_settings()
@@ -292,7 +292,7 @@ def search(
     if image is not None:
         try:
             photo = decode_image(read_image_bytes(image, max_bytes=settings.max_image_bytes), max_pixels=settings.max_image_pixels, what=str(image))
-        except ImageRejected as exc:
+        except InvalidImage as exc:
             err.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc
     engine = _engine()
@@ -772,7 +772,7 @@ def train_whitening_command(
     photos as whitened vectors. Needs the stores: stop `mars serve` first; no re-index."""
     from evaluation.beir import load_qrels, load_queries
     from indexing.whitening import whitening_path
-    from ingestion.images import ImageRejected
+    from ingestion.images import InvalidImage
     from training.whitening import fit_whitening, judged_photos, room_photos
 
     if (queries is None) != (qrels is None):
@@ -787,7 +787,7 @@ def train_whitening_command(
             white = fit_whitening(engine, photos, judged=judged, dim=dim, eps=eps, learned_dim=learned_dim, shrink=shrink,
                                   region_step=region_step, on_photo=lambda: bar.advance(task))
         engine.install_whitening(white)
-    except (FileNotFoundError, ImageRejected, RuntimeError, ValueError) as exc:
+    except (FileNotFoundError, InvalidImage, RuntimeError, ValueError) as exc:
         raise _fail(exc) from exc
     finally:
         engine.close()

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
 
 from catalog.models import Product
-from ingestion.images import ImageRejected, decode_image
+from ingestion.images import InvalidImage, decode_image
 from mars.engine import Engine
 from mars.settings import Settings, get_settings
 from query.auth import require
@@ -175,7 +175,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, w
         try:
             image = decode_image(data, max_pixels=eng.settings.max_image_pixels, what="uploaded image",
                                  formats=ROOM_FORMATS, lazy=eng.funnel.has_region_vectors(digest))
-        except ImageRejected as exc:
+        except InvalidImage as exc:
             raise HTTPException(422, str(exc)) from exc
         image.info["mars_digest"] = digest
         return image

@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.types import Scope
 
 from catalog.models import Product
-from ingestion.images import ImageRejected, read_image_bytes
+from ingestion.images import InvalidImage, read_image_bytes
 from ingestion.remote import is_remote
 from query.auth import require
 
@@ -122,7 +122,7 @@ def item_image(item_id: str, request: Request) -> Response:
         return Response(status_code=304, headers=headers)
     try:
         data = read_image_bytes(image, max_bytes=eng.settings.max_image_bytes)
-    except ImageRejected as exc:
+    except InvalidImage as exc:
         raise HTTPException(404, f"item {item_id!r}: {exc}") from exc
     media_type = image_media_type(data)
     if media_type is None:

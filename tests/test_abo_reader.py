@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from catalog.models import Product, ProductCategory, RejectedRecord
+from catalog.models import Product, ProductCategory, RejectionRow
 from ingestion.abo import (
     AboSchemaError,
     find_images_csv,
@@ -196,7 +196,7 @@ def test_ingest_abo_fixture_end_to_end(make_engine):
         assert chair.attributes["node_path"].endswith("/Chairs")
         assert s.get(Product, "B0TABL0005").attributes["image_note"].startswith("main image 71notInCsvL")
         assert s.execute(select(ProductCategory).where(ProductCategory.product_id == "B0CHAIR001")).first() is not None
-        stored = {(r.position, r.record_id) for r in s.execute(select(RejectedRecord)).scalars()}
+        stored = {(r.position, r.record_id) for r in s.execute(select(RejectionRow)).scalars()}
         assert stored == {(6, "B0SHLF0006"), (7, None), (8, None)}
     points = engine.vector_store().fetch(["B0CHAIR001", "B0RUG00004"])
     assert "image" in points["B0CHAIR001"].vectors and "image" not in points["B0RUG00004"].vectors

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from catalog.models import Product, RejectedRecord
+from catalog.models import Product, RejectionRow
 from ingestion.images import decode_image, read_image_bytes
 from ingestion.readers import open_source
 from mars.engine import Engine, IndexMismatchError, StoreBusyError
@@ -184,7 +184,7 @@ def test_malformed_records_are_rejected_and_nothing_stored_changes(make_engine, 
         assert phrase in reasons, reasons
     with engine.sessions() as s:
         after = dict(s.execute(select(Product.id, Product.content_hash)).all())
-        assert s.execute(select(func.count()).select_from(RejectedRecord)).scalar_one() == 7
+        assert s.execute(select(func.count()).select_from(RejectionRow)).scalar_one() == 7
     assert {k: after[k] for k in before} == before and len(after) == 30
 
 

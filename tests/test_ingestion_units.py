@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from ingestion.images import ImageRejected, decode_image, read_image_bytes
+from ingestion.images import InvalidImage, decode_image, read_image_bytes
 from ingestion.readers import open_source, parse_mapping, read_jsonl
 from ingestion.records import ProductRecord, content_hash
 from pydantic import ValidationError
@@ -36,16 +36,16 @@ def test_content_hash_tracks_fields_and_image_bytes():
 
 def test_image_limits(tmp_path):
     assert decode_image(_png(10, 10), max_pixels=100).size == (10, 10)
-    with pytest.raises(ImageRejected, match="over the limit"):
+    with pytest.raises(InvalidImage, match="over the limit"):
         decode_image(_png(20, 20), max_pixels=399)
-    with pytest.raises(ImageRejected, match="not a readable image"):
+    with pytest.raises(InvalidImage, match="not a readable image"):
         decode_image(b"this is text, not a picture", max_pixels=10**6)
-    with pytest.raises(ImageRejected, match="not a readable image"):
+    with pytest.raises(InvalidImage, match="not a readable image"):
         decode_image(_png(50, 50)[:60], max_pixels=10**6)  # truncated
-    with pytest.raises(ImageRejected, match="does not exist"):
+    with pytest.raises(InvalidImage, match="does not exist"):
         read_image_bytes(tmp_path / "missing.jpg", max_bytes=10)
     (tmp_path / "big.bin").write_bytes(b"0" * 100)
-    with pytest.raises(ImageRejected, match="bytes, over the limit"):
+    with pytest.raises(InvalidImage, match="bytes, over the limit"):
         read_image_bytes(tmp_path / "big.bin", max_bytes=99)
 
 

@@ -31,7 +31,7 @@ from catalog.models import (
     IngestJob,
     Product,
     ProductCategory,
-    RejectedRecord,
+    RejectionRow,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -216,9 +216,9 @@ def test_round_trip(engine: Engine) -> None:
         s.flush()
         s.add_all(
             [
-                RejectedRecord(job_id=job.id, source=job.source, position=3, record_id=long_id,
+                RejectionRow(job_id=job.id, source=job.source, position=3, record_id=long_id,
                                reason="id: String should have at most 128 characters", raw={"id": long_id, "t": "ü"}),
-                RejectedRecord(job_id=job.id, source=job.source, position=4, reason="invalid JSON: bad\x00byte",
+                RejectionRow(job_id=job.id, source=job.source, position=4, reason="invalid JSON: bad\x00byte",
                                raw='{"id": "ö", broken\u0000'),
             ]
         )
@@ -244,8 +244,8 @@ def test_round_trip(engine: Engine) -> None:
         assert loaded.finished_at == finished and loaded.finished_at.utcoffset() == timedelta(0)
         assert loaded.finished_at.hour == 12  # 14:30 at +02:00 is 12:30 UTC
 
-        rejected = s.execute(select(RejectedRecord).where(RejectedRecord.job_id == job_id)
-                             .order_by(RejectedRecord.position)).scalars().all()
+        rejected = s.execute(select(RejectionRow).where(RejectionRow.job_id == job_id)
+                             .order_by(RejectionRow.position)).scalars().all()
         assert [r.position for r in rejected] == [3, 4]
         assert len(rejected[0].record_id) == 128 and rejected[0].record_id.endswith("…")
         assert rejected[0].raw == {"id": long_id, "t": "ü"}
@@ -270,7 +270,7 @@ def test_round_trip(engine: Engine) -> None:
         s.execute(delete(IngestJob).where(IngestJob.id == job_id))
         s.commit()
         assert s.execute(select(ProductCategory).where(ProductCategory.category_id == leaf_id)).first() is None
-        orphans = s.execute(select(RejectedRecord.job_id).where(RejectedRecord.source == "/data/katalog/ä.jsonl"))
+        orphans = s.execute(select(RejectionRow.job_id).where(RejectionRow.source == "/data/katalog/ä.jsonl"))
         assert set(orphans.scalars()) == {None}
 
 

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from ingestion.images import ImageRejected
+from ingestion.images import InvalidImage
 from ingestion.remote import RemoteImageFetcher, is_remote
 
 
@@ -171,7 +171,7 @@ def test_good_image_is_returned_whatever_the_content_type(fetcher, server, sleep
 @pytest.mark.parametrize("path,status", [("/missing.jpg", 404), ("/forbidden.jpg", 403)])
 def test_final_statuses_are_not_retried(fetcher, server, sleeps, path, status):
     url = f"{server.base}{path}"
-    with pytest.raises(ImageRejected) as info:
+    with pytest.raises(InvalidImage) as info:
         fetcher.fetch(url)
     assert str(info.value) == f"HTTP {status} from {url}"
     assert server.hits[path] == 1 and not sleeps
@@ -184,7 +184,7 @@ def test_transient_statuses_are_retried_with_exponential_backoff(fetcher, server
     assert server.hits["/rate-limited.jpg"] == 2
     sleeps.clear()
     url = f"{server.base}/down.jpg"
-    with pytest.raises(ImageRejected) as info:
+    with pytest.raises(InvalidImage) as info:
         fetcher.fetch(url)
     assert str(info.value) == f"still failing after 2 retries: HTTP 503 from {url}"
     assert server.hits["/down.jpg"] == 3 and sleeps == [0.01, 0.02]
@@ -197,7 +197,7 @@ def test_delay_grows_doubles_honours_retry_after_and_is_capped(fetcher):
 
 
 def test_read_timeout_is_retried_then_reported(fetcher, server, sleeps):
-    with pytest.raises(ImageRejected, match=r"^timed out after 2 retries: ReadTimeout on GET http://127\.0\.0\.1:\d+/slow\.jpg$"):
+    with pytest.raises(InvalidImage, match=r"^timed out after 2 retries: ReadTimeout on GET http://127\.0\.0\.1:\d+/slow\.jpg$"):
         fetcher.fetch(f"{server.base}/slow.jpg")
     assert server.hits["/slow.jpg"] == 3 and sleeps == [0.01, 0.02]
 
@@ -206,14 +206,14 @@ def test_connection_refused_is_retried_then_reported(fetcher, sleeps):
     with socket.socket() as sock:  # a port that was free a moment ago and has no listener now
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(ImageRejected, match=r"^connection failed after 2 retries: ConnectError on GET"):
+    with pytest.raises(InvalidImage, match=r"^connection failed after 2 retries: ConnectError on GET"):
         fetcher.fetch(f"http://127.0.0.1:{port}/x.jpg")
     assert sleeps == [0.01, 0.02]
 
 
 def test_declared_oversized_body_is_refused_before_reading(fetcher, server, sleeps):
     url = f"{server.base}/big-declared.jpg"
-    with pytest.raises(ImageRejected) as info:
+    with pytest.raises(InvalidImage) as info:
         fetcher.fetch(url)
     assert str(info.value) == f"image over {LIMIT} bytes (Content-Length 2000000) from {url}"
     assert server.hits["/big-declared.jpg"] == 1 and not sleeps
@@ -222,7 +222,7 @@ def test_declared_oversized_body_is_refused_before_reading(fetcher, server, slee
 def test_undeclared_oversized_body_stops_reading_at_the_limit(fetcher, server, sleeps):
     url = f"{server.base}/big-streamed.jpg"
     started = time.perf_counter()
-    with pytest.raises(ImageRejected) as info:
+    with pytest.raises(InvalidImage) as info:
         fetcher.fetch(url)
     assert str(info.value) == f"image over {LIMIT} bytes from {url} (stopped reading)"
     assert time.perf_counter() - started < 3
@@ -236,13 +236,13 @@ def test_undeclared_oversized_body_stops_reading_at_the_limit(fetcher, server, s
 def test_download_deadline_bounds_a_trickling_server(server, sleeps):
     with RemoteImageFetcher(read_timeout_s=1.0, total_timeout_s=0.3, sleep=sleeps.append) as fetcher:
         url = f"{server.base}/trickle.jpg"
-        with pytest.raises(ImageRejected, match=r"took over 0\.3 s"):
+        with pytest.raises(InvalidImage, match=r"took over 0\.3 s"):
             fetcher.fetch(url)
     assert not sleeps
 
 
 def test_non_image_body_is_rejected_despite_its_content_type(fetcher, server, sleeps):
-    with pytest.raises(ImageRejected, match=r"^image from http://\S+/not-image\.jpg is not a readable image"):
+    with pytest.raises(InvalidImage, match=r"^image from http://\S+/not-image\.jpg is not a readable image"):
         fetcher.fetch(f"{server.base}/not-image.jpg")
     assert server.hits["/not-image.jpg"] == 1 and not sleeps
 
@@ -250,17 +250,17 @@ def test_non_image_body_is_rejected_despite_its_content_type(fetcher, server, sl
 def test_decompression_bomb_is_rejected_by_its_header(fetcher, server, sleeps):
     assert len(BOMB) < 50_000
     started = time.perf_counter()
-    with pytest.raises(ImageRejected, match=r"has 8000x8000 pixels, over the limit of 1000000"):
+    with pytest.raises(InvalidImage, match=r"has 8000x8000 pixels, over the limit of 1000000"):
         fetcher.fetch(f"{server.base}/bomb.png")
     assert time.perf_counter() - started < 1
     assert server.hits["/bomb.png"] == 1 and not sleeps
 
 
 def test_other_http_errors_and_bad_urls_are_final(fetcher, server, sleeps):
-    with pytest.raises(ImageRejected, match=r"failed: TooManyRedirects"):
+    with pytest.raises(InvalidImage, match=r"failed: TooManyRedirects"):
         fetcher.fetch(f"{server.base}/loop")
     assert server.hits["/loop"] == 6  # the request and 5 redirects
-    with pytest.raises(ImageRejected, match="not an http"):
+    with pytest.raises(InvalidImage, match="not an http"):
         fetcher.fetch("file:///etc/passwd")
     assert not sleeps
     assert is_remote("HTTPS://x/y.jpg") and not is_remote("/tmp/y.jpg") and not is_remote(None)

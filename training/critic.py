@@ -75,7 +75,7 @@ def room_candidates(
     :func:`training.mine_pairs.mine_pairs` (VLM distillation).
 
     Raises:
-        FileNotFoundError / ImageRejected: a query photo is missing or unreadable.
+        FileNotFoundError / InvalidImage: a query photo is missing or unreadable.
     """
     funnel = engine.funnel
     images = QueryImages(engine.settings.max_image_bytes, engine.settings.max_image_pixels)
@@ -102,7 +102,7 @@ def mine(
     Queries without qrels or outside :data:`ROOM_TASKS` are skipped.
 
     Raises:
-        FileNotFoundError / ImageRejected: a query photo is missing or unreadable.
+        FileNotFoundError / InvalidImage: a query photo is missing or unreadable.
     """
     rng = random.Random(seed)
     funnel = engine.funnel
@@ -146,7 +146,7 @@ def mine_out_of_fold(
     cure (cross-fitting, as in stacked generalisation: Wolpert, Neural Networks 1992).
 
     Raises:
-        FileNotFoundError / ImageRejected: a query photo is missing or unreadable.
+        FileNotFoundError / InvalidImage: a query photo is missing or unreadable.
     """
     from training.room_folds import out_of_fold
 

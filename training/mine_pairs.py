@@ -178,7 +178,7 @@ def mine_pairs(
         The rows, query by query (input order), kinds in :data:`KINDS` order.
 
     Raises:
-        FileNotFoundError / ImageRejected: a query photo is missing or unreadable.
+        FileNotFoundError / InvalidImage: a query photo is missing or unreadable.
     """
     funnel = engine.funnel
     rows: list[dict[str, Any]] = []

@@ -82,7 +82,7 @@ def background_vectors(engine, products: Mapping[str, np.ndarray], photos: Seque
 
     Raises:
         ValueError: ``region_step`` < 1.
-        FileNotFoundError / ImageRejected: a photo is missing or unreadable.
+        FileNotFoundError / InvalidImage: a photo is missing or unreadable.
     """
     if region_step < 1:
         raise ValueError(f"region_step must be >= 1, got {region_step}")
@@ -113,7 +113,7 @@ def learn_stage(
     Raises:
         RuntimeError: fewer than 2 pairs of indexed products.
         ValueError: :meth:`Whitening.learn`'s checks.
-        FileNotFoundError / ImageRejected: a photo is missing or unreadable.
+        FileNotFoundError / InvalidImage: a photo is missing or unreadable.
     """
     pca = white.pca_stage()
     pairs_x, pairs_y, names = [], [], []
@@ -153,7 +153,7 @@ def fit_whitening(
         RuntimeError: nothing with a photo is indexed yet, or ``judged`` yields fewer than 2
             pairs of indexed products.
         ValueError: ``region_step`` < 1, or the fits' own checks.
-        FileNotFoundError / ImageRejected: a photo is missing or unreadable.
+        FileNotFoundError / InvalidImage: a photo is missing or unreadable.
     """
     t0 = time.perf_counter()
     products = product_vectors(engine)

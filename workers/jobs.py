@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from catalog.models import IngestJob, JobItem, RejectedRecord, iso_or_none, utcnow
+from catalog.models import IngestJob, JobItem, RejectionRow, iso_or_none, utcnow
 from ingestion.readers import RawRecord
 
 
@@ -73,9 +73,9 @@ def job_progress(session: Session, job_id: int) -> dict[str, Any] | None:
     elapsed = ((job.finished_at or utcnow()) - job.started_at).total_seconds()
     eta = (job.total - done) * elapsed / done if done and job.status not in ("done", "failed") else None
     rejections = session.execute(
-        select(RejectedRecord.position, RejectedRecord.record_id, RejectedRecord.reason)
-        .where(RejectedRecord.job_id == job_id)
-        .order_by(RejectedRecord.position)
+        select(RejectionRow.position, RejectionRow.record_id, RejectionRow.reason)
+        .where(RejectionRow.job_id == job_id)
+        .order_by(RejectionRow.position)
         .limit(100)
     ).all()
     return {

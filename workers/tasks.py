@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from catalog.category_head import CategoryHeadFile, category_head_path
 from catalog.db import make_engine, session_factory
-from catalog.models import IngestJob, JobItem, RejectedRecord, utcnow
+from catalog.models import IngestJob, JobItem, RejectionRow, utcnow
 from mars.registry import load_encoders
 from ingestion.pipeline import (
     Embedded,
@@ -179,7 +179,7 @@ def _reject(session: Session, job_id: int, rejected: Sequence[Rejected]) -> None
     positions = [raw.position for raw, _, _ in rejected]
     if not positions:
         return
-    session.execute(delete(RejectedRecord).where(RejectedRecord.job_id == job_id, RejectedRecord.position.in_(positions)))
+    session.execute(delete(RejectionRow).where(RejectionRow.job_id == job_id, RejectionRow.position.in_(positions)))
     record_rejections(session, job_id, rejected)
     set_status(session, job_id, [(raw.position, rid, "rejected", None) for raw, rid, _ in rejected])
 
