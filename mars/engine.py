@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from filelock import FileLock, Timeout
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 
 from catalog.category_head import CategoryHeadFile, category_head_path
 from catalog.db import make_engine, session_factory, upgrade_to_head
@@ -411,6 +411,24 @@ class Engine:
     def search(self, query: SearchQuery) -> SearchResponse:
         """Run a query through the funnel."""
         return self.funnel.search(query)
+
+    def has_region_vectors(self, digest: str) -> bool:
+        """Whether the region vectors of the room photo whose region key is ``digest`` are
+        cached (then an upload of it is checked but not decoded again)."""
+        return self.funnel.has_region_vectors(digest)
+
+    def counts(self) -> dict[str, int]:
+        """How many products the catalog, the BM25 index and the vector store hold."""
+        with self.sessions() as session:
+            products = session.execute(select(func.count()).select_from(Product)).scalar_one()
+        store = self.vector_store()
+        return {"products": products, "bm25_docs": self.lexical.count(), "vectors": store.count() if store is not None else 0}
+
+    def warm_up(self) -> None:
+        """Load what the first search would: the encoders, the store queries use and the lock taxonomy."""
+        self.encoders()
+        self.search_store()
+        self.taxonomy()
 
     def close(self) -> None:
         """Wait for queued in-process jobs, then flush and release every store and the lock."""
