@@ -37,6 +37,9 @@ image     absolute path of the main image under the images root, or
           ``<images_base_url>/<path>`` when a base URL is given; None without a main image
 ========  =================================================================================
 
+The mapping is fixed: :func:`ingestion.readers.open_source` refuses a field mapping (``--map``)
+for ABO listings with a ValueError instead of ignoring it.
+
 Everything else goes into ``attributes``: ``brand``, ``material``, ``style``, ``keywords``
 (list), ``node_path``, ``node_id``, ``product_type`` (the raw code), ``colour_standardized``
 (list), ``main_image_id``, ``other_image_ids`` (list), ``title_language``, and every other
@@ -47,7 +50,7 @@ reduced to ``x``, the rest as read). A main image id that ``images.csv`` does no
 
 Like :func:`ingestion.readers.read_jsonl`, the reader never validates: a line that is not
 UTF-8 JSON, not an object, or whose fields do not have the documented shape becomes a
-:class:`~ingestion.readers.RawRecord` with ``error`` set, and the pipeline rejects it with
+:class:`~ingestion.raw_records.RawRecord` with ``error`` set, and the pipeline rejects it with
 that reason and its line number.
 """
 
@@ -62,7 +65,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from ingestion.readers import RawRecord, json_objects
+from ingestion.raw_records import RawRecord, json_objects
 
 #: File names of the listing files (``listings_0.json.gz`` ... ``listings_f.json.gz``).
 LISTINGS_NAME = re.compile(r"listings_[0-9a-z]+\.json(\.gz)?", re.IGNORECASE)
@@ -209,7 +212,7 @@ def listing_to_data(
         language: preferred language tag.
 
     Returns:
-        The data for :class:`~ingestion.readers.RawRecord` (no ``id`` key when the listing
+        The data for :class:`~ingestion.raw_records.RawRecord` (no ``id`` key when the listing
         has no ``item_id``).
 
     Raises:
@@ -483,7 +486,7 @@ def read_abo(
             mirror of ``images/small``) instead of local paths.
 
     Returns:
-        An iterator of one :class:`~ingestion.readers.RawRecord` per non-blank line;
+        An iterator of one :class:`~ingestion.raw_records.RawRecord` per non-blank line;
         ``position`` is the 1-based line number within its listing file, ``source`` that file.
 
     Raises:

@@ -26,7 +26,7 @@ from indexing.aligned import VECTOR as ALIGNED, AlignHeads, with_aligned
 from indexing.lexical_index import LexicalDoc, LexicalIndex
 from indexing.vector_store import VectorPoint, VectorStore
 from ingestion.images import InvalidImage, decode_image, read_image_bytes
-from ingestion.readers import RawRecord
+from ingestion.raw_records import RawRecord
 from ingestion.records import ProductRecord, content_hash
 from ingestion.remote import is_remote
 

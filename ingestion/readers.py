@@ -1,36 +1,38 @@
-"""Readers: the BEIR-style multimodal corpus layout and generic JSONL/CSV with a field mapping.
+"""Readers: the BEIR-style multimodal corpus layout and generic JSONL/CSV with a field mapping,
+and :func:`open_source`, which picks the reader for a path (these, or ABO listings via
+:mod:`ingestion.abo`).
 
-Each reader yields :class:`RawRecord` objects — the record as read plus where it came
-from — and never validates: validation happens in the pipeline so a bad line is reported
-with its position instead of stopping the run.
+Each reader yields :class:`~ingestion.raw_records.RawRecord` objects (defined in
+:mod:`ingestion.raw_records`, which the ABO reader shares; importable from here too) — the
+record as read plus where it came from — and never validates: validation happens in the
+pipeline so a bad line is reported with its position instead of stopping the run.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ingestion.abo import is_abo_source, read_abo
+from ingestion.raw_records import RawRecord, json_objects
 from ingestion.records import CORE_FIELDS
 from ingestion.remote import is_remote
 
+__all__ = [
+    "BEIR_MAPPING",
+    "RawRecord",
+    "apply_mapping",
+    "open_source",
+    "parse_mapping",
+    "read_csv",
+    "read_jsonl",
+    "read_jsonl_lines",
+]
+
 #: Field mapping of the BEIR-style corpus in ``../shared/data/ikea`` (MARS field -> source field).
 BEIR_MAPPING: dict[str, str] = {"id": "_id", "colour": "color"}
-
-
-@dataclass
-class RawRecord:
-    """A record as read: ``data`` uses MARS field names; ``error`` is set when the line
-    could not even be parsed (bad JSON)."""
-
-    source: str
-    position: int  # 1-based line (JSONL) or row (CSV, header excluded) number
-    data: dict[str, Any] | None
-    raw: Any = None
-    error: str | None = None
 
 
 def parse_mapping(pairs: list[str]) -> dict[str, str]:
@@ -74,29 +76,6 @@ def apply_mapping(row: Mapping[str, Any], mapping: Mapping[str, str], base_dir: 
     return out
 
 
-def json_objects(path: Path, lines: Iterable[bytes]) -> Iterator[tuple[int, dict[str, Any]] | RawRecord]:
-    """Decode JSON-lines ``lines`` (raw bytes, as read from ``path``): ``(line number, object)``
-    for each JSON object, a :class:`RawRecord` with ``error`` set for a line that is not UTF-8,
-    not JSON or not an object (so the pipeline rejects it and goes on); blank lines skipped."""
-    for number, raw_line in enumerate(lines, start=1):
-        if not raw_line.strip():
-            continue
-        try:
-            line = raw_line.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError as exc:
-            yield RawRecord(str(path), number, None, raw=raw_line[:2000].decode("utf-8", "replace"), error=f"invalid UTF-8: {exc.reason}")
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield RawRecord(str(path), number, None, raw=line[:2000], error=f"invalid JSON: {exc.msg}")
-            continue
-        if not isinstance(row, dict):
-            yield RawRecord(str(path), number, None, raw=row, error="a record must be a JSON object")
-            continue
-        yield number, row
-
-
 def read_jsonl(path: Path, mapping: Mapping[str, str] | None = None) -> Iterator[RawRecord]:
     """Records of a JSON-lines file; image paths are relative to the file's folder.
 
@@ -134,17 +113,32 @@ def read_csv(path: Path, mapping: Mapping[str, str] | None = None) -> Iterator[R
 
 
 def open_source(path: Path, mapping: Mapping[str, str] | None = None) -> Iterator[RawRecord]:
-    """Pick the reader for ``path``: a folder with ``corpus.jsonl`` (BEIR layout), ``*.jsonl``
-    or ``*.csv``. An explicit ``mapping`` overrides the BEIR defaults field by field.
+    """Pick the reader for ``path``: ABO listings (:func:`ingestion.abo.is_abo_source`), a folder
+    with ``corpus.jsonl`` (BEIR layout), ``*.jsonl``/``*.ndjson`` or ``*.csv``.
+
+    Args:
+        path: the catalog file or folder.
+        mapping: MARS field -> source field (:func:`parse_mapping`, the CLI's ``--map``); for a
+            BEIR corpus it overrides :data:`BEIR_MAPPING` field by field. An empty or None
+            mapping means none. ABO listings take none (their fields are read by name).
+
+    Returns:
+        An iterator of :class:`RawRecord`, read lazily (ABO's ``images.csv`` is read now).
 
     Raises:
-        FileNotFoundError: if ``path`` does not exist or a folder has no ``corpus.jsonl``.
-        ValueError: if the file type is not supported.
+        FileNotFoundError: if ``path`` does not exist or a folder has no ``corpus.jsonl``
+            (nor ABO listings).
+        ValueError: if a non-empty ``mapping`` is given for ABO listings, or the file type is
+            not supported.
     """
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    from ingestion.abo import is_abo_source, read_abo  # here: ingestion.abo imports RawRecord from this module
     if is_abo_source(path):
+        if mapping:
+            raise ValueError(
+                f"--map does not apply to ABO listings: their fields are read by name; "
+                f"drop the field mapping for {path} (got {', '.join(f'{k}={v}' for k, v in mapping.items())})"
+            )
         return read_abo(path)
     if path.is_dir():
         corpus = path / "corpus.jsonl"

@@ -26,7 +26,7 @@ from ingestion.abo import (
     read_abo,
     read_image_index,
 )
-from ingestion.readers import open_source
+from ingestion.readers import open_source, parse_mapping
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "abo"
 LISTINGS = FIXTURE / "listings" / "metadata" / "listings_0.json.gz"
@@ -147,6 +147,16 @@ def test_plain_json_bad_lines_and_schema_errors(tmp_path):
     gz = tmp_path / "listings_1.json.gz"
     gz.write_bytes(gzip.compress(lines[0] + b"\n"))
     assert [r.data["id"] for r in read_abo(gz)] == ["A1"]
+
+
+def test_a_field_mapping_is_refused_for_abo_listings(tmp_path):
+    sniffed = tmp_path / "catalog.json"  # recognised by its first record, not its name
+    sniffed.write_text(json.dumps({"item_id": "A1", "item_name": [{"language_tag": "en_US", "value": "Stool"}]}) + "\n")
+    for path in (FIXTURE, LISTINGS.parent, LISTINGS, sniffed):
+        with pytest.raises(ValueError, match=r"^--map does not apply to ABO listings: their fields are read by name; ") as err:
+            open_source(path, parse_mapping(["title=item_name"]))
+        assert "\n" not in str(err.value) and "title=item_name" in str(err.value)
+    assert len(list(open_source(FIXTURE, {}))) == len(list(open_source(FIXTURE))) == 8  # no --map: an empty mapping
 
 
 def test_detection_dispatch_and_errors(tmp_path):
