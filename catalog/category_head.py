@@ -9,18 +9,18 @@ by ``mars train category-head`` (:mod:`training.category_head`) and stored as sa
 tensors ``weight`` float32 ``(n_classes, dim)`` and ``bias`` float32 ``(n_classes,)``, with the
 class keys, the image encoder and the training provenance as JSON in the metadata.
 
-Ingestion (:func:`ingestion.pipeline.embed`) calls :func:`suggest_categories` on each batch:
-an item without a type but with an image vector gets its top-3 classes stored in
-``attributes["suggested_category"]`` and reported as an ingest warning. The suggestion is
-never applied: the product is stored without a category, as before. Inference is numpy
-only (no torch).
+Ingestion (``ingestion.pipeline.suggest_categories``, called by its ``embed`` stage) asks
+:meth:`CategoryHead.suggest` for the items of a batch without a type but with an image vector:
+each gets its top-3 classes stored in ``attributes["suggested_category"]`` and reported as an
+ingest warning (:func:`suggestion_warning`). The suggestion is never applied: the product is
+stored without a category, as before. Inference is numpy only (no torch); this module takes
+plain arrays and knows nothing of the ingestion pipeline.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,6 @@ import numpy as np
 from mars.checkpoints import WatchedCheckpoint, read_checkpoint, write_checkpoint
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ingestion.pipeline import Embedded
     from mars.settings import Settings
 
 log = logging.getLogger("mars.category_head")
@@ -122,6 +121,28 @@ class CategoryHead:
             out.append([(self.classes[i], float(row[i])) for i in order])
         return out
 
+    def suggest(self, x: np.ndarray, k: int = SUGGEST_TOP_K) -> list[dict[str, Any]]:
+        """The suggestion stored under ``attributes["suggested_category"]`` for each row of ``x``.
+
+        Args:
+            x: float ``(n, dim)`` unit-norm image vectors (or one ``(dim,)`` vector, taken as ``n = 1``).
+            k: how many classes each suggestion lists.
+
+        Returns:
+            ``n`` dicts ``{"key", "probability", "top": [{"key", "probability"}, ...k], "head":
+            digest}``: the most probable class first (ties by key), probabilities (float)
+            rounded to 4 places, ``head`` the checkpoint digest (None for a head not loaded
+            from a file).
+
+        Raises:
+            ValueError: ``x`` has another dimension than the head.
+        """
+        out = []
+        for top in self.top(x, k):
+            ranked = [{"key": key, "probability": round(p, 4)} for key, p in top]
+            out.append({**ranked[0], "top": ranked, "head": self.digest})
+        return out
+
     def save(self, path: Path) -> None:
         """Write the checkpoint (safetensors: ``weight``, ``bias``; metadata: format, classes,
         image encoder, provenance as JSON strings), atomically (:func:`mars.checkpoints.write_checkpoint`)."""
@@ -168,33 +189,9 @@ def CategoryHeadFile(path: Path, image_encoder: str) -> WatchedCheckpoint[Catego
     return WatchedCheckpoint(path, CategoryHead.load, CategoryHeadError, mismatch, log, "category head")
 
 
-def suggest_categories(items: Sequence["Embedded"], head: CategoryHead | None) -> list[str]:
-    """Suggest a class for each item that has no ``type`` but has an ``image`` vector.
-
-    The suggestion goes into the item's record (``attributes["suggested_category"] = {"key",
-    "probability", "top": [{"key", "probability"}, ...3], "head": checkpoint digest}``,
-    probabilities rounded to 4 places, replacing one already there) so :func:`apply` stores it
-    with the product; the item keeps no category. The content hash is not touched (it was
-    computed from the record as received), so re-ingesting the same record stays unchanged.
-
-    Args:
-        items: embedded items of one batch (:class:`ingestion.pipeline.Embedded`).
-        head: the category head, or None (then nothing is suggested).
-
-    Returns:
-        One warning line per suggestion, e.g. ``"p1: no type; category head suggests lamp
-        (0.91), lamp-shade (0.04), table (0.01) (attributes.suggested_category; not applied)"``.
-    """
-    if head is None:
-        return []
-    todo = [it for it in items if not it.record.type and "image" in it.vectors]
-    if not todo:
-        return []
-    warnings = []
-    for it, top in zip(todo, head.top(np.stack([it.vectors["image"] for it in todo]))):
-        ranked = [{"key": key, "probability": round(p, 4)} for key, p in top]
-        suggestion = {**ranked[0], "top": ranked, "head": head.digest}
-        it.record = it.record.model_copy(update={"attributes": {**it.record.attributes, ATTRIBUTE: suggestion}})
-        listed = ", ".join(f"{r['key']} ({r['probability']:.2f})" for r in ranked)
-        warnings.append(f"{it.record.id}: no type; category head suggests {listed} (attributes.{ATTRIBUTE}; not applied)")
-    return warnings
+def suggestion_warning(product_id: str, suggestion: dict[str, Any]) -> str:
+    """The ingest warning line of one suggestion (:meth:`CategoryHead.suggest`), e.g. ``"p1: no
+    type; category head suggests lamp (0.91), lamp-shade (0.04), table (0.01)
+    (attributes.suggested_category; not applied)"``."""
+    listed = ", ".join(f"{r['key']} ({r['probability']:.2f})" for r in suggestion["top"])
+    return f"{product_id}: no type; category head suggests {listed} (attributes.{ATTRIBUTE}; not applied)"

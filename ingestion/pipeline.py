@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from catalog.category_head import CategoryHead, suggest_categories
+from catalog.category_head import ATTRIBUTE as SUGGESTION_ATTRIBUTE, CategoryHead, suggestion_warning
 from catalog.models import Category, CategorySynonym, IngestJob, Product, ProductCategory, RejectionRow, utcnow
 from catalog.taxonomy import TypePlacement, place_type
 from indexing.encoders import ImageEncoder, TextEncoder
@@ -301,7 +302,7 @@ def embed(todo: Sequence[Prepared], targets: IngestTargets, rejected: list[Rejec
     A local photo that does not decode is appended to ``rejected``; an item without a usable
     photo is embedded by text and named in the returned warnings. With a category head, an
     item without a type but with a photo gets ``attributes["suggested_category"]`` (top-3
-    classes, not applied) and a warning line (:func:`catalog.category_head.suggest_categories`)."""
+    classes, not applied) and a warning line (:func:`suggest_categories`)."""
     images: dict[str, Any] = {}
     ready: list[Prepared] = []
     warnings: list[str] = []
@@ -336,6 +337,39 @@ def embed(todo: Sequence[Prepared], targets: IngestTargets, rejected: list[Rejec
         items.append(Embedded(p.record, p.hash, vectors, p.raw.position))
     warnings += suggest_categories(items, targets.category_head() if targets.category_head else None)
     return items, warnings
+
+
+def suggest_categories(items: Sequence[Embedded], head: CategoryHead | None) -> list[str]:
+    """Suggest a class for each item that has no ``type`` but has an ``image`` vector.
+
+    The suggestion (:meth:`catalog.category_head.CategoryHead.suggest`: ``{"key",
+    "probability", "top": [{"key", "probability"}, ...3], "head": checkpoint digest}``) goes
+    into the item's record as ``attributes["suggested_category"]``, replacing one already
+    there, so :func:`apply` stores it with the product; the item keeps no category. The
+    content hash is not touched (it was computed from the record as received), so
+    re-ingesting the same record stays unchanged.
+
+    Args:
+        items: embedded items of one batch; their ``record`` is replaced (a model copy).
+        head: the category head, or None (then nothing is suggested).
+
+    Returns:
+        One warning line per suggestion (:func:`catalog.category_head.suggestion_warning`).
+
+    Raises:
+        ValueError: the items' image vectors have another dimension than the head.
+    """
+    if head is None:
+        return []
+    todo = [it for it in items if not it.record.type and "image" in it.vectors]
+    if not todo:
+        return []
+    warnings = []
+    for it, suggestion in zip(todo, head.suggest(np.stack([it.vectors["image"] for it in todo]))):
+        attributes = {**it.record.attributes, SUGGESTION_ATTRIBUTE: suggestion}
+        it.record = it.record.model_copy(update={"attributes": attributes})
+        warnings.append(suggestion_warning(it.record.id, suggestion))
+    return warnings
 
 
 def apply(items: Sequence[Embedded], targets: IngestTargets, session: Session) -> None:

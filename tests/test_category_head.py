@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 
 from catalog.category_head import ATTRIBUTE, CategoryHead, CategoryHeadError, CategoryHeadFile, category_head_path
 from catalog.models import Product
+from ingestion.pipeline import Embedded, suggest_categories
 from ingestion.readers import open_source
+from ingestion.records import ProductRecord
 from mars.engine import Engine
 from mars.settings import Settings
 from training.category_head import (
@@ -164,6 +166,34 @@ def test_item_without_type_gets_a_suggested_category(slice_home, ikea_slice, ike
     assert ATTRIBUTE not in typed_row.attributes and typed_row.categories
     lines = [w for w in report.warnings if "suggests" in w]
     assert len(lines) == 1 and lines[0].startswith(f"untyped-1: no type; category head suggests {suggestion['key']} (")
+
+
+def test_suggestions_from_plain_vectors_and_only_for_untyped_items_with_a_photo():
+    head = CategoryHead(np.array([[4.0, 0.0], [0.0, 4.0], [0.0, 0.0]]), np.zeros(3), ["lamp", "rug", "sofa"], "enc")
+    x = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    p = head.probabilities(x)
+    first, second = head.suggest(x)
+    assert first == {"key": "lamp", "probability": round(float(p[0, 0]), 4), "head": None,
+                     "top": [{"key": "lamp", "probability": round(float(p[0, 0]), 4)},
+                             {"key": "rug", "probability": round(float(p[0, 1]), 4)},  # tied with sofa: by key
+                             {"key": "sofa", "probability": round(float(p[0, 2]), 4)}]}
+    assert second["key"] == "rug" and [t["key"] for t in second["top"]] == ["rug", "lamp", "sofa"]
+    assert [t["key"] for t in head.suggest(x[0], k=1)[0]["top"]] == ["lamp"]  # one (dim,) vector
+    with pytest.raises(ValueError, match="dimension 2"):
+        head.suggest(np.zeros((1, 3), np.float32))
+
+    text = np.zeros(4, np.float32)
+    items = [
+        Embedded(ProductRecord(id="u1", title="Lamp", attributes={"brand": "B"}), "h1", {"text": text, "image": x[0]}, 1),
+        Embedded(ProductRecord(id="t1", type="Rug"), "h2", {"text": text, "image": x[1]}, 2),
+        Embedded(ProductRecord(id="u2", title="No photo"), "h3", {"text": text}, 3),
+    ]
+    assert suggest_categories(items, None) == [] and all(ATTRIBUTE not in it.record.attributes for it in items)
+    warnings = suggest_categories(items, head)
+    assert warnings == [f"u1: no type; category head suggests lamp ({p[0, 0]:.2f}), rug ({p[0, 1]:.2f}), "
+                        f"sofa ({p[0, 2]:.2f}) (attributes.{ATTRIBUTE}; not applied)"]
+    assert items[0].record.attributes == {"brand": "B", ATTRIBUTE: first} and items[0].hash == "h1"
+    assert ATTRIBUTE not in items[1].record.attributes and ATTRIBUTE not in items[2].record.attributes
 
 
 def test_head_file_is_reread_and_refuses_another_encoder(tmp_path):
