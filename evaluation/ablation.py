@@ -51,14 +51,15 @@ from evaluation.baseline import NaiveIndex
 from evaluation.beir import BenchmarkQuery, QueryImages
 from evaluation.metrics import score_queries
 from evaluation.runner import eval_query, select_queries
-from query.funnel import search_text
+from query.funnel import Funnel, search_text
+from query.retrievers import RETRIEVERS
 from training.room_folds import out_of_fold
 
 #: The metrics of the ablation table, in cell order.
 ABLATION_METRICS: tuple[str, ...] = ("nDCG@10", "Recall@10", "Success@10")
 
-#: The funnel's vector lists (an isolated one runs with the others weighted 0).
-VECTOR_LISTS: tuple[str, ...] = ("image", "text", "aligned")
+#: The funnel's vector lists, from the retriever registry (an isolated one runs with the others weighted 0).
+VECTOR_LISTS: tuple[str, ...] = tuple(name for name, cls in RETRIEVERS.items() if cls.kind == "vector")
 
 
 def _alone(name: str) -> dict[str, float]:
@@ -88,9 +89,8 @@ class Config:
 
 CONFIGS: tuple[Config, ...] = (
     Config("bm25", "BM25 only", "bm25", needs="text"),
-    Config("image", "image vectors alone", "vector", _alone("image"), only="image", needs="image"),
-    Config("text", "text vectors alone", "vector", _alone("text"), only="text", needs="text"),
-    Config("aligned", "aligned image vectors alone (text -> image)", "vector", _alone("aligned"), only="aligned", needs="text"),
+    *(Config(name, f"{RETRIEVERS[name].label} list alone ({name})", "vector", _alone(name), only=name,
+             needs=RETRIEVERS[name].needs) for name in VECTOR_LISTS),
     Config("hybrid", "hybrid (weighted RRF)", "hybrid"),
     Config("full", "hybrid + critic (mode full)", "full"),
     Config("baseline", "seed-style baseline", None),
@@ -109,7 +109,7 @@ def _missing_input(config: Config, q: BenchmarkQuery) -> str | None:
 def _missing_list(config: Config, engine: Any) -> str | None:
     """Why ``config`` has no list to isolate on ``engine`` (None when it has)."""
     store = engine.search_store()
-    if config.only == "aligned" and (store is None or "aligned" not in store.dims or engine.aligned() is None):
+    if config.only == "aligned" and (store is None or "aligned" not in store.dims or engine.artifacts.aligned() is None):
         return "n/a (no aligned vector: run mars train align)"
     return None
 
@@ -156,7 +156,7 @@ def run_ablation(
         task_id = bar.add_task("ablation", total=len(queries))
         lacking = {config.key: _missing_list(config, engine) for config in CONFIGS}  # the same for every query
 
-        def run_group(group: Sequence[BenchmarkQuery]) -> list[None]:
+        def run_group(funnel: Funnel, group: Sequence[BenchmarkQuery]) -> list[None]:
             nonlocal critic_backend, critic_detail, critic_ready
             for q in group:
                 by_task[q.task].append(q.id)
@@ -166,12 +166,12 @@ def run_ablation(
                     if missing is not None:
                         notes[(q.task, config.key)] = missing
                     elif config.mode is None:
-                        runs[config.key][q.id] = _baseline_search(engine, naive, eval_query(q, image))
+                        runs[config.key][q.id] = _baseline_search(funnel, naive, eval_query(q, image))
                     elif config.mode == "full" and not critic_ready:
                         continue
                     else:
                         search = eval_query(q, image, mode=config.mode, top_k=ABLATION_DEPTH, weights=config.weights)
-                        response = engine.search(search)
+                        response = funnel.search(search)
                         if config.mode == "full":
                             critic_backend, critic_detail = response.critic.backend, response.critic.detail
                             critic_status[response.critic.status] += 1
@@ -180,7 +180,7 @@ def run_ablation(
                                 continue
                         items = response.items
                         if config.only is not None:
-                            items = [i for i in items if getattr(i.provenance, config.only) is not None]
+                            items = [i for i in items if config.only in i.provenance.retrievers]
                         runs[config.key][q.id] = [i.id for i in items]
                 bar.advance(task_id)
             return []
@@ -210,12 +210,13 @@ def run_ablation(
     return report
 
 
-def _baseline_search(engine: Any, naive: NaiveIndex, query: Any) -> list[str]:
+def _baseline_search(funnel: Funnel, naive: NaiveIndex, query: Any) -> list[str]:
     """The baseline's top :data:`ABLATION_DEPTH` for a runner query: the text the funnel's lists
     search with (query text + room context) and the funnel's cached query vectors."""
     text = search_text(query)
-    text_vec = engine.funnel.text_vector(text)[0] if text else None
-    regions = engine.funnel.region_vectors(query.image) if query.image is not None else None
+    qv = funnel.query_vectors
+    text_vec = qv.text_vector(text)[0] if text else None
+    regions = qv.region_vectors(query.image) if query.image is not None else None
     return naive.search(text, text_vec, regions)[:ABLATION_DEPTH]
 
 

@@ -63,12 +63,12 @@ def bench_catalog(name: str, records: list[RawRecord], queries: list[dict], enco
 
         prepared = []
         for q in queries:
-            regions = image_enc.encode_images(crop_regions(q["image"], engine.funnel.config.grids)) if q.get("image") else None
+            regions = image_enc.encode_images(crop_regions(q["image"], engine.funnel.query_vectors.grids)) if q.get("image") else None
             text_vec = text_enc.encode_texts([q["text"]])[0] if q.get("text") else None
             if q.get("image") is not None:
-                engine.funnel.region_vectors(q["image"])  # warm the cache: both sides exclude query encoding
+                engine.funnel.query_vectors.region_vectors(q["image"])  # warm the cache: both sides exclude query encoding
             if q.get("text"):
-                engine.funnel.text_vector(q["text"])
+                engine.funnel.query_vectors.text_vector(q["text"])
             prepared.append((q, text_vec, regions))
         mars_ms, naive_ms = [], []
         for q, text_vec, regions in prepared:

@@ -24,14 +24,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from indexing.encoders import l2_normalize
-from mars.checkpoints import WatchedCheckpoint, read_checkpoint, write_checkpoint
+from mars.checkpoints import WatchedCheckpoint, checkpoint_bytes, file_digest, read_checkpoint, replace_file
 
 log = logging.getLogger("mars.aligned")
 
@@ -130,14 +130,25 @@ class AlignHeads:
         found, wanted = (self.image_encoder, self.text_encoder), (image_encoder, text_encoder)
         return None if found == wanted else f"trained on encoders {found!r}, the index uses {wanted!r}"
 
-    def save(self, path: Path) -> None:
-        """Write the checkpoint (safetensors; metadata: format, encoders, meta as JSON), atomically."""
-        write_checkpoint(
-            path,
+    def to_bytes(self) -> bytes:
+        """The checkpoint's bytes (safetensors; metadata: format, encoders, meta as JSON)."""
+        return checkpoint_bytes(
             self.tensors,
             {"format": FORMAT, "image_encoder": self.image_encoder, "text_encoder": self.text_encoder,
              "meta": json.dumps(self.meta, sort_keys=True)},
         )
+
+    def save(self, path: Path) -> None:
+        """Write the checkpoint (:meth:`to_bytes`) atomically.
+
+        Raises:
+            OSError: the folder or the file cannot be written.
+        """
+        replace_file(path, self.to_bytes())
+
+    def fingerprinted(self) -> "AlignHeads":
+        """These heads with ``digest`` set: as loaded, or the digest of the file :meth:`save` would write."""
+        return self if self.digest is not None else replace(self, digest=file_digest(self.to_bytes()))
 
     @classmethod
     def load(cls, path: Path) -> "AlignHeads":

@@ -26,7 +26,7 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -131,14 +131,22 @@ class StagingPrior:
             for p in sorted(self.counts, key=lambda p: (-self.counts[p].get(key, 0), -self._totals[p], p))
         ]
 
+    def to_bytes(self) -> bytes:
+        """The prior as the JSON bytes :meth:`save` writes (sorted keys: deterministic)."""
+        doc = {"format": FORMAT, "rooms": self.rooms, "counts": self.counts, "room_ids": sorted(self.room_ids)}
+        return json.dumps(doc, sort_keys=True).encode("utf-8")
+
     def save(self, path: Path) -> None:
         """Write the prior as JSON, atomically (:func:`mars.checkpoints.replace_file`).
 
         Raises:
             OSError: the folder or the file cannot be written.
         """
-        doc = {"format": FORMAT, "rooms": self.rooms, "counts": self.counts, "room_ids": sorted(self.room_ids)}
-        replace_file(path, json.dumps(doc, sort_keys=True).encode("utf-8"))
+        replace_file(path, self.to_bytes())
+
+    def fingerprinted(self) -> "StagingPrior":
+        """This prior with ``digest`` set: as loaded, or the digest of the file :meth:`save` would write."""
+        return self if self.digest is not None else replace(self, digest=file_digest(self.to_bytes()))
 
     @classmethod
     def load(cls, path: Path) -> "StagingPrior":

@@ -43,14 +43,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from indexing.encoders import l2_normalize
-from mars.checkpoints import WatchedCheckpoint, read_checkpoint, write_checkpoint
+from mars.checkpoints import WatchedCheckpoint, checkpoint_bytes, file_digest, read_checkpoint, replace_file
 
 log = logging.getLogger("mars.whitening")
 
@@ -212,12 +212,25 @@ class Whitening:
         """Why this whitening does not fit an index built with ``image_encoder``, or None."""
         return None if self.image_encoder == image_encoder else f"fitted on {self.image_encoder!r}, the index uses {image_encoder!r}"
 
-    def save(self, path: Path) -> None:
-        """Write the checkpoint (safetensors; metadata: format, image encoder, meta as JSON), atomically."""
+    def to_bytes(self) -> bytes:
+        """The checkpoint's bytes (safetensors; metadata: format, image encoder, meta as JSON)."""
         learned = {} if self.learned_mean is None else {"learned_mean": self.learned_mean,
                                                          "learned_projection": self.learned_projection}
-        write_checkpoint(path, {"mean": self.mean, "projection": self.projection, **learned},
-                         {"format": FORMAT, "image_encoder": self.image_encoder, "meta": json.dumps(self.meta, sort_keys=True)})
+        return checkpoint_bytes({"mean": self.mean, "projection": self.projection, **learned},
+                                {"format": FORMAT, "image_encoder": self.image_encoder, "meta": json.dumps(self.meta, sort_keys=True)})
+
+    def save(self, path: Path) -> None:
+        """Write the checkpoint (:meth:`to_bytes`) atomically.
+
+        Raises:
+            OSError: the folder or the file cannot be written.
+        """
+        replace_file(path, self.to_bytes())
+
+    def fingerprinted(self) -> "Whitening":
+        """This whitening with ``digest`` set: as loaded, or the digest of the file :meth:`save`
+        would write (an in-memory whitening keys caches like the same one read from disk)."""
+        return self if self.digest is not None else replace(self, digest=file_digest(self.to_bytes()))
 
     @classmethod
     def load(cls, path: Path) -> "Whitening":

@@ -43,15 +43,21 @@ def file_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:12]
 
 
+def checkpoint_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """The bytes of a safetensors checkpoint of ``tensors`` with ``metadata`` (deterministic:
+    the same arrays and metadata give the same bytes, hence the same :func:`file_digest`)."""
+    from safetensors.numpy import save
+
+    return save(dict(tensors), metadata=dict(metadata))
+
+
 def write_checkpoint(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
     """Write a safetensors checkpoint atomically (:func:`replace_file`).
 
     Raises:
         OSError: the folder or the file cannot be written.
     """
-    from safetensors.numpy import save
-
-    replace_file(path, save(dict(tensors), metadata=dict(metadata)))
+    replace_file(path, checkpoint_bytes(tensors, metadata))
 
 
 def read_checkpoint(path: Path, fmt: str, error: type[ValueError]) -> tuple[dict[str, np.ndarray], Mapping[str, str], str]:

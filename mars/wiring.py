@@ -1,28 +1,108 @@
-"""The engine's wiring: builds what the settings name, through :mod:`mars.registry`."""
+"""The engine's wiring: what the settings name, built once per process and put together.
+
+:class:`mars.engine.Engine` is the composition root; this module holds its recipes, each
+reading the settings and :mod:`mars.registry` and nothing else:
+
+* :func:`stage3_critic` — the critic the funnel calls (local, or the Celery queued client);
+* :func:`build_funnel` — the retrievers, the query encodings, the caches and the critic stage
+  around the stores and the trained artifacts;
+* :func:`build_jobs` — where bulk jobs run (in-process or on the Celery queues).
+
+The stores (:class:`mars.stores.Stores`) and the artifacts
+(:meth:`query.artifacts.Artifacts.watched`) are built by their own classes.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from mars.registry import build_critic
+from query.critic_stage import CriticStage
+from query.funnel import Funnel, FunnelConfig
+from query.query_vectors import QueryVectors
+from query.retrievers import RetrieverContext, build_retrievers
+from query.search_cache import SearchCache
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from catalog.locking import Taxonomy
     from critic.protocol import Critic
+    from indexing.encoders import ImageEncoder, TextEncoder
     from mars.settings import Settings
+    from mars.stores import Stores
+    from query.artifacts import Artifacts
+    from query.rules import Rule
+    from workers.inprocess_jobs import RunJob
+    from workers.job_queue import JobQueue
+
+#: Catalog rows the funnel keeps for responses in embedded mode (a few KB each).
+ROW_CACHE_SIZE = 10_000
+#: Product image vectors the funnel keeps for the image list's re-scoring in embedded mode
+#: (2-5 KB each, so at most ~100 MB).
+PRODUCT_VECTOR_CACHE = 20_000
 
 
-def stage3_critic(settings: "Settings") -> tuple["Critic | None", str]:
+def stage3_critic(settings: Settings) -> tuple[Critic | None, str]:
     """The critic the funnel calls and a one-line note for responses: the one
     :func:`mars.registry.build_critic` builds in this process or, with ``MARS_CRITIC_QUEUE``, a
-    :class:`workers.critic.QueuedCritic` that sends its work to the Celery ``critic`` queue,
+    :class:`workers.critic_client.QueuedCritic` that sends its work to the Celery ``critic`` queue,
     whose worker builds the named critic with :func:`~mars.registry.build_critic`.
 
     Raises:
         ValueError, RuntimeError: as :func:`mars.registry.build_critic`.
     """
     if settings.critic != "none" and settings.critic_queue:
-        from workers.critic import QueuedCritic  # the Celery client; the worker builds the real critic
+        from workers.critic_client import QueuedCritic  # the Celery client; the worker builds the real critic
 
         queued = QueuedCritic.from_settings(settings)
         return queued, f"{settings.critic} critic on the Celery 'critic' queue (deadline {settings.critic_deadline_ms:.0f} ms)"
     return build_critic(settings)
+
+
+def build_funnel(
+    settings: Settings,
+    stores: Stores,
+    sessions: sessionmaker[Session],
+    taxonomy: Callable[[], Taxonomy],
+    encoders: Callable[[], tuple[ImageEncoder, TextEncoder]],
+    artifacts: Artifacts,
+    rules: Callable[[], Sequence[Rule]],
+) -> Funnel:
+    """The funnel over ``stores``: every registered retriever, the query encodings, the caches
+    (only where this process sees every write: embedded stores; server-mode stores are written
+    by other processes) and the critic stage.
+
+    Raises:
+        ValueError, RuntimeError: the critic cannot be built (:func:`stage3_critic`).
+    """
+    embedded = settings.embedded_stores
+    cache = SearchCache(
+        result_hits=settings.result_cache_hits if embedded else 0,
+        rows=ROW_CACHE_SIZE if embedded else 0,
+        product_vectors=PRODUCT_VECTOR_CACHE if embedded else 0,
+    )
+    query_vectors = QueryVectors(encoders, settings.grid_sizes)
+    retrievers = build_retrievers(RetrieverContext(stores.lexical, stores.search_store, query_vectors, cache, sessions))
+    critic, detail = stage3_critic(settings)
+    stage = CriticStage(critic, detail, settings.critic_top_n, stores.search_store, query_vectors, taxonomy)
+    config = FunnelConfig(
+        depth=settings.retrieval_depth,
+        rrf_k=settings.rrf_k,
+        weights={"photo": dict(settings.weights_photo), "text": dict(settings.weights_text)},
+    )
+    return Funnel(sessions, taxonomy, retrievers, artifacts, stage, cache, query_vectors, config, rules)
+
+
+def build_jobs(settings: Settings, sessions: sessionmaker[Session], run: RunJob) -> JobQueue:
+    """Where bulk jobs run: on this process's job thread when it owns embedded stores
+    (:class:`workers.inprocess_jobs.InProcessJobs` calling ``run``), else on the Celery queues
+    (:class:`workers.celery_jobs.CeleryJobs`, chunks of ``MARS_INGEST_CHUNK_SIZE``)."""
+    if settings.embedded_stores:
+        from workers.inprocess_jobs import InProcessJobs
+
+        return InProcessJobs(sessions, run)
+    from workers.celery_jobs import CeleryJobs  # loads Celery only in server mode
+
+    return CeleryJobs(sessions, settings.ingest_chunk_size)

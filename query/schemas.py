@@ -26,17 +26,16 @@ class CriticResult(BaseModel):
 
 
 class Provenance(BaseModel):
-    """Why an item ranked where it did: each stage's rank and score (absent when the item
-    was not in that stage's list or the stage did not run; ``fused`` is absent only for a
-    pinned product that retrieval did not return), and what the merchandising rules did to it
-    (:mod:`query.rules`), e.g. ``"pinned at #1 by rule 7"``, ``"boosted x1.5 by rule 3 (brand
-    IKEA)"``."""
+    """Why an item ranked where it did: its rank and score in each retriever's list, keyed by
+    retriever name (``bm25``, ``text``, ``aligned``, ``image``, ``prior``:
+    :data:`query.retrievers.RETRIEVERS`; a list the item was not in, or that did not run, is
+    absent), its fused rank and score (absent only for a pinned product that retrieval did not
+    return), the critic's verdict, and what the merchandising rules did to it
+    (:mod:`query.rules`), e.g. ``"pinned at #1 by rule 7"``, ``"boosted x1.5 by rule 3 (brand IKEA)"``."""
 
-    bm25: StageHit | None = None
-    image: StageHit | None = None
-    text: StageHit | None = None
-    aligned: StageHit | None = None
-    prior: StageHit | None = None
+    retrievers: dict[str, StageHit] = Field(
+        default_factory=dict, description="Rank and score in each retriever's list, by retriever name (GET /v1/retrievers)."
+    )
     fused: StageHit | None = None
     critic: CriticResult | None = None
     rules: list[str] = Field(default_factory=list, description="What merchandising rules did to this item, in order.")
@@ -70,7 +69,8 @@ class LockInfo(BaseModel):
 
 class CriticStatus(BaseModel):
     """What the critic stage did: ``status`` is "skipped" (mode ≠ full), "not configured",
-    "scored", "timeout" (past its deadline: the fused order stands) or "pending" (the
+    "scored", "unavailable" (the critic timed out, could not be reached or gave an answer it
+    could not read: the fused order stands and ``detail`` says why) or "pending" (the
     re-ranked list will be at ``result_url``)."""
 
     backend: str

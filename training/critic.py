@@ -11,7 +11,7 @@ staged in each room):
 * **random controls** — ``controls`` products drawn from the rest of the fused list.
 
 Every pair keeps the reason it was picked. Features are computed by the same code the
-funnel uses at query time (:meth:`query.funnel.Funnel.critic_pairs`), by retrieval that never
+funnel uses at query time (:meth:`query.critic_stage.CriticStage.pairs`), by retrieval that never
 saw the pair's room when the whitening has a learned stage (:func:`mine_out_of_fold`). Evaluation re-ranks
 the top ``critic_top_n`` of the fused list by the critic score, as ``--mode full`` does,
 and cross-validation holds out whole rooms (no room is seen in training and test).
@@ -32,7 +32,8 @@ from critic.learned import ClassStats, LearnedCritic, feature_matrix
 from critic.protocol import CriticPair
 from evaluation.beir import BenchmarkQuery, QueryImages
 from evaluation.metrics import ndcg_at_k
-from query.funnel import Retrieval, SearchQuery, critic_order
+from query.critic_stage import critic_order
+from query.funnel import Funnel, Retrieval, SearchQuery
 
 ROOM_TASKS: tuple[str, ...] = ("room-class", "room-type", "room-scene")
 
@@ -68,16 +69,18 @@ def room_candidates(
     queries: Sequence[BenchmarkQuery],
     qrels: dict[str, set[str]],
     tasks: Sequence[str] = ROOM_TASKS,
+    funnel: Funnel | None = None,
 ) -> Iterator[RoomCandidates]:
     """Run each judged room query of ``tasks`` through the hybrid funnel of ``engine`` (stages
     1-2 and fusion, no critic), in input order; queries without qrels or of other tasks are
     skipped. The candidate source of both :func:`mine` (learned critic) and
-    :func:`training.mine_pairs.mine_pairs` (VLM distillation).
+    :func:`training.mine_pairs.mine_pairs` (VLM distillation). ``funnel`` replaces the
+    engine's (e.g. one refitted without the query's room: :func:`training.room_folds.out_of_fold`).
 
     Raises:
         FileNotFoundError / InvalidImage: a query photo is missing or unreadable.
     """
-    funnel = engine.funnel
+    funnel = funnel or engine.funnel
     images = QueryImages(engine.settings.max_image_bytes, engine.settings.max_image_pixels)
     for q in queries:
         relevant = qrels.get(q.id, set())
@@ -96,8 +99,9 @@ def mine(
     controls: int = 3,
     seed: int = 0,
     on_query: Callable[[], None] | None = None,
+    funnel: Funnel | None = None,
 ) -> list[MinedQuery]:
-    """Run each room query through the hybrid funnel of ``engine`` and collect its pairs.
+    """Run each room query through the hybrid funnel of ``engine`` (or ``funnel``) and collect its pairs.
 
     Queries without qrels or outside :data:`ROOM_TASKS` are skipped.
 
@@ -105,9 +109,9 @@ def mine(
         FileNotFoundError / InvalidImage: a query photo is missing or unreadable.
     """
     rng = random.Random(seed)
-    funnel = engine.funnel
+    funnel = funnel or engine.funnel
     mined = []
-    for c in room_candidates(engine, queries, qrels):
+    for c in room_candidates(engine, queries, qrels, funnel=funnel):
         q, query, r, relevant = c.query, c.search, c.retrieval, c.relevant
         picked: list[tuple[int, str]] = []
         for f in r.fused:
@@ -150,7 +154,8 @@ def mine_out_of_fold(
     """
     from training.room_folds import out_of_fold
 
-    return out_of_fold(engine, queries, qrels, lambda group: mine(engine, group, qrels, on_query=on_query, **options))
+    return out_of_fold(engine, queries, qrels,
+                       lambda funnel, group: mine(engine, group, qrels, on_query=on_query, funnel=funnel, **options))
 
 
 def _room_type(q: BenchmarkQuery) -> str | None:

@@ -5,7 +5,7 @@ judged room queries, its learned stage on (room region, product photo) pairs.
 The PCA stage is unsupervised: it reads photos, never judgments. The room photos can be any interiors the
 catalog is searched with (for the IKEA benchmark, its ``rooms/`` folder of dev rooms; the
 held-out rooms are not used). Each photo's regions are the ones the funnel computes at query
-time (:meth:`query.funnel.Funnel.region_vectors`), every ``region_step``-th kept so that
+time (:meth:`query.query_vectors.QueryVectors.region_vectors`), every ``region_step``-th kept so that
 room regions do not outnumber the products by too much.
 
 The learned stage reads judgments: for each judged query with a room photo (e.g. the IKEA
@@ -72,7 +72,7 @@ def photo_regions(engine, path: Path) -> np.ndarray:  # noqa: ANN001 - mars.engi
     """The funnel's region vectors of the photo at ``path`` (cached by the funnel)."""
     settings = engine.settings
     data = read_image_bytes(str(path), max_bytes=settings.max_image_bytes)
-    return engine.funnel.region_vectors(decode_image(data, max_pixels=settings.max_image_pixels, what=str(path)))
+    return engine.funnel.query_vectors.region_vectors(decode_image(data, max_pixels=settings.max_image_pixels, what=str(path)))
 
 
 def background_vectors(engine, products: Mapping[str, np.ndarray], photos: Sequence[Path],  # noqa: ANN001 - mars.engine.Engine
