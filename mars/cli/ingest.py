@@ -17,7 +17,7 @@ from mars.cli.common import ApiKeyOpt, catalog_session, console, err, fail, open
 if TYPE_CHECKING:
     import httpx
 
-    from ingestion.readers import RawRecord
+    from ingestion.raw_records import RawRecord
 
 app = typer.Typer()
 
