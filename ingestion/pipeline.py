@@ -64,11 +64,31 @@ class IngestTargets:
 
 @dataclass
 class Rejection:
-    """A rejected record: where it was, its id if it had one, and why."""
+    """A record that will not be stored: the record as read, its id if it had one, and why.
 
-    position: int
+    The one rejection value of the pipeline: the stages return it (:func:`prepare`,
+    :func:`embed`), :func:`record_rejections` stores it as a
+    :class:`catalog.models.RejectionRow` (with ``raw.source`` and the raw input ``raw.raw``),
+    and :class:`IngestReport` lists it.
+
+    Attributes:
+        raw: the record as read (its ``source``, 1-based ``position`` and raw input).
+        record_id: the product id when the record had a string one, else None.
+        reason: why it was rejected, one line (e.g. ``"title: Input should be a valid string"``).
+    """
+
+    raw: RawRecord
     record_id: str | None
     reason: str
+
+    @property
+    def position(self) -> int:
+        """1-based line or row number of the record in its source (``raw.position``)."""
+        return self.raw.position
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready ``{"position", "record_id", "reason"}`` (the raw input is left out)."""
+        return {"position": self.position, "record_id": self.record_id, "reason": self.reason}
 
 
 @dataclass
@@ -103,7 +123,7 @@ class IngestReport:
             "without_image": self.without_image,
             "seconds": round(self.seconds, 3),
             "items_per_s": round(self.items_per_s, 2),
-            "rejections": [r.__dict__ for r in self.rejections],
+            "rejections": [r.as_dict() for r in self.rejections],
             "warnings": self.warnings,
         }
 
@@ -224,16 +244,13 @@ def _ingest_batch(chunk: list[RawRecord], targets: IngestTargets, report: Ingest
             apply(items, targets, session)
             report.ingested += len(items)
             report.without_image += sum("image" not in item.vectors for item in items)
-        report.rejections.extend(record_rejections(session, report.job_id, rejected))
+        record_rejections(session, report.job_id, rejected)
+        report.rejections.extend(rejected)
         report.rejected += len(rejected)
         job = session.get(IngestJob, report.job_id)
         job.ingested, job.unchanged, job.rejected = report.ingested, report.unchanged, report.rejected
         job.without_image, job.total = report.without_image, max(job.total, report.total)
         session.commit()
-
-
-#: A record that will not be stored: the raw record, its id if it had one, and why.
-Rejected = tuple[RawRecord, "str | None", str]
 
 
 @dataclass
@@ -247,24 +264,31 @@ class Embedded:
     position: int
 
 
-def prepare(chunk: Sequence[RawRecord], targets: IngestTargets, seen: dict[str, int]) -> tuple[list[Prepared], list[Rejected]]:
+def prepare(chunk: Sequence[RawRecord], targets: IngestTargets, seen: dict[str, int]) -> tuple[list[Prepared], list[Rejection]]:
     """Stage 1 (no catalog access): validate each record, read its image bytes (local file or
     URL) and hash its content. ``seen`` maps ids already taken in this run to their position,
-    so a repeated id is rejected as a duplicate."""
-    rejected: list[Rejected] = []
+    so a repeated id is rejected as a duplicate (``seen`` is updated).
+
+    Returns:
+        ``(prepared, rejected)``: a :class:`Prepared` per valid record, in order, and a
+        :class:`Rejection` per record that could not be parsed, failed validation, repeats an
+        id, or names a local image that is missing or over ``targets.max_image_bytes``. A URL
+        image that cannot be fetched only sets ``image_note`` (the item is indexed by text).
+    """
+    rejected: list[Rejection] = []
     prepared: list[Prepared] = []
     for raw in chunk:
         if raw.error or raw.data is None:
-            rejected.append((raw, None, raw.error or "empty record"))
+            rejected.append(Rejection(raw, None, raw.error or "empty record"))
             continue
         try:
             record = ProductRecord.model_validate(raw.data)
         except ValidationError as exc:
             rid = raw.data.get("id") if isinstance(raw.data.get("id"), str) else None
-            rejected.append((raw, rid, _validation_reason(exc)))
+            rejected.append(Rejection(raw, rid, _validation_reason(exc)))
             continue
         if record.id in seen:
-            rejected.append((raw, record.id, f"duplicate id {record.id!r} (first at record {seen[record.id]})"))
+            rejected.append(Rejection(raw, record.id, f"duplicate id {record.id!r} (first at record {seen[record.id]})"))
             continue
         seen[record.id] = raw.position
         image_bytes, image_note = None, None
@@ -272,7 +296,7 @@ def prepare(chunk: Sequence[RawRecord], targets: IngestTargets, seen: dict[str, 
             try:
                 image_bytes = read_image_bytes(record.image, max_bytes=targets.max_image_bytes)
             except InvalidImage as exc:
-                rejected.append((raw, record.id, str(exc)))
+                rejected.append(Rejection(raw, record.id, str(exc)))
                 continue
         elif record.image and targets.fetch_image is not None:
             try:
@@ -296,13 +320,20 @@ def split_unchanged(
     return todo, [p for p in prepared if p.record.id in indexed]
 
 
-def embed(todo: Sequence[Prepared], targets: IngestTargets, rejected: list[Rejected]) -> tuple[list[Embedded], list[str]]:
+def embed(todo: Sequence[Prepared], targets: IngestTargets, rejected: list[Rejection]) -> tuple[list[Embedded], list[str]]:
     """Stage 3: decode the photos and encode photos and texts in one batch per encoder.
 
-    A local photo that does not decode is appended to ``rejected``; an item without a usable
-    photo is embedded by text and named in the returned warnings. With a category head, an
-    item without a type but with a photo gets ``attributes["suggested_category"]`` (top-3
-    classes, not applied) and a warning line (:func:`suggest_categories`)."""
+    A local photo that does not decode is appended to ``rejected`` as a :class:`Rejection`;
+    an item without a usable photo is embedded by text and named in the returned warnings.
+    With a category head, an item without a type but with a photo gets
+    ``attributes["suggested_category"]`` (top-3 classes, not applied) and a warning line
+    (:func:`suggest_categories`).
+
+    Returns:
+        ``(items, warnings)``: an :class:`Embedded` per item not rejected, in order, with
+        ``vectors["text"]`` and, for a decoded photo, ``vectors["image"]`` (the encoders'
+        float32 ``(dim,)`` rows); the encoders are loaded only when some item remains.
+    """
     images: dict[str, Any] = {}
     ready: list[Prepared] = []
     warnings: list[str] = []
@@ -312,7 +343,7 @@ def embed(todo: Sequence[Prepared], targets: IngestTargets, rejected: list[Rejec
                 images[p.record.id] = decode_image(p.image_bytes, max_pixels=targets.max_image_pixels, what=f"image {p.record.image}")
             except InvalidImage as exc:
                 if not is_remote(p.record.image):
-                    rejected.append((p.raw, p.record.id, str(exc)))
+                    rejected.append(Rejection(p.raw, p.record.id, str(exc)))
                     continue
                 warnings.append(f"{p.record.id}: {exc}; indexed by text")
         elif p.image_note:
@@ -404,10 +435,11 @@ def apply(items: Sequence[Embedded], targets: IngestTargets, session: Session) -
     session.add_all(ProductCategory(product_id=pid, category_id=leaf.id) for pid, leaf in leaves.items() if leaf is not None)
 
 
-def record_rejections(session: Session, job_id: int, rejected: Sequence[Rejected]) -> list[Rejection]:
-    """Add ``rejected`` to the ``rejected_records`` table of job ``job_id`` (the caller commits)."""
-    out = []
-    for raw, rid, reason in rejected:
-        session.add(RejectionRow(job_id=job_id, source=raw.source, position=raw.position, record_id=rid, reason=reason, raw=raw.raw))
-        out.append(Rejection(raw.position, rid, reason))
-    return out
+def record_rejections(session: Session, job_id: int, rejected: Sequence[Rejection]) -> None:
+    """Add ``rejected`` to the ``rejected_records`` table of job ``job_id``, one
+    :class:`catalog.models.RejectionRow` each with its source, position, id, reason and raw
+    input (the caller commits)."""
+    for r in rejected:
+        session.add(
+            RejectionRow(job_id=job_id, source=r.raw.source, position=r.position, record_id=r.record_id, reason=r.reason, raw=r.raw.raw)
+        )

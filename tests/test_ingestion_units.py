@@ -7,6 +7,8 @@ import pytest
 from PIL import Image
 
 from ingestion.images import InvalidImage, decode_image, read_image_bytes
+from ingestion.pipeline import IngestReport, IngestTargets, Prepared, Rejection, embed, prepare, record_rejections
+from ingestion.raw_records import RawRecord
 from ingestion.readers import open_source, parse_mapping, read_jsonl
 from ingestion.records import ProductRecord, content_hash
 from pydantic import ValidationError
@@ -90,3 +92,58 @@ def test_jsonl_bad_lines_become_rejectable_records_and_reading_goes_on(tmp_path)
     assert [r.data["id"] for r in records if r.data] == ["1", "2"]
     errors = [r.error for r in records if r.error]
     assert errors[0].startswith("invalid UTF-8") and "JSON object" in errors[1] and errors[2].startswith("invalid JSON")
+
+
+def _no_stores(max_bytes: int = 10**6) -> IngestTargets:
+    """Targets for the stages that touch no store: every store and encoder callable fails if called."""
+
+    def unused():
+        raise AssertionError("a store or encoder was opened")
+
+    return IngestTargets(sessions=unused, lexical=None, vectors=unused, existing_vectors=unused, encoders=unused,
+                         max_image_pixels=10**6, max_image_bytes=max_bytes)
+
+
+class _AddOnlySession:
+    def __init__(self):
+        self.added = []
+
+    def add(self, row):
+        self.added.append(row)
+
+
+def test_one_rejection_value_carries_the_raw_record_through_the_stages_storage_and_report(tmp_path):
+    src = "s.jsonl"
+    records = [
+        RawRecord(src, 1, None, raw="{bad", error="invalid JSON: Expecting value"),
+        RawRecord(src, 2, {"id": "a", "title": 3}, raw={"id": "a", "title": 3}),
+        RawRecord(src, 3, {"id": "b"}, raw={"id": "b"}),
+        RawRecord(src, 4, {"id": "b", "title": "again"}, raw={"id": "b", "title": "again"}),
+        RawRecord(src, 5, {"id": "c", "image": str(tmp_path / "missing.jpg")}, raw={"id": "c"}),
+    ]
+    prepared, rejected = prepare(records, _no_stores(), {})
+    assert [p.record.id for p in prepared] == ["b"]
+    assert all(isinstance(r, Rejection) for r in rejected)
+    assert [(r.raw, r.position, r.record_id) for r in rejected] == [
+        (records[0], 1, None), (records[1], 2, "a"), (records[3], 4, "b"), (records[4], 5, "c")]
+    reasons = [r.reason for r in rejected]
+    assert reasons[0] == "invalid JSON: Expecting value" and reasons[1].startswith("title: ")
+    assert reasons[2] == "duplicate id 'b' (first at record 3)" and "does not exist" in reasons[3]
+
+    (tmp_path / "bad.png").write_bytes(b"not a picture")
+    bad = RawRecord(src, 6, {"id": "d", "image": str(tmp_path / "bad.png")}, raw={"id": "d"})
+    (todo,), _ = prepare([bad], _no_stores(), {})
+    assert isinstance(todo, Prepared) and todo.image_bytes == b"not a picture"
+    assert embed([todo], _no_stores(), rejected) == ([], [])  # nothing left: the encoders are not loaded
+    assert rejected[-1].raw is bad and rejected[-1].record_id == "d" and "not a readable image" in rejected[-1].reason
+
+    session = _AddOnlySession()
+    record_rejections(session, 7, rejected)
+    stored = [(row.job_id, row.source, row.position, row.record_id, row.reason, row.raw) for row in session.added]
+    assert stored == [(7, src, r.position, r.record_id, r.reason, r.raw.raw) for r in rejected]
+    assert stored[0][5] == "{bad" and stored[1][5] == {"id": "a", "title": 3}
+
+    summary = IngestReport(job_id=7, source=src, rejected=len(rejected), rejections=rejected).as_dict()
+    assert summary["rejections"][:2] == [{"position": 1, "record_id": None, "reason": "invalid JSON: Expecting value"},
+                                         {"position": 2, "record_id": "a", "reason": reasons[1]}]
+    assert json.loads(json.dumps(summary)) == summary  # JSON-ready: the raw input is left out

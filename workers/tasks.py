@@ -38,7 +38,7 @@ from ingestion.pipeline import (
     Embedded,
     IngestTargets,
     Prepared,
-    Rejected,
+    Rejection,
     apply,
     embed,
     prepare,
@@ -174,14 +174,14 @@ def set_status(session: Session, job_id: int, rows: Sequence[tuple[int, str | No
             item.has_image = has_image if has_image is not None else item.has_image
 
 
-def _reject(session: Session, job_id: int, rejected: Sequence[Rejected]) -> None:
+def _reject(session: Session, job_id: int, rejected: Sequence[Rejection]) -> None:
     """Record ``rejected`` for job ``job_id`` once: a re-run replaces its earlier rows."""
-    positions = [raw.position for raw, _, _ in rejected]
+    positions = [r.position for r in rejected]
     if not positions:
         return
     session.execute(delete(RejectionRow).where(RejectionRow.job_id == job_id, RejectionRow.position.in_(positions)))
     record_rejections(session, job_id, rejected)
-    set_status(session, job_id, [(raw.position, rid, "rejected", None) for raw, rid, _ in rejected])
+    set_status(session, job_id, [(r.position, r.record_id, "rejected", None) for r in rejected])
 
 
 def finish_if_done(session: Session, job_id: int) -> None:
@@ -201,7 +201,7 @@ def finish_if_done(session: Session, job_id: int) -> None:
 
 
 def _commit_progress(
-    session: Session, job_id: int, rejected: Sequence[Rejected], rows: Sequence[tuple[int, str | None, str, bool | None]]
+    session: Session, job_id: int, rejected: Sequence[Rejection], rows: Sequence[tuple[int, str | None, str, bool | None]]
 ) -> None:
     """Record a stage's rejections and item statuses, close the job if nothing waits, commit."""
     _reject(session, job_id, rejected)
@@ -221,7 +221,7 @@ def _rejects_on_failure(job_id: int, records: Sequence[tuple[RawRecord, str | No
         reason = f"{stage} stage failed: {exc.__class__.__name__}: {exc}"
         log.exception("job %s: %s (%d records rejected)", job_id, reason, len(records))
         with _sessions()() as session:
-            _commit_progress(session, job_id, [(raw, rid, reason) for raw, rid in records], [])
+            _commit_progress(session, job_id, [Rejection(raw, rid, reason) for raw, rid in records], [])
         raise
 
 
@@ -249,7 +249,7 @@ def embed_chunk(job_id: int, items: list[dict[str, Any]]) -> int:
     then send the vectors to ``index``. Returns how many were embedded."""
     prepared = [_prepared_from_json(d) for d in items]
     with _rejects_on_failure(job_id, [(p.raw, p.record.id) for p in prepared], "embed"):
-        rejected: list[Rejected] = []
+        rejected: list[Rejection] = []
         embedded, warnings = embed(prepared, _stage_targets(), rejected)
         for warning in warnings:
             log.info("job %s: %s", job_id, warning)
