@@ -112,7 +112,8 @@ class IngestReport:
         return self.total / self.seconds if self.seconds > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready summary."""
+        """JSON-ready summary: the counts, ``seconds`` (3 places), ``items_per_s`` (2 places),
+        ``rejections`` as :meth:`Rejection.as_dict` (no raw input) and ``warnings``."""
         return {
             "job_id": self.job_id,
             "source": self.source,

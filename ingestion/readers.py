@@ -77,10 +77,11 @@ def apply_mapping(row: Mapping[str, Any], mapping: Mapping[str, str], base_dir: 
 
 
 def read_jsonl(path: Path, mapping: Mapping[str, str] | None = None) -> Iterator[RawRecord]:
-    """Records of a JSON-lines file; image paths are relative to the file's folder.
+    """Records of a JSON-lines file (a lazy iterator); image paths are relative to the file's
+    folder. A line that is not UTF-8 JSON or not an object becomes a record with ``error`` set.
 
     Raises:
-        FileNotFoundError: if ``path`` does not exist.
+        FileNotFoundError: if ``path`` does not exist (when iteration starts).
     """
     with path.open("rb") as fh:
         yield from read_jsonl_lines(str(path), fh, mapping, path.parent)
@@ -100,10 +101,12 @@ def read_jsonl_lines(
 
 
 def read_csv(path: Path, mapping: Mapping[str, str] | None = None) -> Iterator[RawRecord]:
-    """Records of a CSV file with a header row; empty cells count as missing.
+    """Records of a UTF-8 CSV file with a header row (a lazy iterator); empty cells count as
+    missing, ``position`` is the row number after the header.
 
     Raises:
-        FileNotFoundError: if ``path`` does not exist.
+        FileNotFoundError: if ``path`` does not exist (when iteration starts).
+        UnicodeDecodeError: if the file is not UTF-8 (while iterating).
     """
     mapping = mapping or {}
     with path.open(encoding="utf-8", newline="") as fh:
