@@ -13,9 +13,11 @@ from dotenv import dotenv_values
 from typer.testing import CliRunner
 
 from evaluation.metrics import METRICS, score_queries
-from evaluation.tune import (
-    QueryLists, cv_fold, evaluate_weights, settings_env, tune, update_dotenv, weight_grid,
-)
+from evaluation.dotenv_file import settings_env, update_dotenv
+from evaluation.folds import cv_fold
+from evaluation.fusion_grid import evaluate_weights
+from evaluation.query_lists import QueryLists
+from evaluation.tune import tune, weight_grid
 from query.fusion import weighted_rrf
 
 TUNED_KEYS = ("MARS_RRF_K", "MARS_WEIGHTS_PHOTO", "MARS_WEIGHTS_TEXT")
