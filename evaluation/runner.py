@@ -138,13 +138,3 @@ def format_table(report: dict[str, Any], metrics: Sequence[str] = tuple(METRICS)
         table.add_row(task, str(row["queries"]), *(f"{row[name]:.4f}" for name in metrics))
     return table
 
-
-def markdown_table(report: dict[str, Any]) -> str:
-    """The same table as Markdown (for the README)."""
-    header = "| task | queries | " + " | ".join(METRICS) + " |"
-    rule = "|---|---:|" + "---:|" * len(METRICS)
-    rows = [
-        f"| {task} | {row['queries']} | " + " | ".join(f"{row[name]:.4f}" for name in METRICS) + " |"
-        for task, row in report["tasks"].items()
-    ]
-    return "\n".join([header, rule, *rows])
