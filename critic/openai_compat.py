@@ -25,26 +25,34 @@ Transport errors are left to the official ``openai`` SDK: it retries connection 
 timeouts, 408, 409, 429 and 5xx answers ``max_retries`` times with exponential backoff (and
 honours ``Retry-After``), then raises its own exception (``openai.APITimeoutError``,
 ``openai.APIConnectionError``, ``openai.APIStatusError`` and subclasses), to which this module
-adds a note naming the product, endpoint and model.
+adds a note naming the product, endpoint and model. :meth:`OpenAICompatCritic.answers` (the
+teacher's labels) raises those and :class:`~critic.prompt.CriticAnswerError` as they are;
+:meth:`OpenAICompatCritic.score` (the :class:`~critic.protocol.Critic` method the funnel calls)
+turns every one of them into :class:`~critic.protocol.CriticUnavailable` with a one-line reason
+that names the endpoint, so a search keeps its fused order and says why.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import math
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import openai
+from openai.types.chat import ChatCompletion
 from PIL import Image
 
 from critic.prompt import (
-    JSON_QUESTION, CriticAnswer, CriticAnswerError, Prompt, build_prompt, parse_answer, repair_prompt,
+    JSON_QUESTION, CriticAnswer, CriticAnswerError, Prompt, build_prompt, one_line, parse_answer, repair_prompt,
+    unreadable_answer,
 )
-from critic.protocol import CriticPair, Verdict
+from critic.protocol import CriticPair, CriticUnavailable, Verdict
 
 #: JPEG quality of the images sent as data URLs.
 JPEG_QUALITY = 90
@@ -126,6 +134,13 @@ def to_openai_messages(prompt: Prompt, urls: Mapping[int, str] | None = None) ->
     if n_image_parts != len(prompt.images):
         raise ValueError(f"prompt has {n_image_parts} image parts for {len(prompt.images)} images")
     return out
+
+
+def _retried_status(status: int) -> bool:
+    """Whether the ``openai`` SDK retries an answer with this HTTP status by default (408, 409,
+    429, 5xx; ``openai._base_client.BaseClient._should_retry``, which also obeys a server's
+    ``x-should-retry`` header and a too-long ``Retry-After``)."""
+    return status in (408, 409, 429) or status >= 500
 
 
 def _positive_int(name: str, value: object, minimum: int) -> int:
@@ -238,18 +253,30 @@ class OpenAICompatCritic:
             openai.APIError: after the SDK's retries (``APITimeoutError``, ``APIConnectionError``,
                 ``APIStatusError`` subclasses such as ``NotFoundError`` for a wrong
                 ``base_url``/``model``).
-            CriticAnswerError: a response without choices.
+            CriticAnswerError: a 2xx response that is not a chat completion: a body that is not
+                JSON, not the completion's shape (e.g. an HTML page), without choices, or whose
+                message content is not text.
         """
         kwargs: dict[str, Any] = {}
         if self.json_mode:
             kwargs["response_format"] = {"type": "json_object"}
-        completion = self.client.chat.completions.create(
-            model=self.model, messages=messages, temperature=0, max_tokens=self.max_tokens, **kwargs,
-        )
+        try:
+            completion = self.client.chat.completions.create(
+                model=self.model, messages=messages, temperature=0, max_tokens=self.max_tokens, **kwargs,
+            )
+        except json.JSONDecodeError as e:  # a JSON content type whose body does not decode (the SDK lets it through)
+            raise CriticAnswerError(f"the server's response body is not JSON ({e})", "response body is not JSON") from e
+        if not isinstance(completion, ChatCompletion):  # the SDK returns a non-JSON body (e.g. text/html) as it is
+            raise CriticAnswerError(f"the server's response is not a chat completion: {str(completion)[:120]!r}",
+                                    "response is not a chat completion")
         if not completion.choices:
             raise CriticAnswerError("the server returned a completion without choices", "no choices")
         choice = completion.choices[0]
-        return choice.message.content or "", choice.finish_reason
+        content = choice.message.content if choice.message is not None else None
+        if content is not None and not isinstance(content, str):
+            raise CriticAnswerError(f"the completion's message content is not text: {content!r:.120}",
+                                    "message content is not text")
+        return content or "", choice.finish_reason
 
     def _answer(self, pair: CriticPair, prompt: Prompt, urls: Mapping[int, str]) -> CriticAnswer:
         """The validated answer for one pair: one request, plus one repair request if invalid."""
@@ -296,7 +323,8 @@ class OpenAICompatCritic:
             CriticAnswerError: a pair whose answer is still invalid after the repair round (the
                 message names its product id, the reason and the output).
             openai.APIError: a request that failed after the SDK's retries (a note names the
-                product). On the first failure, requests not yet started are cancelled.
+                product). After the first failure no further request is sent (those in flight
+                finish); the first failure in input order is raised.
         """
         if not pairs:
             return []
@@ -306,11 +334,24 @@ class OpenAICompatCritic:
             for image in prompt.images:
                 if id(image) not in urls:
                     urls[id(image)] = image_data_url(image)
+        failed = threading.Event()
+
+        def answer(pair: CriticPair, prompt: Prompt) -> CriticAnswer | None:
+            if failed.is_set():  # an earlier request failed: send no more (a stalled endpoint costs one wave)
+                return None
+            try:
+                return self._answer(pair, prompt, urls)
+            except BaseException:
+                failed.set()
+                raise
+
         pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(pairs)),
                                   thread_name_prefix="openai-critic")
         try:
-            futures = [pool.submit(self._answer, pair, prompt, urls) for pair, prompt in zip(pairs, prompts)]
-            return [f.result() for f in futures]
+            futures = [pool.submit(answer, pair, prompt) for pair, prompt in zip(pairs, prompts)]
+            # The pool starts requests in input order, so a skipped one (None) always comes after
+            # the failed one whose result() raises first.
+            return [f.result() for f in futures]  # type: ignore[misc]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -320,9 +361,36 @@ class OpenAICompatCritic:
         in seconds (the same for every verdict).
 
         Raises:
-            CriticAnswerError, openai.APIError: as :meth:`answers`.
+            CriticUnavailable: the endpoint could not judge the pairs; the one-line message names
+                the endpoint, the model and what happened, and the exception is chained from
+                the cause: no answer within ``timeout_s`` (``openai.APITimeoutError``), no
+                connection (``openai.APIConnectionError``), an error status such as 5xx after
+                ``max_retries`` retries (``openai.APIStatusError``), another SDK error, or an
+                answer that is not valid JSON for :class:`~critic.prompt.CriticAnswer` after the
+                repair round (:class:`~critic.prompt.CriticAnswerError`).
         """
         t0 = time.perf_counter()
-        answers = self.answers(pairs)
+        where = f"the OpenAI-compatible critic at {self.base_url} ({self.model})"
+        try:
+            answers = self.answers(pairs)
+        except CriticAnswerError as exc:
+            raise unreadable_answer(where, exc) from exc
+        except openai.APITimeoutError as exc:
+            raise CriticUnavailable(one_line(
+                f"{where} timed out: no answer within timeout_s={self.timeout_s:g} s "
+                f"({self.max_retries} retries)"
+            )) from exc
+        except openai.APIConnectionError as exc:
+            cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+            raise CriticUnavailable(one_line(
+                f"{where} could not be reached ({self.max_retries} retries): {exc}{cause}", limit=300,
+            )) from exc
+        except openai.APIStatusError as exc:
+            retried = f" (up to {self.max_retries} retries)" if _retried_status(exc.status_code) else ""
+            raise CriticUnavailable(one_line(
+                f"{where} answered HTTP {exc.status_code}{retried}: {exc}", limit=300,
+            )) from exc
+        except openai.OpenAIError as exc:
+            raise CriticUnavailable(one_line(f"{where} failed: {type(exc).__name__}: {exc}", limit=300)) from exc
         latency = time.perf_counter() - t0
         return [Verdict(a.score, a.rationale, self.backend, latency) for a in answers]

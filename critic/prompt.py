@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from critic.protocol import CriticPair
+from critic.protocol import CriticPair, CriticUnavailable
 
 YES_NO_QUESTION = "Does this product fit this room and request? Answer yes or no."
 JSON_QUESTION = (
@@ -35,22 +35,54 @@ IMAGE_PAD = "<|image_pad|>"
 
 
 class CriticAnswerError(ValueError):
-    """Generated text that is not a valid :class:`CriticAnswer`; ``reason`` says why."""
+    """Generated text that is not a valid :class:`CriticAnswer`; ``reason`` says why.
+
+    Raised by the answer-level methods (``answers``, :func:`parse_answer`) that distillation
+    and labelling use; a critic's ``score`` turns it into
+    :class:`~critic.protocol.CriticUnavailable` (:func:`unreadable_answer`)."""
 
     def __init__(self, message: str, reason: str | None = None):
         super().__init__(message)
         self.reason = reason or message
 
 
+def unreadable_answer(backend: str, error: CriticAnswerError) -> CriticUnavailable:
+    """The :class:`~critic.protocol.CriticUnavailable` a critic's ``score`` raises (``from
+    error``) when an answer stayed invalid after its repair round: the request cannot be judged.
+
+    Args:
+        backend: what the reader should know the critic by, e.g. ``"qwen2-vl"`` or
+            ``"the OpenAI-compatible critic at http://host:8000/v1 (model)"``.
+        error: the answer's error (its message names the product, the reason and the output).
+
+    Returns:
+        The exception to raise; its message is one line.
+    """
+    return CriticUnavailable(one_line(f"{backend} gave no readable answer: {error}"))
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """``text`` with every run of whitespace (line breaks included) as one space, cut to at
+    most ``limit`` characters (an ellipsis marks a cut): a response detail or rationale line."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 class CriticAnswer(BaseModel):
     """The full-path answer: ``score`` in [0, 1] (float) and a non-empty one-line ``rationale``
-    of at most :data:`MAX_RATIONALE_CHARS` characters (surrounding whitespace stripped).
-    Extra keys are ignored."""
+    of at most :data:`MAX_RATIONALE_CHARS` characters (surrounding whitespace stripped, line
+    breaks and other whitespace runs inside it read as one space). Extra keys are ignored."""
 
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
 
     score: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     rationale: str = Field(min_length=1, max_length=MAX_RATIONALE_CHARS)
+
+    @field_validator("rationale", mode="before")
+    @classmethod
+    def _one_line(cls, value: object) -> object:
+        """A rationale is one line: whitespace runs (``\\n`` included) become one space."""
+        return " ".join(value.split()) if isinstance(value, str) else value
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ Two paths over the prompts of :mod:`critic.prompt`:
   arXiv:2003.06713);
 * full: greedy ``generate`` of ``{"score": x, "rationale": "..."}`` for the first
   ``rationale_top_k`` pairs (the funnel passes them in fused order), one repair round when
-  the JSON is invalid, then :class:`~critic.prompt.CriticAnswerError`.
+  the JSON is invalid, then :class:`~critic.prompt.CriticAnswerError` (from :meth:`~QwenVLCritic.answers`;
+  :meth:`~QwenVLCritic.score`, the :class:`~critic.protocol.Critic` method, raises
+  :class:`~critic.protocol.CriticUnavailable` instead: the request cannot be judged).
 
 Inputs are built without ``Qwen2VLProcessor`` (it needs torchvision for its video
 processor): the tokenizer renders the chat, ``Qwen2VLImageProcessorPil`` gives
@@ -31,9 +33,9 @@ import torch
 
 from critic.prompt import (
     IMAGE_PAD, JSON_QUESTION, YES_NO_QUESTION, CriticAnswer, CriticAnswerError, Prompt, build_prompt,
-    parse_answer, render_chat, repair_prompt,
+    parse_answer, render_chat, repair_prompt, unreadable_answer,
 )
-from critic.protocol import CriticPair, Verdict
+from critic.protocol import CriticPair, CriticUnavailable, Verdict
 
 
 class QwenVLCritic:
@@ -331,13 +333,27 @@ class QwenVLCritic:
         verdict's ``latency_s`` is the wall time of this call, in seconds.
 
         Raises:
-            CriticAnswerError: a top-k pair's answer stayed invalid after the repair round.
+            CriticUnavailable: a top-k pair's answer stayed invalid after the repair round, so
+                the request cannot be judged (chained from the
+                :class:`~critic.prompt.CriticAnswerError` that names the product, the reason
+                and the output; :meth:`answers` raises that error itself). The fast path reads
+                logits and has no answer to misread.
         """
         t0 = time.perf_counter()
         k = min(self.rationale_top_k, len(pairs))
-        full = self.answers(pairs[:k]) if k else []
+        try:
+            full = self.answers(pairs[:k]) if k else []
+        except CriticAnswerError as exc:
+            raise self.unavailable(exc) from exc
         fast = self.yes_probabilities(pairs[k:]) if k < len(pairs) else np.empty(0)
         return self.verdicts(full, fast, time.perf_counter() - t0)
+
+    def unavailable(self, error: CriticAnswerError) -> CriticUnavailable:
+        """The :class:`~critic.protocol.CriticUnavailable` that :meth:`score` raises (``from
+        error``) when a full-path answer stayed invalid after its repair round; the queued
+        critic's batcher (:mod:`critic.batching`), which calls :meth:`answers` itself, raises
+        the same. The one-line message names this critic's model and quotes ``error``."""
+        return unreadable_answer(f"the Qwen2-VL critic ({self.model_ref})", error)
 
     def verdicts(self, answers: Sequence[CriticAnswer], yes: Sequence[float], latency_s: float) -> list[Verdict]:
         """The verdicts of full-path ``answers`` followed by those of fast-path P(yes) values

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from contract_critic import DIM, CriticContract
 from critic.features import FEATURES, vector_features
 from critic.learned import PRIOR_STRENGTH, ClassStats, LearnedCritic
 from critic.protocol import CriticPair
@@ -156,3 +157,26 @@ def test_rationale_names_the_type_in_words_with_its_computed_rate():
     assert pendant.score > 0.5 > floor.score
     assert pendant.rationale.startswith(f"pendant lamp items are often staged in rooms ({rate:.0%} of candidates)")
     assert floor.rationale.startswith("floor lamp items are rarely staged in rooms")
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """A learned critic trained on synthetic mined queries (8-dimensional vectors), saved."""
+    critic = fit(_mined(np.random.default_rng(2)))
+    assert critic.mean.shape == (len(FEATURES),) and DIM == 8  # the contract pairs' vectors fit its training data
+    path = tmp_path_factory.mktemp("learned-critic") / "learned.safetensors"
+    critic.save(path)
+    return path
+
+
+class TestLearnedCriticContract(CriticContract):
+    """The critic contract on a small trained checkpoint, loaded from disk."""
+
+    @pytest.fixture
+    def critic(self, small_checkpoint) -> LearnedCritic:
+        return LearnedCritic.load(small_checkpoint)
+
+    @pytest.fixture
+    def failing_critic(self):
+        pytest.skip("the learned critic computes in process from the pairs' vectors: no transport, no "
+                    "generated answer, nothing that can be unavailable")

@@ -1,5 +1,6 @@
 """The OpenAI-compatible critic (critic/openai_compat.py) against a real loopback HTTP server that
-implements ``POST /v1/chat/completions`` with OpenAI's documented response shape."""
+implements ``POST /v1/chat/completions`` with OpenAI's documented response shape, and against a
+loopback server that accepts connections and never answers (:class:`StallingServer`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import base64
 import io
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,9 +19,10 @@ import openai
 import pytest
 from PIL import Image
 
+from contract_critic import CriticContract
 from critic.openai_compat import OpenAICompatCritic, image_data_url, to_openai_messages
 from critic.prompt import JSON_QUESTION, CriticAnswer, CriticAnswerError, build_prompt
-from critic.protocol import Critic, CriticPair, Verdict
+from critic.protocol import Critic, CriticPair, CriticUnavailable, Verdict
 
 MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 ROOM = Image.new("RGB", (48, 32), (200, 180, 150))
@@ -120,6 +123,57 @@ def running_server() -> Iterator[Server]:
         srv.stopping.set()
         srv.shutdown()
         srv.server_close()
+
+
+class StallingServer:
+    """A loopback TCP server that accepts every connection and never answers: it reads nothing,
+    writes nothing and keeps the sockets open until :meth:`close` (an endpoint that hangs).
+    ``url`` is its ``/v1`` API root; ``accepted`` counts the connections."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._accept, name="stalling-server", daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def accepted(self) -> int:
+        return len(self.held)
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+    def __enter__(self) -> StallingServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def refused_url() -> str:
+    """A loopback ``/v1`` URL on a port nothing listens on (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
 @pytest.fixture
@@ -251,16 +305,23 @@ def test_invalid_json_twice_raises_naming_the_product(server, make_critic):
         return 200, completion(good_answer(product)), 0.0
 
     server.reply = reply
-    with pytest.raises(CriticAnswerError, match=r"product p02: .*no valid JSON answer after one repair") as info:
+    with pytest.raises(CriticUnavailable, match=r"product p02: .*no valid JSON answer after one repair") as info:
         make_critic().score(_pairs(4))
-    assert "less than or equal to 1" in info.value.reason
+    assert f"at {server.url} ({MODEL}) gave no readable answer" in str(info.value)
+    assert isinstance(info.value.__cause__, CriticAnswerError)
+    assert "less than or equal to 1" in info.value.__cause__.reason
     assert len([b for b in server.bodies if product_of(b) == "p02"]) == 2
+    # the teacher's answers (distillation) still name the invalid answer itself
+    with pytest.raises(CriticAnswerError, match=r"product p02: .*no valid JSON answer after one repair") as info:
+        make_critic().answers(_pairs(4))
+    assert "less than or equal to 1" in info.value.reason
 
 
 def test_cut_answer_says_max_tokens(server, make_critic):
     server.reply = lambda body, headers, n: (200, completion('{"score": 0.5, "rat', "length"), 0.0)
-    with pytest.raises(CriticAnswerError, match=r"product p00: .*cut at max_tokens=16"):
+    with pytest.raises(CriticUnavailable, match=r"product p00: .*cut at max_tokens=16") as info:
         make_critic(max_tokens=16).score(_pairs(1))
+    assert isinstance(info.value.__cause__, CriticAnswerError)
     assert "cut at max_tokens=16" in server.bodies[1]["messages"][2]["content"][0]["text"]
 
 
@@ -280,27 +341,107 @@ def test_503_then_200_is_retried_by_the_sdk(server, make_critic):
 
 def test_503_without_retries_raises_the_sdk_error_naming_the_product(server, make_critic):
     server.reply = lambda body, headers, n: (503, {"error": {"message": "overloaded"}}, 0.0)
-    with pytest.raises(openai.InternalServerError) as info:
+    with pytest.raises(CriticUnavailable, match=rf"at {re.escape(server.url)} .* answered HTTP 503 \(up to 0 retries\)") as info:
         make_critic(max_retries=0).score(_pairs(1))
-    assert info.value.status_code == 503
-    assert any("product p00" in note and MODEL in note for note in info.value.__notes__)
+    cause = info.value.__cause__
+    assert isinstance(cause, openai.InternalServerError) and cause.status_code == 503
+    assert any("product p00" in note and MODEL in note for note in cause.__notes__)
+    with pytest.raises(openai.InternalServerError):  # the teacher's answers raise the SDK's error itself
+        make_critic(max_retries=0).answers(_pairs(1))
 
 
 def test_a_server_that_never_answers_times_out_quickly(server, make_critic):
     server.reply = lambda body, headers, n: (200, completion(good_answer(product_of(body))), 30.0)
     critic = make_critic(timeout_s=0.5, max_retries=0)
     t0 = time.perf_counter()
-    with pytest.raises(openai.APITimeoutError) as info:
+    with pytest.raises(CriticUnavailable, match=r"timed out: no answer within timeout_s=0\.5 s") as info:
         critic.score(_pairs(2))
     assert time.perf_counter() - t0 < 3.0
-    assert any("while judging product p0" in note for note in info.value.__notes__)
+    assert isinstance(info.value.__cause__, openai.APITimeoutError)
+    assert any("while judging product p0" in note for note in info.value.__cause__.__notes__)
+
+
+def test_a_stalled_endpoint_is_unavailable_within_a_few_seconds():
+    """An endpoint that accepts the connection and never answers: timeout_s bounds each request,
+    and after the first failure no further request is sent, so 20 pairs cost one wave."""
+    with StallingServer() as stalled:
+        critic = OpenAICompatCritic(stalled.url, MODEL, timeout_s=0.5, max_retries=0, max_concurrency=8)
+        t0 = time.perf_counter()
+        with pytest.raises(CriticUnavailable) as info:
+            critic.score(_pairs(20))
+        elapsed = time.perf_counter() - t0
+        critic.close()
+        assert stalled.accepted == 8  # the first wave only
+    assert 0.5 <= elapsed < 3.0
+    message = str(info.value)
+    assert message == (f"the OpenAI-compatible critic at {stalled.url} ({MODEL}) timed out: "
+                       "no answer within timeout_s=0.5 s (0 retries)")
+    assert isinstance(info.value.__cause__, openai.APITimeoutError)
+
+
+def test_a_refused_connection_is_unavailable_naming_the_endpoint():
+    url = refused_url()
+    with OpenAICompatCritic(url, MODEL, max_retries=0) as critic:
+        with pytest.raises(CriticUnavailable, match=rf"at {re.escape(url)} \({re.escape(MODEL)}\) could not be "
+                           r"reached \(0 retries\): Connection error\. \(.*Connection refused\)") as info:
+            critic.score(_pairs(3))
+    assert type(info.value.__cause__) is openai.APIConnectionError
+
+
+@pytest.mark.parametrize(("content_type", "body", "reason"), [
+    ("text/html", b"<html><body>502 Bad Gateway</body></html>", "response is not a chat completion"),
+    ("application/json", b"not json", "response body is not JSON"),
+    ("application/json", b'{"object": "list", "data": []}', "no choices"),
+    ("application/json", b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": 5}}]}',
+     "message content is not text"),
+])
+def test_a_200_that_is_not_a_chat_completion_is_unavailable(content_type, body, reason):
+    """A proxy's HTML page, a body that is not JSON, JSON of another shape: a response the critic
+    cannot read (a server's fault, not the model's: no repair request), never an AttributeError."""
+    requests: list[bytes] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(0.05)
+        done = threading.Event()
+
+        def serve() -> None:
+            while not done.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    requests.append(conn.recv(1 << 20))
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                                 % (content_type.encode(), len(body)) + body)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        try:
+            with OpenAICompatCritic(url, MODEL, max_retries=0) as critic:
+                with pytest.raises(CriticUnavailable, match=rf"at {re.escape(url)} .* gave no readable answer: product p00") as info:
+                    critic.score(_pairs(1))
+        finally:
+            done.set()
+            thread.join(5)
+    assert isinstance(info.value.__cause__, CriticAnswerError) and info.value.__cause__.reason == reason
+    assert len(requests) == 1 and requests[0].startswith(b"POST /v1/chat/completions")
+
+
+def test_a_rationale_over_several_lines_reads_as_one_line(server, make_critic):
+    server.reply = lambda body, headers, n: (200, completion(json.dumps(
+        {"score": 0.4, "rationale": "Warm light;\n  suits the\r\nbedroom. "})), 0.0)
+    verdict, = make_critic().score(_pairs(1))
+    assert (verdict.score, verdict.rationale) == (0.4, "Warm light; suits the bedroom.")
 
 
 def test_wrong_base_url_gives_a_clear_error(server):
     with OpenAICompatCritic(server.url.removesuffix("/v1"), MODEL, max_retries=0) as critic:
-        with pytest.raises(openai.NotFoundError) as info:
+        with pytest.raises(CriticUnavailable, match=r"answered HTTP 404: ") as info:
             critic.score(_pairs(1))
-    assert any(server.url.removesuffix("/v1") in note for note in info.value.__notes__)
+    assert server.url.removesuffix("/v1") in str(info.value)
+    assert isinstance(info.value.__cause__, openai.NotFoundError)
+    assert any(server.url.removesuffix("/v1") in note for note in info.value.__cause__.__notes__)
 
 
 # ---------------------------------------------------------------- (4) concurrency
@@ -365,3 +506,17 @@ def test_registry_builds_the_endpoint_critic_from_settings(tmp_path):
         critic_api_key="secret", critic_timeout_s=2,
     ))
     assert isinstance(critic, OpenAICompatCritic) and "qwen-vl" in detail and "secret" not in detail
+
+
+class TestOpenAICompatCriticContract(CriticContract):
+    """The critic contract against the loopback chat-completions server (scores by product id)."""
+
+    @pytest.fixture
+    def critic(self, make_critic) -> OpenAICompatCritic:
+        return make_critic()
+
+    @pytest.fixture
+    def failing_critic(self) -> Iterator[OpenAICompatCritic]:
+        """An endpoint that refuses connections."""
+        with OpenAICompatCritic(refused_url(), MODEL, max_retries=0) as critic:
+            yield critic

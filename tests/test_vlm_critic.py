@@ -13,7 +13,8 @@ from PIL import Image
 from critic.prompt import (
     JSON_QUESTION, YES_NO_QUESTION, CriticAnswerError, build_prompt, extract_json_object, parse_answer, render_chat,
 )
-from critic.protocol import Critic, CriticPair
+from contract_critic import CriticContract
+from critic.protocol import Critic, CriticPair, CriticUnavailable
 from critic.vlm import QwenVLCritic
 
 
@@ -197,8 +198,10 @@ def test_full_path_retries_once_then_raises_a_clear_error(tiny_qwen2vl_dir):
 
     critic.model.generate = count_model_generate
     critic.generate = record_prompts
-    with pytest.raises(CriticAnswerError, match=r"product p1: .* after one repair retry: no JSON object found"):
-        critic.score(PAIRS)
+    with pytest.raises(CriticUnavailable, match=r"product p1: .* after one repair retry: no JSON object found") as err:
+        critic.score(PAIRS)  # the request cannot be judged: the funnel keeps its fused order
+    assert str(err.value).startswith(f"the Qwen2-VL critic ({tiny_qwen2vl_dir}) gave no readable answer: product p1: ")
+    assert isinstance(err.value.__cause__, CriticAnswerError) and err.value.__cause__.reason == "no JSON object found"
     assert len(calls) == 2 and calls[0][0] == 2 and calls[1][0] == 2  # both top-2 pairs generated, then repaired
     assert calls[1][1] > calls[0][1]  # the repair prompt holds the first prompt and more
     repair = prompts[1][0].messages
@@ -259,3 +262,16 @@ def test_lora_adapter_changes_the_scores(tiny_qwen2vl_dir, fast_critic, tmp_path
 def test_4bit_on_cpu_is_refused_with_a_clear_error(tiny_qwen2vl_dir):
     with pytest.raises(RuntimeError, match="4-bit loading of the Qwen2-VL critic needs a CUDA device"):
         QwenVLCritic(tiny_qwen2vl_dir, load_in_4bit=True, device="cpu")
+
+
+class TestQwenVLCriticContract(CriticContract):
+    """The critic contract on the tiny random-init Qwen2-VL (fast path: P(yes) for every pair)."""
+
+    @pytest.fixture
+    def critic(self, tiny_qwen2vl_dir) -> QwenVLCritic:
+        return QwenVLCritic(tiny_qwen2vl_dir, batch_size=4, rationale_top_k=0, device="cpu")
+
+    @pytest.fixture
+    def failing_critic(self, tiny_qwen2vl_dir) -> QwenVLCritic:
+        """Full path for the top 2: the random model writes no JSON, even after the repair round."""
+        return QwenVLCritic(tiny_qwen2vl_dir, batch_size=4, rationale_top_k=2, max_new_tokens=12, device="cpu")
