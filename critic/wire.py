@@ -4,8 +4,9 @@ A request is the payload of :func:`pairs_to_json`; an answer carries one
 :func:`verdict_to_json` per pair. Images travel as base64 JPEG (default; small, lossy) or PNG
 (lossless), each distinct image once; numpy vectors as base64 float32 bytes with their shape,
 the room's region vectors (hundreds of rows, shared by a search's pairs) once per search.
-Used by both sides: :class:`workers.critic.QueuedCritic` (client) and the
-``mars.critic_score`` task (worker).
+Used by both sides: :class:`workers.critic_client.QueuedCritic` (client) and the
+``mars.critic_score`` task of :mod:`workers.critic` (worker), which also share the task's name
+and queue (:data:`TASK_NAME`, :data:`QUEUE`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from critic.protocol import CriticPair, Verdict
 
 #: Payload format version (bumped on incompatible changes of :func:`pairs_to_json`).
 PAYLOAD_VERSION = 2
+#: The Celery task that scores one request (routed to :data:`QUEUE` by ``workers.app``).
+TASK_NAME = "mars.critic_score"
+#: The Celery queue the critic worker consumes.
+QUEUE = "critic"
 
 
 def image_to_b64(image: Image.Image, fmt: str = "JPEG", quality: int = 95) -> str:

@@ -1,5 +1,5 @@
-"""The queued critic (workers/critic.py, critic/wire.py): payloads, the micro-batcher, and a real
-Celery worker.
+"""The queued critic (workers/critic.py, workers/critic_client.py, critic/wire.py): payloads, the
+micro-batcher (critic/batching.py), and a real Celery worker.
 
 The worker tests run one real ``celery -A workers.app worker -Q critic -P threads`` process
 on real Redis (db 12, flushed) serving the tiny random-init Qwen2-VL of tests/tiny_qwen2vl.py
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -22,16 +23,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from celery import Celery
+from kombu.exceptions import OperationalError
 from PIL import Image
 
+from contract_critic import CriticContract, contract_pairs
+from critic.batching import MicroBatcher
 from critic.prompt import CriticAnswerError, render_chat
-from critic.protocol import Critic, CriticPair, CriticTimeout, Verdict
+from critic.protocol import Critic, CriticPair, CriticTimeout, CriticUnavailable, Verdict
 from critic.vlm import QwenVLCritic
 from critic.wire import image_from_b64, image_to_b64, pairs_from_json, pairs_to_json
 from mars.settings import Settings
 from redis_db import flushed_redis
 from workers.app import celery_config
-from workers.critic import MicroBatcher, QueuedCritic
+from workers.critic_client import QueuedCritic
 
 pytestmark = pytest.mark.slow
 
@@ -191,9 +195,15 @@ def test_batcher_gives_each_request_what_it_would_get_alone_and_isolates_failure
         _assert_same(verdicts, critic.score(request))  # top-2 rationales per request, not per batch
         assert [v.rationale.startswith("len ") for v in verdicts] == [i < 2 for i in range(len(request))]
         assert batches[0].requests == 4 and batches[0].pairs == 11
-    with pytest.raises(CriticAnswerError, match="bad"):
+    with pytest.raises(CriticUnavailable, match="bad") as err:  # what critic.score(bad) raises alone
         futures[-1].result(30)
+    assert isinstance(err.value.__cause__, CriticAnswerError) and err.value.__cause__.reason == "no JSON object found"
+    with pytest.raises(CriticUnavailable, match="bad") as alone:
+        critic.score(bad)
+    assert str(alone.value) == str(err.value)
     batcher.close()
+    with pytest.raises(CriticUnavailable, match="closed"):
+        batcher.submit(requests[0])
 
 
 def test_a_message_that_expired_in_the_queue_is_a_timeout_not_an_error():
@@ -223,6 +233,70 @@ def test_a_message_that_expired_in_the_queue_is_a_timeout_not_an_error():
         assert time.monotonic() - t0 < 5  # the REVOKED state answered, not the 10 s deadline
         assert err.value.task_id == published[0] and err.value.deadline_ms == 10_000
         assert isinstance(err.value, TimeoutError)
+
+
+def _closed_port() -> int:
+    """A loopback TCP port nothing listens on (bound, then released): connections are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _client_app(name: str, broker: str, **conf) -> Celery:
+    """A client app with the API's configuration on ``broker`` (and ``conf`` on top)."""
+    app = Celery(name, set_as_current=False)
+    app.conf.update({**celery_config(Settings(broker_url=broker)), **conf})
+    return app
+
+
+@pytest.mark.parametrize("stored", [
+    CriticUnavailable("the Qwen2-VL critic (tiny) gave no readable answer: product p5-0: no JSON object found"),
+    ValueError("critic payload version 99; this worker reads version 2"),
+])
+def test_a_failure_on_the_worker_is_critic_unavailable_chained_from_it(stored):
+    """Whatever the worker's task raised is stored as its FAILURE and re-raised by Celery at the
+    client, which must turn it into :class:`CriticUnavailable` (the fused order stands). No
+    worker here: the backend is marked as Celery's worker marks a failed task, while the client waits."""
+    from celery.signals import before_task_publish
+
+    broker = "redis://127.0.0.1:6379/14"
+    with flushed_redis(broker):
+        app = _client_app("mars-critic-failure-client", broker)
+        published: list[str] = []
+
+        def fail(headers=None, **_):
+            published.append(headers["id"])
+            threading.Timer(0.3, lambda: app.backend.mark_as_failure(headers["id"], stored)).start()
+
+        before_task_publish.connect(fail, weak=False)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(CriticUnavailable) as err:
+                QueuedCritic(deadline_ms=10_000, celery_app=app).score(_pairs(2, 6))
+        finally:
+            before_task_publish.disconnect(fail)
+    assert time.monotonic() - t0 < 5  # the stored failure answered, not the 10 s deadline
+    assert not isinstance(err.value, CriticTimeout)
+    assert f"task {published[0]} failed on the worker: {type(stored).__name__}: {stored}" in str(err.value)
+    assert type(err.value.__cause__) is type(stored) and str(err.value.__cause__) == str(stored)
+
+
+def test_an_unreachable_broker_or_result_store_is_critic_unavailable():
+    dead = f"redis://:secret@127.0.0.1:{_closed_port()}/0"
+    # the broker is down, the result store up: kombu's OperationalError after the publish retries
+    app = _client_app("mars-critic-no-broker", dead, result_backend="redis://127.0.0.1:6379/14")
+    t0 = time.monotonic()
+    with pytest.raises(CriticUnavailable, match=r"cannot reach the broker at redis://:\*\*@127\.0\.0\.1") as err:
+        QueuedCritic(deadline_ms=3000, celery_app=app).score(_pairs(2, 7))
+    assert time.monotonic() - t0 < 3 and "secret" not in str(err.value)
+    assert isinstance(err.value.__cause__, OperationalError) and "Connection refused" in str(err.value)
+    # both down: the result store fails first (it subscribes before the message is sent), after
+    # its own reconnect retries (shortened here; Celery's default policy retries 20 times, ~19 s)
+    fast_retry = {"retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.1}}
+    app = _client_app("mars-critic-no-redis", dead, result_backend_transport_options=fast_retry)
+    with pytest.raises(CriticUnavailable, match="cannot reach the result backend at redis://:\\*\\*@") as err:
+        QueuedCritic(deadline_ms=3000, celery_app=app).score(_pairs(2, 7))
+    assert isinstance(err.value.__cause__, RuntimeError) and "Connection refused" in str(err.value)
 
 
 # ---------------------------------------------------------------- the real worker
@@ -346,3 +420,22 @@ def test_registry_sends_the_named_critic_to_the_queue(tmp_path):
     critic, detail = stage3_critic(Settings(home=tmp_path, critic="vlm", critic_model=str(tmp_path), critic_queue=True))
     assert isinstance(critic, QueuedCritic) and critic.name == "queued:vlm" and "'critic' queue" in detail
     assert stage3_critic(Settings(home=tmp_path, critic="none", critic_queue=True)) == (None, "MARS_CRITIC=none")
+
+
+class TestQueuedCriticContract(CriticContract):
+    """The critic contract for the queued client against the real worker (tiny Qwen2-VL, fast path)."""
+
+    @pytest.fixture
+    def critic(self, worker) -> QueuedCritic:
+        return worker.client(deadline_ms=20_000)
+
+    @pytest.fixture
+    def failing_critic(self) -> QueuedCritic:
+        """A client whose broker refuses connections (its result store is the real Redis)."""
+        app = _client_app("mars-critic-contract-no-broker", f"redis://127.0.0.1:{_closed_port()}/0",
+                          result_backend="redis://127.0.0.1:6379/14")
+        return QueuedCritic(deadline_ms=3000, celery_app=app)
+
+    def test_the_contract_pairs_score_as_in_process(self, critic, reference):
+        pairs = contract_pairs()
+        _assert_same(critic.score(pairs), reference.score(_jpeg(pairs)))
