@@ -20,23 +20,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from training.dual_encoder import (
-    DualEncoderConfig,
-    PairEncoder,
-    add_lora,
-    clip_loss,
-    collect_pairs,
-    fit_pairs,
-    group_relevant,
-    holdout_split,
-    load_base,
-    pair_text,
-    positive_mask,
-    retrieval_metrics,
-    siglip_loss,
-    train_dual_encoder,
-    trainable_parameter_names,
-)
+from training.contrastive_loss import clip_loss, positive_mask, siglip_loss
+from training.dual_encoder import DualEncoderConfig, fit_pairs, train_dual_encoder
+from training.dual_model import PairEncoder, add_lora, load_base, trainable_parameter_names
+from training.pair_data import collect_pairs, holdout_split, pair_text
+from training.retrieval_metrics import group_relevant, retrieval_metrics
 from training.text_embedder import (
     NoDuplicateBatches,
     TextEmbedderConfig,

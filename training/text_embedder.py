@@ -30,7 +30,7 @@ is the product's full text exactly as ingestion embeds it
 Protocol (:func:`train_text_embedder`): a seeded share ``holdout`` of the products is held out
 (all pairs of a product on the same side); on the held-out products, text->text retrieval
 (each distinct anchor ranks the held-out products' full texts; relevant = the products with
-that anchor) Recall@1/5/10 and MRR (:func:`training.dual_encoder.retrieval_metrics`) and the
+that anchor) Recall@1/5/10 and MRR (:func:`training.retrieval_metrics.retrieval_metrics`) and the
 MNRL loss are measured before and after; the model is saved with ``model.save`` to ``out``
 (usable as ``MARS_TEXT_ENCODER=st:<out>``) with ``mars_training.json`` (the report), and loaded
 back through :class:`indexing.sentence_encoder.SentenceTransformerEncoder` to check it.
@@ -52,9 +52,11 @@ import torch
 from sqlalchemy import select
 
 from ingestion.records import embedding_text
-from training.dual_encoder import (
-    REPORT_FILE, TrainState, colour_type, group_relevant, holdout_split, resolve_device, retrieval_metrics,
-)
+from training.dual_encoder import TrainState
+from training.dual_model import resolve_device
+from training.encoder_export import REPORT_FILE
+from training.pair_data import colour_type, holdout_split
+from training.retrieval_metrics import group_relevant, retrieval_metrics
 
 #: Anchor kinds (:func:`anchor_texts`).
 ANCHORS: tuple[str, ...] = ("colour-type", "title", "both")
