@@ -1,7 +1,7 @@
 """Merchandising rules in the catalog (table ``merch_rules``): checks, reads and writes.
 
 What each kind means and where the funnel applies it is :mod:`query.rules`; the HTTP side is
-:mod:`query.rules_api` (``/v1/rules``). Every write here commits; the caller then drops the
+:mod:`query.routes.rules` (``/v1/rules``). Every write here commits; the caller then drops the
 engine's rule cache (:meth:`mars.engine.Engine.refresh_rules`).
 
 A rule's fields, by kind (:func:`check_rule` enforces this; the unused fields must be empty):

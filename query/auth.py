@@ -1,11 +1,12 @@
-"""API keys, roles and per-key rate limits of the HTTP API, as FastAPI dependencies.
+"""API keys, roles and per-key rate limits of the HTTP API: the checks behind the
+:func:`query.deps.require` dependency (this module does not know how the app holds its engine).
 
 Each route names the weakest role it needs with ``dependencies=[Depends(require(role))]``:
 
 * ``viewer`` — search and every read (``POST /v1/search``, the ``GET`` routes);
 * ``editor`` — viewer + writes (``POST /v1/items:bulk``, ``POST /v1/items``,
   ``DELETE /v1/items/{id}``, and ``POST``/``PATCH``/``DELETE`` of ``/v1/rules``);
-* ``admin`` — editor + key management (:data:`router`: ``/v1/keys``).
+* ``admin`` — editor + key management (:mod:`query.routes.keys`: ``/v1/keys``).
 
 A request sends its key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. A missing,
 unknown or revoked key is answered 401 with ``WWW-Authenticate: Bearer`` (RFC 6750 §3), a key
@@ -14,7 +15,7 @@ RFC 9110 §10.2.3). ``/healthz`` (and the OpenAPI docs) need no key. Keys are re
 catalog on every request (:mod:`catalog.api_keys`), so ``mars keys revoke`` takes effect at once,
 also while ``mars serve`` runs.
 
-The mode comes from the settings of the app's engine: ``MARS_API_AUTH=open`` (``mars serve
+The mode comes from the app's settings: ``MARS_API_AUTH=open`` (``mars serve
 --open``) lets every request act as ``admin`` without a key, for a local demo; the server warns
 at start and ``/healthz`` says ``"auth": "open"``.
 
@@ -32,19 +33,23 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import HTTPException, Request
+from fastapi.security import APIKeyHeader, HTTPBearer
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
-from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from catalog import api_keys
-from catalog.api_keys import ROLES, Role
-from query.schemas import RowId
+from catalog.api_keys import Role
+
+if TYPE_CHECKING:
+    from mars.settings import Settings
 
 log = logging.getLogger("mars.auth")
 
@@ -54,8 +59,9 @@ OPEN_MODE_WARNING = (
     "deletes, key management). For a local demo only: never expose this server."
 )
 
-_bearer = HTTPBearer(auto_error=False, description="An API key from `mars keys create`, as a Bearer token.")
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same API key, as a header.")
+#: The two ways to send a key, as OpenAPI security schemes (read by :func:`query.deps.get_principal`).
+bearer_scheme = HTTPBearer(auto_error=False, description="An API key from `mars keys create`, as a Bearer token.")
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same API key, as a header.")
 
 
 @dataclass(frozen=True)
@@ -113,9 +119,9 @@ class RateLimiter:
 _limiter_lock = threading.Lock()
 
 
-def _rate_limiter(request: Request, spec: str) -> RateLimiter:
-    """The app's :class:`RateLimiter` for ``spec``, made on first use."""
-    state = request.app.state
+def rate_limiter(state: Any, spec: str) -> RateLimiter:
+    """The :class:`RateLimiter` for ``spec`` kept on ``state`` (an app's ``app.state``), made on
+    first use and remade when the spec changes."""
     limiter = getattr(state, "rate_limiter", None)
     if limiter is None or limiter.spec != spec:
         with _limiter_lock:
@@ -131,13 +137,18 @@ def _unauthorized(detail: str, invalid: bool) -> HTTPException:
     return HTTPException(401, detail, headers={"WWW-Authenticate": challenge})
 
 
-def _key_principal(request: Request, key: str) -> Principal:
-    """The :class:`Principal` of a sent key, refreshing its ``last_used_at`` (best effort).
+def key_principal(sessions: Callable[[], AbstractContextManager[Session]], key: str) -> Principal:
+    """The :class:`Principal` of a sent key, refreshing its ``last_used_at`` (best effort: a
+    busy catalog is logged, not an error).
+
+    Args:
+        sessions: a catalog sessionmaker (the engine's ``sessions``).
+        key: the secret as sent.
 
     Raises:
         HTTPException: 401 when the key is unknown or revoked.
     """
-    with request.app.state.engine.sessions() as session:
+    with sessions() as session:
         row = api_keys.find_key(session, key)
         if row is None:
             raise _unauthorized("unknown API key", invalid=True)
@@ -152,9 +163,17 @@ def _key_principal(request: Request, key: str) -> Principal:
     return principal
 
 
-def authenticate(request: Request, bearer: HTTPAuthorizationCredentials | None, header_key: str | None) -> Principal:
+def authenticate(
+    request: Request, key: str | None, settings: Settings, sessions: Callable[[], AbstractContextManager[Session]]
+) -> Principal:
     """Who ``request`` acts as, once per request (cached on ``request.state.api_key``), after
     counting it against the rate limit of its key (of its client IP in open mode).
+
+    Args:
+        request: the request (its state caches the answer; its app's state keeps the limiter).
+        key: the API key sent (``Authorization: Bearer`` or ``X-API-Key``), or None.
+        settings: the app's settings (``api_auth``, ``rate_limit``).
+        sessions: a catalog sessionmaker, to look the key up.
 
     Raises:
         HTTPException: 401 (no, unknown or revoked key; ``WWW-Authenticate: Bearer``),
@@ -163,17 +182,15 @@ def authenticate(request: Request, bearer: HTTPAuthorizationCredentials | None, 
     cached = getattr(request.state, "api_key", None)
     if isinstance(cached, Principal):
         return cached
-    settings = request.app.state.engine.settings
     if settings.api_auth == "open":
         principal, identity = OPEN_PRINCIPAL, f"ip:{request.client.host if request.client else 'unknown'}"
     else:
-        key = bearer.credentials if bearer is not None else header_key
         if not key:
             raise _unauthorized("an API key is needed: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>' "
                                 "(`mars keys create --name NAME --role viewer|editor|admin` makes one)", invalid=False)
-        principal = _key_principal(request, key)
+        principal = key_principal(sessions, key)
         identity = f"key:{principal.key_id}"
-    retry_after = _rate_limiter(request, settings.rate_limit).hit(identity)
+    retry_after = rate_limiter(request.app.state, settings.rate_limit).hit(identity)
     if retry_after is not None:
         raise HTTPException(429, f"rate limit of {settings.rate_limit} exceeded for {principal}; retry in "
                             f"{retry_after} s", headers={"Retry-After": str(retry_after)})
@@ -181,91 +198,11 @@ def authenticate(request: Request, bearer: HTTPAuthorizationCredentials | None, 
     return principal
 
 
-def require(role: Role) -> Callable[..., Principal]:
-    """A FastAPI dependency that lets a request through when its key holds ``role`` or a
-    stronger one, and returns its :class:`Principal`; use it as
-    ``dependencies=[Depends(require("editor"))]`` or as a parameter's ``Depends``.
-
-    The dependency answers 401, 403 (role too weak) or 429 as :func:`authenticate` and the
-    module docstring describe; it is synchronous, so FastAPI runs its catalog lookup in the
-    thread pool.
+def check_role(principal: Principal, role: Role) -> None:
+    """Let ``principal`` act when its role is ``role`` or a stronger one.
 
     Raises:
-        ValueError: if ``role`` is not one of :data:`catalog.api_keys.ROLES` (at import time
-            of the route, not per request).
+        HTTPException: 403 when its role is weaker.
     """
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
-
-    def dependency(
-        request: Request,
-        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-        header_key: Annotated[str | None, Security(_api_key_header)],
-    ) -> Principal:
-        principal = authenticate(request, bearer, header_key)
-        if not api_keys.role_allows(principal.role, role):
-            raise HTTPException(403, f"this needs the {role} role; {principal} has {principal.role}")
-        return principal
-
-    dependency.__name__ = f"require_{role}"
-    dependency.__doc__ = f"Let the request through when its API key holds the {role} role (or a stronger one)."
-    return dependency
-
-
-class KeyOut(BaseModel):
-    """An API key as listed: no secret, timestamps in ISO 8601 UTC (None when unset)."""
-
-    id: int
-    name: str
-    role: Role
-    prefix: str = Field(description="The key's first characters, to recognise it.")
-    created_at: str
-    last_used_at: str | None
-    revoked_at: str | None
-
-
-class KeyCreated(KeyOut):
-    """Answer of ``POST /v1/keys``: the key itself is in ``key``, shown this once only."""
-
-    key: str
-
-
-class KeyRequest(BaseModel):
-    """Body of ``POST /v1/keys``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=128, examples=["catalog sync"])
-    role: Role
-
-
-router = APIRouter(tags=["keys"], dependencies=[Depends(require("admin"))])
-
-
-@router.get("/v1/keys", response_model=list[KeyOut], summary="Every API key (admin)")
-def list_keys(request: Request) -> list[dict[str, Any]]:
-    """Every key, revoked ones included, oldest first; no secrets."""
-    with request.app.state.engine.sessions() as session:
-        return [api_keys.describe(row) for row in api_keys.list_keys(session)]
-
-
-@router.post("/v1/keys", status_code=201, response_model=KeyCreated, summary="Create an API key (admin)")
-def create_key(body: KeyRequest, request: Request) -> dict[str, Any]:
-    """A new key with ``role``; the answer carries the key once (only its hash is stored);
-    422 for a blank name."""
-    with request.app.state.engine.sessions() as session:
-        try:
-            row, key = api_keys.create_key(session, body.name, body.role)
-        except ValueError as exc:  # a blank name
-            raise HTTPException(422, str(exc)) from exc
-        return {**api_keys.describe(row), "key": key}
-
-
-@router.delete("/v1/keys/{key_id}", response_model=KeyOut, summary="Revoke an API key (admin)")
-def revoke_key(key_id: RowId, request: Request) -> dict[str, Any]:
-    """Revoke key ``key_id`` at once; 404 if there is no such key."""
-    with request.app.state.engine.sessions() as session:
-        row = api_keys.revoke_key(session, key_id)
-        if row is None:
-            raise HTTPException(404, f"no API key {key_id}")
-        return api_keys.describe(row)
+    if not api_keys.role_allows(principal.role, role):
+        raise HTTPException(403, f"this needs the {role} role; {principal} has {principal.role}")

@@ -51,6 +51,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -208,15 +209,19 @@ class QueueDepthCollector:
 
 
 class BulkJobsCollector:
-    """``mars_bulk_jobs_waiting`` and ``mars_bulk_jobs_running``: the app's engine's in-process
-    bulk jobs (embedded mode), read on scrape."""
+    """``mars_bulk_jobs_waiting`` and ``mars_bulk_jobs_running``: in-process bulk jobs (embedded
+    mode), read on scrape.
 
-    def __init__(self, app: FastAPI) -> None:
-        self.app = app
+    Args:
+        counts: returns ``{"waiting": n, "running": n}`` (the engine's ``bulk_jobs()``), or None
+            while there is no engine (both gauges are then 0).
+    """
+
+    def __init__(self, counts: Callable[[], Mapping[str, int] | None]) -> None:
+        self.counts = counts
 
     def collect(self):  # noqa: ANN201 - Iterable[Metric], the Collector protocol
-        engine = getattr(self.app.state, "engine", None)
-        counts = engine.bulk_jobs() if engine is not None else {"waiting": 0, "running": 0}
+        counts = self.counts() or {"waiting": 0, "running": 0}
         yield GaugeMetricFamily("mars_bulk_jobs_waiting", "In-process bulk jobs queued behind the running one.",
                                 value=counts["waiting"])
         yield GaugeMetricFamily("mars_bulk_jobs_running", "In-process bulk jobs running now (0 or 1).",
@@ -324,14 +329,17 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
-def install_observability(app: FastAPI, settings: Settings) -> None:
+def install_observability(
+    app: FastAPI, settings: Settings, bulk_jobs: Callable[[], Mapping[str, int] | None] = lambda: None
+) -> None:
     """Request ids, access logs and metrics for ``app``: the outermost middleware (add it after
-    any other middleware), ``app.state.metrics`` and ``GET /metrics``."""
+    any other middleware), ``app.state.metrics`` and ``GET /metrics``; ``bulk_jobs`` feeds
+    :class:`BulkJobsCollector` (by default no in-process jobs)."""
     from workers.app import QUEUES
 
     metrics = ApiMetrics.create()
     metrics.registry.register(QueueDepthCollector(settings.broker_url, QUEUES))
-    metrics.registry.register(BulkJobsCollector(app))
+    metrics.registry.register(BulkJobsCollector(bulk_jobs))
     ProcessCollector(registry=metrics.registry)  # process_cpu_seconds_total, memory, open fds
     app.state.metrics = metrics
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

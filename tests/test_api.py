@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ingestion.readers import open_source
-from query.api import create_app
+from query.app import create_app
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,20 @@ def test_repeat_photo_is_keyed_on_its_bytes_and_answers_the_same(client, ikea_sl
     room = ikea_slice["room"].read_bytes()
     body = {"text": "a lamp for this bedroom", "image_base64": base64.b64encode(room).decode()}
     first = client.post("/v1/search", json=body).json()
-    assert client.engine.funnel.has_region_vectors("sha256:" + hashlib.sha256(room).hexdigest())
+    assert client.engine.has_region_vectors("sha256:" + hashlib.sha256(room).hexdigest())
     second = client.post("/v1/search", json=body).json()
     assert [(i["id"], i["score"]) for i in second["items"]] == [(i["id"], i["score"]) for i in first["items"]]
     lazy = decode_image(room, max_pixels=10**8, lazy=True)
     assert lazy.convert("RGB").tobytes() == decode_image(room, max_pixels=10**8).tobytes()
+
+
+def test_importing_the_app_loads_neither_the_engine_nor_a_heavy_library():
+    """``query.app`` (and so ``query.deps`` and the routes) imports ``mars.engine`` only in the
+    lifespan, and no model or index library at all."""
+    import subprocess
+    import sys
+
+    heavy = ("mars.engine", "torch", "faiss", "transformers", "sentence_transformers", "qdrant_edge", "tantivy")
+    code = f"import sys, query.app; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

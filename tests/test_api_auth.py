@@ -23,8 +23,9 @@ from ingestion.readers import RawRecord
 from mars.cli import app as cli
 from mars.settings import get_settings
 from postgres_db import fresh_database
-from query.api import create_app
-from query.auth import Principal, RateLimiter, require
+from query.app import create_app
+from query.auth import Principal, RateLimiter
+from query.deps import require
 
 RECORDS = [
     {"id": "lamp-1", "title": "Brass reading lamp", "type": "Floor lamp", "colour": "brass", "text": "A tall lamp."},

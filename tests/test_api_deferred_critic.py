@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from critic.protocol import Verdict
 from ingestion.readers import open_source
-from query.api import create_app
+from query.app import create_app
 
 
 class GatedCritic:

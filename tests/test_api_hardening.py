@@ -17,7 +17,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingestion.readers import RawRecord
-from query.api import create_app
+from query.app import create_app
 from query.observability import ApiMetrics, QueueDepthCollector, RequestContextFilter, log_handler, mark_logged
 from redis_db import flushed_redis
 

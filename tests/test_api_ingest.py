@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ingestion.readers import open_source
-from query.api import create_app
+from query.app import create_app
 
 
 @pytest.fixture(scope="module")

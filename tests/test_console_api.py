@@ -11,7 +11,7 @@ from PIL import Image
 
 from catalog.models import Product
 from ingestion.readers import open_source
-from query.api import create_app
+from query.app import create_app
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Merchandising rules (query/rules.py, catalog/rules.py, /v1/rules in query/rules_api.py) on a
+"""Merchandising rules (query/rules.py, catalog/rules.py, /v1/rules in query/routes/rules.py) on a
 real engine with the real encoders and the IKEA slice (plus three branded text-only records:
 the IKEA corpus has no brand attribute, ABO listings do)."""
 
@@ -19,7 +19,7 @@ from critic.protocol import CriticPair, Verdict
 from ingestion.readers import RawRecord, apply_mapping, open_source
 from mars.cli import app as cli
 from mars.settings import get_settings
-from query.api import create_app
+from query.app import create_app
 from query.rules import Rule, RuleCache, contains_phrase, place_pins, rewrite
 
 #: Text-only rugs with a brand (unknown record fields go into ``attributes``).

@@ -11,14 +11,21 @@ given as a key, name or synonym (``GET /v1/categories``); the rule stores the ke
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Request
+from fastapi import APIRouter, Depends, HTTPException, Path
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
 
 from catalog import rules
+from catalog.models import MerchRule
 from catalog.rules import MAX_FACTOR, MAX_POSITION, RuleError, RuleKind
-from query.auth import Principal, require
+from query.auth import Principal
+from query.deps import EngineDep, SessionDep, require
+
+if TYPE_CHECKING:
+    from mars.engine import Engine
 
 
 class _RuleFields(BaseModel):
@@ -82,73 +89,76 @@ router = APIRouter(tags=["rules"])
 RuleId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The rule's id.")]
 
 
-def _with_category_key(values: dict[str, Any], request: Request) -> dict[str, Any]:
+def with_category_key(values: dict[str, Any], eng: Engine) -> dict[str, Any]:
     """``values`` with a ``category`` given by name or synonym replaced by its key (left as
     given when the taxonomy does not know it: :func:`catalog.rules.check_rule` refuses it)."""
     if values.get("category"):
-        info = request.app.state.engine.taxonomy().find(values["category"])
+        info = eng.taxonomy().find(values["category"])
         if info is not None:
             values = {**values, "category": info.key}
     return values
 
 
-def _write(request: Request, write: Any) -> dict[str, Any]:
-    """Run ``write(session)`` (a :mod:`catalog.rules` write returning a row or None), drop the
-    engine's rule cache and describe the row; 404 for None, 422 for a :class:`RuleError`."""
-    engine = request.app.state.engine
-    with engine.sessions() as session:
-        try:
-            row = write(session)
-        except RuleError as exc:
-            raise HTTPException(422, str(exc)) from exc
-        if row is None:
-            raise HTTPException(404, f"no rule {request.path_params.get('rule_id')}")
-        out = rules.describe(row)
-    engine.refresh_rules()
+def write_rule(
+    session: Session, eng: Engine, write: Callable[[Session], MerchRule | None], rule_id: int | None = None
+) -> dict[str, Any]:
+    """Run ``write(session)`` (a :mod:`catalog.rules` write, which commits, returning the row or
+    None), drop the engine's rule cache and describe the row.
+
+    Raises:
+        HTTPException: 404 when ``write`` found no rule ``rule_id``; 422 for a
+            :class:`~catalog.rules.RuleError`, with the reason.
+    """
+    try:
+        row = write(session)
+    except RuleError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    if row is None:
+        raise HTTPException(404, f"no rule {rule_id}")
+    out = rules.describe(row)
+    eng.refresh_rules()
     return out
 
 
 @router.get("/v1/rules", response_model=list[RuleOut], summary="The merchandising rules",
             dependencies=[Depends(require("viewer"))])
-def list_rules(request: Request, active: bool | None = None, kind: RuleKind | None = None) -> list[dict[str, Any]]:
+def list_rules(session: SessionDep, active: bool | None = None, kind: RuleKind | None = None) -> list[dict[str, Any]]:
     """Every rule, oldest first; ``?active=true|false`` and ``?kind=`` filter."""
-    with request.app.state.engine.sessions() as session:
-        return [rules.describe(row) for row in rules.list_rules(session, active=active, kind=kind)]
+    return [rules.describe(row) for row in rules.list_rules(session, active=active, kind=kind)]
 
 
 @router.get("/v1/rules/{rule_id}", response_model=RuleOut, summary="One merchandising rule",
             dependencies=[Depends(require("viewer"))])
-def get_rule(rule_id: RuleId, request: Request) -> dict[str, Any]:
+def get_rule(rule_id: RuleId, session: SessionDep) -> dict[str, Any]:
     """The rule; 404 if there is no such rule."""
-    with request.app.state.engine.sessions() as session:
-        row = rules.get_rule(session, rule_id)
-        if row is None:
-            raise HTTPException(404, f"no rule {rule_id}")
-        return rules.describe(row)
+    row = rules.get_rule(session, rule_id)
+    if row is None:
+        raise HTTPException(404, f"no rule {rule_id}")
+    return rules.describe(row)
 
 
 @router.post("/v1/rules", status_code=201, response_model=RuleOut, summary="Create a merchandising rule (editor)")
-def create_rule(body: RuleCreate, request: Request,
+def create_rule(body: RuleCreate, eng: EngineDep, session: SessionDep,
                 principal: Principal = Depends(require("editor"))) -> dict[str, Any]:  # noqa: B008
     """Store a rule (``created_by``: the key's name); it applies from the next search. 422 for
     an invalid rule, with the reason."""
-    values = _with_category_key(body.model_dump(), request)
-    return _write(request, lambda session: rules.create_rule(session, values, created_by=principal.name))
+    values = with_category_key(body.model_dump(), eng)
+    return write_rule(session, eng, lambda s: rules.create_rule(s, values, created_by=principal.name))
 
 
 @router.patch("/v1/rules/{rule_id}", response_model=RuleOut, summary="Change a merchandising rule (editor)",
               dependencies=[Depends(require("editor"))])
-def patch_rule(rule_id: RuleId, body: RulePatch, request: Request) -> dict[str, Any]:
+def patch_rule(rule_id: RuleId, body: RulePatch, eng: EngineDep, session: SessionDep) -> dict[str, Any]:
     """Change the fields sent (e.g. ``{"active": false}``, ``{"factor": 2}``); the changed rule is
     checked as a whole. 404 if there is no such rule, 422 if the result is invalid."""
-    changes = _with_category_key(body.model_dump(exclude_unset=True), request)
+    changes = with_category_key(body.model_dump(exclude_unset=True), eng)
     if changes.get("active", True) is None:
         raise HTTPException(422, "active must be true or false")
-    return _write(request, lambda session: rules.update_rule(session, rule_id, changes))
+    return write_rule(session, eng, lambda s: rules.update_rule(s, rule_id, changes), rule_id)
 
 
 @router.delete("/v1/rules/{rule_id}", response_model=RuleOut, summary="Delete a merchandising rule (editor)",
                dependencies=[Depends(require("editor"))])
-def delete_rule(rule_id: RuleId, request: Request) -> dict[str, Any]:
+def delete_rule(rule_id: RuleId, eng: EngineDep, session: SessionDep) -> dict[str, Any]:
     """Delete the rule (answered with it, as it was); 404 if there is no such rule."""
-    return _write(request, lambda session: rules.delete_rule(session, rule_id))
+    return write_rule(session, eng, lambda s: rules.delete_rule(s, rule_id), rule_id)
