@@ -27,6 +27,7 @@ from rich.console import Console
 
 from evaluation.beir import BenchmarkQuery, load_qrels, load_queries
 from evaluation.runner import format_table, run_eval
+from query.funnel import Funnel
 from training.room_folds import learned_from_rooms, out_of_fold
 
 #: Metrics reported per task.
@@ -62,9 +63,10 @@ def room_cv(engine: Any, queries_path: Path, qrels_path: Path, *, folds: int = 2
                            "and/or `mars train prior` first")
     queries, qrels = load_queries(queries_path), load_qrels(qrels_path)
 
-    def evaluate(group: Sequence[BenchmarkQuery]) -> list[tuple[str, dict[str, float]]]:
+    def evaluate(funnel: Funnel, group: Sequence[BenchmarkQuery]) -> list[tuple[str, dict[str, float]]]:
         ids = {q.id for q in group}
-        report = run_eval(engine, queries_path, qrels_path, mode="hybrid", where=lambda q: q.id in ids, progress=False)
+        report = run_eval(engine, queries_path, qrels_path, mode="hybrid", where=lambda q: q.id in ids, progress=False,
+                          funnel=funnel)
         return list(report["per_query"].items())
 
     per_query = dict(out_of_fold(engine, [q for q in queries if q.room_id], qrels, evaluate, folds=folds, progress=progress))

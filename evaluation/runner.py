@@ -13,7 +13,7 @@ from rich.table import Table
 
 from evaluation.beir import BenchmarkQuery, QueryImages, load_qrels, load_queries
 from evaluation.metrics import METRICS, score_queries
-from query.funnel import SearchQuery
+from query.funnel import Funnel, SearchQuery
 
 T = TypeVar("T")
 
@@ -92,8 +92,11 @@ def run_eval(
     limit: int | None = None,
     progress: bool = True,
     where: Callable[[BenchmarkQuery], bool] | None = None,
+    funnel: Funnel | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``engine`` (anything with ``search(SearchQuery)`` and ``settings``).
+    """Evaluate ``engine`` (anything with ``search(SearchQuery)`` and ``settings``), or ``funnel``
+    with the engine's settings (e.g. one refitted without the rooms it scores:
+    :func:`training.room_folds.out_of_fold`).
 
     Returns a JSON-ready dict: ``mode``, ``tasks`` (task -> {"queries": n, metric: mean}),
     ``per_query`` (query id -> metric values) and ``locks`` (query id -> lock key or None).
@@ -106,6 +109,7 @@ def run_eval(
     """
     queries, qrels = select_queries(queries_path, qrels_path, tasks=tasks, limit=limit, where=where)
     settings = engine.settings
+    search = (funnel or engine).search
     images = QueryImages(settings.max_image_bytes, settings.max_image_pixels)
     runs: dict[str, list[str]] = {}
     locks: dict[str, str | None] = {}
@@ -113,7 +117,7 @@ def run_eval(
     with Progress(disable=not progress, transient=True) as bar:
         task_id = bar.add_task(f"eval ({mode})", total=len(queries))
         for q in queries:
-            response = engine.search(eval_query(q, images(q), mode=mode))
+            response = search(eval_query(q, images(q), mode=mode))
             runs[q.id] = [item.id for item in response.items]
             locks[q.id] = response.lock.key if response.lock.applied else None
             by_task[q.task].append(q.id)

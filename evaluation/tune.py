@@ -55,19 +55,17 @@ from evaluation.fusion_grid import (
 from evaluation.query_lists import SHAPES, QueryLists, load_lists, save_lists
 from evaluation.runner import EVAL_DEPTH, eval_query
 from evaluation.tune_report import format_tables, markdown_summary
-from query.funnel import query_shape
+from query.funnel import Funnel, query_shape
+from query.retrievers import RETRIEVER_NAMES
 
 #: RRF constants tried (k = 60 is Cormack et al.'s value).
 K_GRID: tuple[float, ...] = (10.0, 20.0, 40.0, 60.0, 100.0)
 #: Weights tried for each list but the anchor (fixed at 1.0).
 WEIGHT_GRID: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
-#: The funnel's lists (``aligned`` once ``mars train align`` has run, ``prior`` once ``mars train
-#: prior`` has, for queries with a room type); a list of another name is tuned too.
-LIST_NAMES: tuple[str, ...] = ("bm25", "text", "image", "aligned", "prior")
 #: The anchor (weight fixed at 1.0) of a shape is the first of these among its lists (else the
 #: list in most of its queries): the photo list for photo queries, the text-vector list for
-#: text-only ones — the lists the shipped weights are scaled to.
-ANCHOR_PREFERENCE: tuple[str, ...] = ("image", "text", "bm25", "aligned", "prior")
+#: text-only ones — the lists the shipped weights are scaled to — then the others in registry order.
+ANCHOR_PREFERENCE: tuple[str, ...] = ("image", "text", *(n for n in RETRIEVER_NAMES if n not in ("image", "text")))
 
 
 def collect_lists(
@@ -99,15 +97,17 @@ def collect_lists(
     depth = depth or settings.retrieval_depth
     images = QueryImages(settings.max_image_bytes, settings.max_image_pixels)
     judged = [q for q in queries if qrels.get(q.id)]
-    every_list = _every_list(engine.funnel)
+    every_list = {name: 1.0 for name in engine.funnel.retriever_names()}
     with Progress(disable=not progress, transient=True, console=console) as bar:
         task_id = bar.add_task("retrieving lists", total=len(judged))
 
-        def retrieve(group: Sequence[BenchmarkQuery]) -> list[QueryLists]:
+        def retrieve(funnel: Funnel, group: Sequence[BenchmarkQuery]) -> list[QueryLists]:
             out = []
             for q in group:
+                # every list weighted 1.0: the funnel skips a list weighted 0, and the tuner must see
+                # every list whatever the settings in effect say (weights do not change the lists)
                 search = eval_query(q, images(q), mode="hybrid", top_k=EVAL_DEPTH, weights=every_list)
-                retrieval = engine.funnel.retrieve(search)
+                retrieval = funnel.retrieve(search)
                 out.append(QueryLists(
                     id=q.id, task=q.task, shape=query_shape(search), group=q.room_id or q.id,
                     lists={name: [h.id for h in hits[:depth]] for name, hits in retrieval.lists.items()},
@@ -117,15 +117,6 @@ def collect_lists(
             return out
 
         return out_of_fold(engine, judged, qrels, retrieve)
-
-
-def _every_list(funnel: Any) -> dict[str, float]:
-    """Weight 1.0 for every list the funnel may compute (:data:`LIST_NAMES` and any list its
-    configured weights name), as per-query overrides: the funnel skips a list weighted 0, and
-    the tuner must see every list whatever the settings in effect say. Weights do not change
-    the lists themselves."""
-    names = set(LIST_NAMES).union(*funnel.config.weights.values())
-    return {name: 1.0 for name in sorted(names)}
 
 
 def pick_anchor(names: Sequence[str], counts: Mapping[str, int]) -> str:
@@ -309,6 +300,6 @@ def _cross_validate(shapes: Sequence[ShapeGrid], k_grid: Sequence[float], folds:
 #: Re-exported for ``mars tune`` (and the room-fold tests), which import them from here:
 #: ``cv_fold``, ``format_tables``, ``load_lists``, ``markdown_summary``, ``save_lists``,
 #: ``settings_env``, ``update_dotenv``.
-__all__ = ["ANCHOR_PREFERENCE", "K_GRID", "LIST_NAMES", "WEIGHT_GRID", "collect_lists", "cv_fold", "format_tables",
+__all__ = ["ANCHOR_PREFERENCE", "K_GRID", "WEIGHT_GRID", "collect_lists", "cv_fold", "format_tables",
            "load_lists", "markdown_summary", "pick_anchor", "save_lists", "settings_env", "tune", "update_dotenv",
            "weight_grid"]

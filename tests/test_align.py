@@ -100,7 +100,7 @@ def test_train_align_installs_the_aligned_vector_and_the_funnel_searches_it(make
     assert heads_path(home).exists()
 
     # every product with a photo has the image head's output as its aligned vector
-    heads = engine.aligned()
+    heads = engine.artifacts.aligned()
     with_photo = [r["_id"] for r in ikea_slice["records"] if r["image"]][:5]
     for pid, point in store.fetch(with_photo).items():
         np.testing.assert_allclose(point.vectors["aligned"], heads.image(point.vectors["image"])[0], atol=1e-5)
@@ -110,10 +110,10 @@ def test_train_align_installs_the_aligned_vector_and_the_funnel_searches_it(make
     # a text query gets the aligned list: text head on the query's MiniLM vector, within the lock
     response = engine.search(SearchQuery(text="white lamp", mode="vector", weights={"text": 0.0}))
     assert response.fusion["aligned"] == engine.settings.weights_text["aligned"] > 0
-    assert response.items and all(item.provenance.aligned is not None for item in response.items)
-    q = heads.text(engine.funnel.text_vector("white lamp"))
+    assert response.items and all(item.provenance.retrievers.get("aligned") is not None for item in response.items)
+    q = heads.text(engine.funnel.query_vectors.text_vector("white lamp"))
     scored = {pid: float(q[0] @ p.vectors["aligned"]) for pid, p in store.fetch([i.id for i in response.items]).items()}
-    assert [i.provenance.aligned.score for i in response.items] == pytest.approx([scored[i.id] for i in response.items], abs=1e-4)
+    assert [i.provenance.retrievers["aligned"].score for i in response.items] == pytest.approx([scored[i.id] for i in response.items], abs=1e-4)
 
     # a product ingested after alignment gets its aligned vector at ingest
     record = dict(next(r for r in ikea_slice["records"] if r["image"]), _id="new.item.01", title="NEWLAMP")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +15,9 @@ from ingestion.images import decode_image, read_image_bytes
 from ingestion.readers import open_source
 from mars.engine import Engine, IndexMismatchError, StoreBusyError
 from mars.settings import Settings
+from query.artifacts import Trained
 from query.funnel import QueryError, SearchQuery
+from query.retriever import RetrievalQuery
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,7 @@ def test_known_room_class_query_finds_the_product(slice_engine, ikea_slice, room
     top = [i.id for i in response.items]
     assert set(top) & ikea_slice["qrels"][query["_id"]], (query, top)
     first = response.items[0]
-    assert first.provenance.fused.rank == 1 and (first.provenance.image or first.provenance.bm25)
+    assert first.provenance.fused.rank == 1 and (first.provenance.retrievers.get("image") or first.provenance.retrievers.get("bm25"))
 
 
 def test_room_photo_alone_finds_products_of_the_room(slice_engine, ikea_slice, room):
@@ -58,7 +62,7 @@ def test_room_photo_alone_finds_products_of_the_room(slice_engine, ikea_slice, r
     response = engine.search(SearchQuery(image=room, top_k=10))
     assert not response.lock.applied
     assert set(i.id for i in response.items) & ikea_slice["room_products"]
-    assert all(i.provenance.image is not None and i.provenance.bm25 is None for i in response.items)
+    assert all(i.provenance.retrievers.get("image") is not None and i.provenance.retrievers.get("bm25") is None for i in response.items)
 
 
 def test_text_query_finds_product_by_colour_and_type(slice_engine, ikea_slice):
@@ -71,9 +75,9 @@ def test_text_query_finds_product_by_colour_and_type(slice_engine, ikea_slice):
 def test_modes_and_critic_status(slice_engine, room):
     engine, _ = slice_engine
     bm25 = engine.search(SearchQuery(text="lamp", mode="bm25"))
-    assert bm25.items and all(i.provenance.image is None and i.provenance.text is None for i in bm25.items)
+    assert bm25.items and all(i.provenance.retrievers.get("image") is None and i.provenance.retrievers.get("text") is None for i in bm25.items)
     vector = engine.search(SearchQuery(text="lamp", image=room, mode="vector"))
-    assert all(i.provenance.bm25 is None for i in vector.items)
+    assert all(i.provenance.retrievers.get("bm25") is None for i in vector.items)
     full = engine.search(SearchQuery(text="a lamp for this bedroom", image=room, mode="full"))
     assert full.critic.status == "not configured" and full.critic.backend == "none"
     assert "mars train critic" in full.critic.detail  # learned is the default; no checkpoint trained here
@@ -86,15 +90,13 @@ def test_modes_and_critic_status(slice_engine, room):
     assert not unknown.lock.applied and unknown.items  # unknown category: no lock, not empty
 
 
-def test_faiss_reference_agrees_with_qdrant(slice_engine, room):
+def test_faiss_reference_agrees_with_qdrant(slice_engine, slice_home, make_engine, room, tmp_path):
     engine, _ = slice_engine
     q = SearchQuery(text="a rug for this bedroom", image=room, mode="vector", top_k=20)
     qdrant = [i.id for i in engine.search(q).items]
-    engine.settings.vector_backend = "faiss"
-    try:
-        assert [i.id for i in engine.search(q).items] == qdrant
-    finally:
-        engine.settings.vector_backend = "qdrant-edge"
+    exact = make_engine(shutil.copytree(slice_home, tmp_path / "mars"), vector_backend="faiss")
+    assert type(exact.search_store()).__name__ == "FaissFlatStore" and exact.search_store().count() == engine.vector_store().count()
+    assert [i.id for i in exact.search(q).items] == qdrant
 
 
 def test_image_list_is_the_exact_best_region_score(slice_engine, room):
@@ -103,10 +105,13 @@ def test_image_list_is_the_exact_best_region_score(slice_engine, room):
     max over regions of the cosine with each stored image vector."""
     engine, _ = slice_engine
     funnel = engine.funnel
-    store = funnel.vectors()
-    regions = funnel.region_vectors(room)
+    store = engine.search_store()
+    regions = funnel.query_vectors.region_vectors(room)
     assert len(regions) > 14  # dense windows beyond the 1 + 4 + 9 grid cells
-    hits = funnel.image_hits(store, room, 200, None)
+    image = next(r for r in funnel.retrievers if r.name == "image")
+    query = RetrievalQuery(text=None, image=room, image_key=funnel.query_vectors.region_key(room), room=None, trained=Trained())
+    assert image.applies(query)
+    hits = image.run(query, None, 200)
     expected = {p.product_id: float((regions @ p.vectors["image"]).max()) for p in store.scan() if "image" in p.vectors}
     assert {h.id for h in hits} == set(expected)
     np.testing.assert_allclose([h.score for h in hits], [expected[h.id] for h in hits], atol=1e-4)
@@ -123,11 +128,12 @@ def test_image_list_is_the_exact_best_region_score(slice_engine, room):
             fetched.append(list(product_ids))
             return store.fetch(product_ids)
 
-    assert funnel.config.product_vector_cache > 0
-    again = funnel.image_hits(CountingStore(), room, 200, None)
+    counting = type(image)(replace(image.ctx, vectors=CountingStore))  # the same caches, a store that counts fetches
+    assert funnel.cache.vectors_enabled
+    again = counting.run(query, None, 200)
     assert fetched == [] and [(h.id, h.score) for h in again] == [(h.id, h.score) for h in hits]
     funnel.invalidate_results()
-    funnel.image_hits(CountingStore(), room, 200, None)
+    counting.run(query, None, 200)
     assert len(fetched) == 1 and set(fetched[0]) == set(expected)
 
 

@@ -1,6 +1,6 @@
 """Cross-fitting by room on the real slice: the learned whitening stage and the staging prior
-refitted without a group of rooms, the files restored afterwards, and the two users of it
-(the room cross-validation benchmark and the critic's pair mining)."""
+refitted in memory without a group of rooms (the files under MARS_HOME never touched), and the
+two users of it (the room cross-validation benchmark and the critic's pair mining)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,17 @@ import json
 import shutil
 
 import pytest
+from PIL import Image
 
 from evaluation.beir import load_qrels, load_queries
 from evaluation.room_cv import room_cv
-from evaluation.tune import cv_fold
+from evaluation.folds import cv_fold
 from indexing.staging_prior import StagingPrior, staging_prior_path
 from indexing.whitening import whitening_path
 from ingestion.readers import open_source
+from query.funnel import SearchQuery
 from training.critic import ROOM_TASKS, mine_out_of_fold
-from training.room_folds import fitted_without, out_of_fold, room_fold
+from training.room_folds import funnel_without, out_of_fold, room_fold
 from training.whitening import fit_whitening, judged_photos
 
 
@@ -59,25 +61,31 @@ def two_rooms(ikea_slice, encoders, tmp_path_factory):
     return {"home": home, "queries": base / "queries.jsonl", "qrels": base / "qrels.tsv", "room_a": room_a, "room_b": room_b}
 
 
-def test_fitted_without_refits_on_the_other_rooms_and_restores_the_files(make_engine, two_rooms, tmp_path):
+def test_funnel_without_refits_on_the_other_rooms_in_memory(make_engine, two_rooms, tmp_path):
     engine = make_engine(shutil.copytree(two_rooms["home"], tmp_path / "mars"))
     queries, qrels = load_queries(two_rooms["queries"]), load_qrels(two_rooms["qrels"])
     before = whitening_path(engine.home).read_bytes(), staging_prior_path(engine.home).read_bytes()
-    assert engine.whitening().meta["learned"]["judged_photos"] == 2 and engine.prior().rooms == {"bedroom": 2}
+    assert engine.artifacts.whitening().meta["learned"]["judged_photos"] == 2 and engine.artifacts.prior().rooms == {"bedroom": 2}
     fold_of = room_fold(2)
     held_out = lambda q: fold_of(q) == fold_of(queries[0])  # noqa: E731 - room A's fold
-    with fitted_without(engine, queries, qrels, held_out):
-        inside = engine.whitening()
-        assert inside.meta["learned"]["judged_photos"] == 1 and inside.learned_projection.shape[1] == 16
-        assert engine.prior().rooms == {"bedroom": 1}  # room B only
-        assert set(engine.prior().counts) == set(sorted(qrels[queries[0].id])[::2])  # room A's scene query first
+    funnel = funnel_without(engine, queries, qrels, held_out)
+    inside = funnel.artifacts.whitening()
+    assert inside.meta["learned"]["judged_photos"] == 1 and inside.learned_projection.shape[1] == 16
+    assert funnel.artifacts.prior().rooms == {"bedroom": 1}  # room B only
+    assert set(funnel.artifacts.prior().counts) == set(sorted(qrels[queries[0].id])[::2])  # room A's scene query first
+    # in memory, with the digests of the files they would be: cached lists of the two never mix
+    assert inside.digest and inside.digest != engine.artifacts.whitening().digest
+    assert funnel.artifacts.prior().digest != engine.artifacts.prior().digest
+    photo = SearchQuery(text="a lamp for this bedroom", image=Image.open(queries[0].image).convert("RGB"), room="Bedroom")
+    refitted, installed = funnel.retrieve(photo).lists["image"], engine.funnel.retrieve(photo).lists["image"]
+    assert [(h.id, h.score) for h in refitted] != [(h.id, h.score) for h in installed]
     assert (whitening_path(engine.home).read_bytes(), staging_prior_path(engine.home).read_bytes()) == before
-    assert engine.whitening().meta["learned"]["judged_photos"] == 2 and engine.prior().rooms == {"bedroom": 2}
+    assert engine.artifacts.whitening().meta["learned"]["judged_photos"] == 2 and engine.artifacts.prior().rooms == {"bedroom": 2}
 
-    engine.whitening.path.unlink()
-    engine.prior.path.unlink()  # nothing fitted on rooms left: the block runs with the engine as it is
-    with fitted_without(engine, queries, qrels, held_out):
-        assert engine.whitening() is None and engine.prior() is None
+    engine.artifacts.whitening.path.unlink()
+    engine.artifacts.prior.path.unlink()  # nothing fitted on rooms left: the engine's funnel as it is
+    assert funnel_without(engine, queries, qrels, held_out) is engine.funnel
+    assert engine.artifacts.whitening() is None and engine.artifacts.prior() is None
     with pytest.raises(RuntimeError, match="nothing fitted on judged rooms"):
         room_cv(engine, two_rooms["queries"], two_rooms["qrels"])
 
@@ -107,15 +115,16 @@ def test_out_of_fold_refits_for_seen_rooms_only(make_engine, two_rooms, ikea_sli
 
     engine = make_engine(shutil.copytree(two_rooms["home"], tmp_path / "mars"))
     queries, qrels = load_queries(two_rooms["queries"]), load_qrels(two_rooms["qrels"])
-    assert set(engine.whitening().meta["learned"]["photos"]) == {ikea_slice["room"].name, "room-b.jpg"}
-    assert engine.prior().room_ids == {two_rooms["room_a"], two_rooms["room_b"]}
+    assert set(engine.artifacts.whitening().meta["learned"]["photos"]) == {ikea_slice["room"].name, "room-b.jpg"}
+    assert engine.artifacts.prior().room_ids == {two_rooms["room_a"], two_rooms["room_b"]}
     photo_c = tmp_path / "room-c.jpg"
     shutil.copy(ikea_slice["room"], photo_c)
     unseen = replace(queries[0], id="held-out::scene", room_id="held-out", image=photo_c)  # e.g. a held-out split's room
     calls = []
 
-    def run(group):
-        calls.append(([q.id for q in group], engine.whitening().meta["learned"]["judged_photos"], sorted(engine.prior().room_ids)))
+    def run(funnel, group):
+        trained = funnel.artifacts.current()
+        calls.append(([q.id for q in group], trained.whitening.meta["learned"]["judged_photos"], sorted(trained.prior.room_ids)))
         return [q.id for q in group]
 
     out = out_of_fold(engine, [*queries, unseen], {**qrels, unseen.id: qrels[queries[0].id]}, run)

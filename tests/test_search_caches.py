@@ -1,5 +1,5 @@
-"""The search path's caches: the funnel's per-stage result cache and catalog-row cache (dropped
-on every write, bounded) and the API's memo of decoded base64 photos."""
+"""The search path's caches: the funnel's per-retriever result cache, catalog-row cache and
+product-vector cache (dropped on every write, bounded) and the API's memo of decoded base64 photos."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from PIL import Image
 from sqlalchemy.exc import InvalidRequestError
 
 from ingestion.readers import RawRecord, apply_mapping
-from query.api import create_app
+from query.app import create_app
 from query.bodies import Base64Photos
-from query.funnel import Funnel, FunnelConfig, SearchQuery
+from query.funnel import SearchQuery
+from query.retrievers import image_vectors
+from query.search_cache import SearchCache
 
 RUGS = [
     {"id": "rug-1", "title": "Jute rug", "type": "Rug, flatwoven", "colour": "natural", "text": "A flatwoven jute rug."},
@@ -59,7 +61,8 @@ def ids(response) -> list[str]:  # noqa: ANN001
 
 def test_embedded_engine_caches_stage_results_and_rows(engine):
     assert engine.settings.embedded_stores
-    assert engine.funnel.config.result_cache_hits > 0 and engine.funnel.config.row_cache_size > 0
+    cache = engine.funnel.cache
+    assert cache.result_hits > 0 and cache.rows_enabled and cache.vectors_enabled
 
 
 def test_stage_results_are_reused_until_an_ingest_or_a_delete(engine, bm25_calls):
@@ -88,10 +91,11 @@ def test_cached_rows_show_an_updated_product(engine):
 
 def test_each_ingest_batch_drops_the_cached_results(engine):
     engine.search(QUERY)
-    assert engine.funnel._results and engine.funnel._rows
+    sizes = engine.funnel.cache.sizes()
+    assert sizes["results"] and sizes["rows"]
     seen: list[tuple[int, int]] = []
     engine.ingest(raw([NEW_RUG]), "test",
-                  on_progress=lambda n: seen.append((len(engine.funnel._results), len(engine.funnel._rows))))
+                  on_progress=lambda n: seen.append(tuple(engine.funnel.cache.sizes()[k] for k in ("results", "rows"))))
     assert seen == [(0, 0)], "the caches must be empty once a batch's writes are done"
 
 
@@ -107,17 +111,17 @@ def test_rule_changes_are_not_hidden_by_the_cache(engine):
 
 
 def test_a_list_computed_across_an_invalidation_is_not_kept():
-    funnel = Funnel(None, None, None, None, None, None, FunnelConfig(result_cache_hits=1000))  # type: ignore[arg-type]
+    cache = SearchCache(result_hits=1000)
     calls = []
 
     def compute_while_a_write_lands() -> list[str]:
         calls.append(1)
-        funnel.invalidate_results()  # e.g. an ingest batch finished while this list was computed
+        cache.invalidate()  # e.g. an ingest batch finished while this list was computed
         return ["stale"]
 
-    assert funnel.stage_hits("bm25", "q", None, 10, compute_while_a_write_lands) == ["stale"]
-    assert funnel.stage_hits("bm25", "q", None, 10, lambda: ["fresh"]) == ["fresh"]
-    assert funnel.stage_hits("bm25", "q", None, 10, lambda: ["recomputed"]) == ["fresh"]
+    assert cache.hits("bm25", "q", None, 10, compute_while_a_write_lands) == ["stale"]
+    assert cache.hits("bm25", "q", None, 10, lambda: ["fresh"]) == ["fresh"]
+    assert cache.hits("bm25", "q", None, 10, lambda: ["recomputed"]) == ["fresh"]
 
 
 def test_product_vectors_fetched_across_an_invalidation_are_not_kept():
@@ -125,7 +129,7 @@ def test_product_vectors_fetched_across_an_invalidation_are_not_kept():
 
     from indexing.vector_store import VectorPoint
 
-    funnel = Funnel(None, None, None, None, None, None, FunnelConfig(product_vector_cache=10))  # type: ignore[arg-type]
+    cache = SearchCache(product_vectors=10)
     fetched: list[list[str]] = []
 
     class Store:
@@ -134,29 +138,33 @@ def test_product_vectors_fetched_across_an_invalidation_are_not_kept():
         def fetch(self, ids):  # noqa: ANN001, ANN202
             fetched.append(list(ids))
             if self.write_lands:
-                funnel.invalidate_results()  # e.g. an ingest batch replaced the photo meanwhile
+                cache.invalidate()  # e.g. an ingest batch replaced the photo meanwhile
             return {i: VectorPoint(i, {"image": np.ones(4, np.float32)}) for i in ids if i != "no-photo"}
 
     store = Store()
-    assert set(funnel.product_image_vectors(store, ["a", "no-photo"], None)) == {"a"}
+
+    def vectors(ids):  # noqa: ANN001, ANN202 - as the image list asks for them
+        return cache.product_vectors("raw", ids, lambda missing: image_vectors(store.fetch(missing), None))
+
+    assert set(vectors(["a", "no-photo"])) == {"a"}
     store.write_lands = False
-    funnel.product_image_vectors(store, ["a"], None)
-    funnel.product_image_vectors(store, ["a"], None)
+    vectors(["a"])
+    vectors(["a"])
     assert fetched == [["a", "no-photo"], ["a"]], "kept only when no write landed during the fetch"
 
 
 def test_the_result_cache_is_bounded_and_keyed_by_list_lock_and_depth():
-    funnel = Funnel(None, None, None, None, None, None, FunnelConfig(result_cache_hits=25))  # type: ignore[arg-type]
+    cache = SearchCache(result_hits=25)
     hits = [str(i) for i in range(10)]  # each list costs 11 of the 25
     for key in ("a", "b", "c"):
-        funnel.stage_hits("text", key, None, 10, lambda: hits)
-    assert [k[1] for k in funnel._results] == ["b", "c"] and funnel._results.currsize == 22
-    assert funnel.stage_hits("text", "b", ["rug"], 10, lambda: ["locked"]) == ["locked"]
-    assert funnel.stage_hits("text", "b", None, 20, lambda: ["deeper"]) == ["deeper"]
-    assert funnel.stage_hits("image", "b", None, 10, lambda: ["image"]) == ["image"]
-    assert funnel._results.currsize <= 25
-    off = Funnel(None, None, None, None, None, None, FunnelConfig())  # type: ignore[arg-type]
-    assert off.stage_hits("text", "a", None, 10, lambda: ["x"]) == ["x"] and not off._results
+        cache.hits("text", key, None, 10, lambda: hits)
+    assert [k[1] for k in cache._results] == ["b", "c"] and cache.sizes()["results"] == 22
+    assert cache.hits("text", "b", ["rug"], 10, lambda: ["locked"]) == ["locked"]
+    assert cache.hits("text", "b", None, 20, lambda: ["deeper"]) == ["deeper"]
+    assert cache.hits("image", "b", None, 10, lambda: ["image"]) == ["image"]
+    assert cache.sizes()["results"] <= 25
+    off = SearchCache()
+    assert off.hits("text", "a", None, 10, lambda: ["x"]) == ["x"] and not off.sizes()["results"]
 
 
 def test_rows_for_the_response_skip_the_categories(engine):

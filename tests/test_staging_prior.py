@@ -77,13 +77,13 @@ def test_funnel_fuses_the_prior_list_for_queries_with_a_room_type(make_engine, i
                               ("kitchen-1", "Kitchen", [other["_id"], "not-in-catalog"])])
     query = SearchQuery(text="a cosy corner to read", room="Bedroom", top_k=100)
     before = engine.search(query)
-    assert all(item.provenance.prior is None for item in before.items)  # no prior fitted yet
+    assert all(item.provenance.retrievers.get("prior") is None for item in before.items)  # no prior fitted yet
 
     engine.install_prior(prior)
     assert staging_prior_path(home).exists()
     after = engine.search(query)  # the cached lists are dropped by the install
     assert after.fusion["prior"] == 2.0
-    staged = {item.id: item.provenance.prior for item in after.items if item.provenance.prior is not None}
+    staged = {item.id: item.provenance.retrievers.get("prior") for item in after.items if item.provenance.retrievers.get("prior") is not None}
     assert set(room_products) <= set(staged) and all(staged[i].score == 1.0 for i in room_products)
     assert "not-in-catalog" not in {item.id for item in after.items}
     lists = engine.funnel.retrieve(query).lists

@@ -128,19 +128,19 @@ def test_fitted_whitening_changes_the_image_list_to_whitened_scores(make_engine,
     raw = engine.search(query)
 
     white = fit_whitening(engine, room_photos(rooms), dim=64, region_step=3)
-    n_regions = len(engine.funnel.region_vectors(_room(ikea_slice)))
+    n_regions = len(engine.funnel.query_vectors.region_vectors(_room(ikea_slice)))
     assert white.meta["room_photos"] == 1 and white.meta["regions"] == len(range(0, n_regions, 3))
     assert white.meta["products"] == sum(1 for r in ikea_slice["records"] if r["image"])
     engine.install_whitening(white)
-    assert whitening_path(home).exists() and engine.whitening() is not None
+    assert whitening_path(home).exists() and engine.artifacts.whitening() is not None
 
     whitened = engine.search(query)  # the cached raw image list is not reused
     store = engine.search_store()
-    regions = white.apply(engine.funnel.region_vectors(_room(ikea_slice)))
+    regions = white.apply(engine.funnel.query_vectors.region_vectors(_room(ikea_slice)))
     points = store.fetch([item.id for item in whitened.items])
     expected = {pid: float((regions @ white.apply(p.vectors["image"])[0]).max()) for pid, p in points.items()}
-    assert [i.provenance.image.score for i in whitened.items] == pytest.approx([expected[i.id] for i in whitened.items], abs=1e-4)
-    assert [i.provenance.image.score for i in whitened.items] != [i.provenance.image.score for i in raw.items]
+    assert [i.provenance.retrievers["image"].score for i in whitened.items] == pytest.approx([expected[i.id] for i in whitened.items], abs=1e-4)
+    assert [i.provenance.retrievers["image"].score for i in whitened.items] != [i.provenance.retrievers["image"].score for i in raw.items]
 
     # the critic's pairs carry the whitened room regions and product image vectors
     pairs = engine.funnel.critic_pairs(query, engine.funnel.retrieve(query).fused[:3], engine.funnel.products(list(points)[:3]))
@@ -168,11 +168,11 @@ def test_learned_stage_from_judged_room_queries_on_the_real_slice(make_engine, i
     engine.install_whitening(white)
     query = SearchQuery(text="a rug for this bedroom", image=_room(ikea_slice), mode="vector", weights={"text": 0.0})
     result = engine.search(query)
-    regions = white.apply(engine.funnel.region_vectors(_room(ikea_slice)))
+    regions = white.apply(engine.funnel.query_vectors.region_vectors(_room(ikea_slice)))
     assert regions.shape[1] == 16
     points = engine.search_store().fetch([item.id for item in result.items])
     expected = {pid: float((regions @ white.apply(p.vectors["image"])[0]).max()) for pid, p in points.items()}
-    assert [i.provenance.image.score for i in result.items] == pytest.approx([expected[i.id] for i in result.items], abs=1e-4)
+    assert [i.provenance.retrievers["image"].score for i in result.items] == pytest.approx([expected[i.id] for i in result.items], abs=1e-4)
     with pytest.raises(RuntimeError, match="fewer than 2"):
         fit_whitening(engine, room_photos(rooms), judged={ikea_slice["room"]: {"not-a-product"}})
 

@@ -36,7 +36,7 @@ T = TypeVar("T")
 
 
 def room_fold(folds: int) -> Callable[[BenchmarkQuery], int | None]:
-    """The fold of a query's room (:func:`evaluation.tune.cv_fold` of its room id), None
+    """The fold of a query's room (:func:`evaluation.folds.cv_fold` of its room id), None
     for a query without a room."""
     return lambda q: cv_fold(q.room_id, folds) if q.room_id else None
 
