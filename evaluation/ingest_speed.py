@@ -42,7 +42,8 @@ from ingestion.readers import RawRecord, open_source
 from mars.engine import Engine
 from mars.settings import Settings
 from workers.app import app as celery_app
-from workers.jobs import job_progress, submit_bulk
+from catalog.jobs import job_progress
+from workers.celery_jobs import CeleryJobs
 from workers.local import LocalWorkers, scratch_database, served_api
 
 TYPES = ["Sofa", "Armchair", "Bookcase", "Desk", "Table lamp", "Rug", "Bed frame", "Wardrobe", "Mirror", "Stool"]
@@ -117,16 +118,16 @@ def queued(records: list[RawRecord], warm: list[RawRecord], n_workers: int, args
             workers.start("index", "index")
             for i in range(n_workers):
                 workers.start(f"w{i}", "ingest,embed")
-            wait_done(sessions, submit_bulk(sessions, warm, "warm-up", args.chunk), 600, workers)
+            wait_done(sessions, CeleryJobs(sessions, args.chunk).submit(warm, "warm-up"), 600, workers)
             t = time.perf_counter()
-            job = submit_bulk(sessions, records, "timed", args.chunk)
+            job = CeleryJobs(sessions, args.chunk).submit(records, "timed")
             progress = wait_done(sessions, job, 3600, workers)
             seconds = time.perf_counter() - t
             latencies = []
             for i in range(stream):
                 data = {**records[i % len(records)].data, "id": f"stream-q{i}", "title": f"streamed {i}"}
                 t0 = time.perf_counter()
-                wait_done(sessions, submit_bulk(sessions, [RawRecord("stream", 1, data, data)], "stream", 1), 60, workers)
+                wait_done(sessions, CeleryJobs(sessions, 1).submit([RawRecord("stream", 1, data, data)], "stream"), 60, workers)
                 latencies.append(time.perf_counter() - t0)
         finally:
             workers.stop_all()

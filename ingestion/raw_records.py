@@ -36,6 +36,12 @@ class RawRecord:
     error: str | None = None
 
 
+def raw_to_json(raw: RawRecord) -> dict[str, Any]:
+    """``raw`` as a JSON-able dict (its fields by name), e.g. for a Celery task's arguments;
+    ``RawRecord(**d)`` reads it back."""
+    return {"source": raw.source, "position": raw.position, "data": raw.data, "raw": raw.raw, "error": raw.error}
+
+
 def json_objects(path: Path, lines: Iterable[bytes]) -> Iterator[tuple[int, dict[str, Any]] | RawRecord]:
     """Decode JSON-lines ``lines`` (raw bytes, as read from ``path``).
 

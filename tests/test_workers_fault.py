@@ -23,7 +23,8 @@ from ingestion.readers import RawRecord, open_source
 from postgres_db import fresh_database
 from redis_db import flushed_redis
 from workers.app import app
-from workers.jobs import job_progress, submit_bulk
+from catalog.jobs import job_progress
+from workers.celery_jobs import CeleryJobs
 from workers.local import LocalWorkers
 
 pytestmark = pytest.mark.slow
@@ -89,7 +90,7 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_nothing(cluster, ikea):
     sessions = session_factory(make_engine(db_url))
     records = _text_only(list(open_source(ikea / "corpus.jsonl")))
     assert len(records) >= 2000
-    job = submit_bulk(sessions, records, "ikea text-only", chunk_size=16)
+    job = CeleryJobs(sessions, chunk_size=16).submit(records, "ikea text-only")
 
     _wait(sessions, job, lambda p: p["done"] >= 300, 240, c)
     c.kill("w1")  # mid-run: its reserved chunk is neither acknowledged nor finished
@@ -121,7 +122,7 @@ def test_malformed_records_are_rejected_and_stored_items_do_not_change(cluster, 
     rows = good[:90] + bad + good[90:]
     records = [RawRecord("mixed.jsonl", i + 1, row, row) for i, row in enumerate(rows)]
     records.append(RawRecord("mixed.jsonl", len(records) + 1, None, "{not json", error="invalid JSON: Expecting property name"))
-    job = submit_bulk(sessions, records, "mixed", chunk_size=16)
+    job = CeleryJobs(sessions, chunk_size=16).submit(records, "mixed")
     progress = _wait(sessions, job, lambda p: p["status"] == "done", 300, c)
 
     assert (progress["total"], progress["indexed"], progress["rejected"]) == (len(records), 180, len(bad) + 1)

@@ -1,1 +1,1 @@
-"""Server mode: the Celery app (:mod:`workers.app`), its tasks and the bulk-job API (:mod:`workers.jobs`)."""
+"""Where work runs: the job-queue seam (:mod:`workers.job_queue`) and its in-process and Celery implementations, the Celery app (:mod:`workers.app`), its ingest tasks and the queued critic."""

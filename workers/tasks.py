@@ -45,12 +45,12 @@ from ingestion.pipeline import (
     record_rejections,
     split_unchanged,
 )
-from ingestion.readers import RawRecord
+from ingestion.raw_records import RawRecord, raw_to_json
 from ingestion.records import ProductRecord
 from ingestion.remote import RemoteImageFetcher
 from mars.settings import get_settings
 from workers.app import app
-from workers.jobs import status_counts
+from catalog.jobs import status_counts
 
 log = logging.getLogger("mars.workers")
 
@@ -118,11 +118,6 @@ def index_engine():  # noqa: ANN201
 
 
 # ------------------------------------------------------------------ (de)serialisation
-
-
-def raw_to_json(raw: RawRecord) -> dict[str, Any]:
-    """A :class:`RawRecord` as a JSON-able dict (task arguments are JSON)."""
-    return {"source": raw.source, "position": raw.position, "data": raw.data, "raw": raw.raw, "error": raw.error}
 
 
 def _prepared_to_json(p: Prepared) -> dict[str, Any]:

@@ -209,7 +209,7 @@ def jobs(
             else:
                 found = [_api_call(lambda: client.get(f"/v1/jobs/{job_id}"), f"reading job {job_id}")]
     else:
-        from workers.jobs import job_progress, recent_jobs
+        from catalog.jobs import job_progress, recent_jobs
 
         with catalog_session() as session:
             found = recent_jobs(session, limit) if job_id is None else [job_progress(session, job_id)]

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 
 from query.deps import SessionDep, require
 from query.schemas import RowId
-from workers.jobs import job_progress, recent_jobs
+from catalog.jobs import job_progress, recent_jobs
 
 router = APIRouter(tags=["ingest"])
 

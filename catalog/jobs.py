@@ -1,50 +1,16 @@
-"""Bulk ingest jobs on the queues: submit one (rows first, tasks after the commit) and read
-its progress."""
+"""Bulk ingest jobs as the catalog records them: progress by item status, rate and ETA, the
+first rejections, the newest jobs. Read the same way whether a job ran in-process
+(:class:`workers.inprocess_jobs.InProcessJobs`) or on the Celery queues
+(:class:`workers.celery_jobs.CeleryJobs`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from itertools import islice
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from catalog.models import IngestJob, JobItem, RejectionRow, iso_or_none, utcnow
-from ingestion.readers import RawRecord
-
-
-def submit_bulk(sessions: sessionmaker[Session], records: Iterable[RawRecord], source: str, chunk_size: int) -> int:
-    """Queue ``records`` as one job and return its id.
-
-    The job row and one ``queued`` :class:`JobItem` per record are committed first; only then
-    are the ``ingest`` tasks sent, ``chunk_size`` records each (so a task never refers to rows
-    that a rolled-back transaction lost).
-
-    Raises:
-        ValueError: ``chunk_size`` < 1.
-    """
-    from workers.tasks import ingest_chunk, raw_to_json
-
-    if chunk_size < 1:
-        raise ValueError("chunk_size must be at least 1")
-    records = list(records)
-    with sessions() as session:
-        job = IngestJob(source=source, status="queued", total=len(records))
-        session.add(job)
-        session.flush()
-        session.add_all(JobItem(job_id=job.id, position=r.position, status="queued") for r in records)
-        session.commit()
-        job_id = job.id
-    it = iter(records)
-    while chunk := list(islice(it, chunk_size)):
-        ingest_chunk.delay(job_id, [raw_to_json(r) for r in chunk])
-    if not records:
-        with sessions() as session:
-            job = session.get(IngestJob, job_id)
-            job.status, job.finished_at = "done", utcnow()
-            session.commit()
-    return job_id
 
 
 def status_counts(session: Session, job_id: int) -> dict[str, int]:
