@@ -9,9 +9,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 
+from catalog.jobs import job_progress, recent_jobs
 from query.deps import SessionDep, require
 from query.schemas import RowId
-from catalog.jobs import job_progress, recent_jobs
 
 router = APIRouter(tags=["ingest"])
 
