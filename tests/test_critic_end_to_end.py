@@ -1,22 +1,25 @@
-"""The learned critic on a real slice: mine pairs through the funnel, train, save, and serve --mode full."""
+"""The learned critic on a real slice: mine pairs through the funnel, train, save, and serve --mode full.
+
+Each test works on its own copy of the session's ingested slice (``slice_home``), not a fresh
+ingest."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 from typer.testing import CliRunner
 
 from evaluation.beir import QueryImages, load_qrels, load_queries
-from ingestion.readers import open_source
 from query.funnel import SearchQuery
 from training.critic import fit, mine
 
 pytestmark = pytest.mark.slow
 
 
-def test_mine_train_and_rerank_with_the_learned_critic(ikea, ikea_slice, make_engine, tmp_path):
-    home = tmp_path / "mars"
+def test_mine_train_and_rerank_with_the_learned_critic(ikea, ikea_slice, slice_home, make_engine, tmp_path):
+    home = shutil.copytree(slice_home, tmp_path / "mars")
     engine = make_engine(home)
-    engine.ingest(open_source(ikea_slice["corpus"]), "slice")
     room_id = ikea_slice["room"].stem
     queries = [q for q in load_queries(ikea / "queries.jsonl") if q.room_id == room_id]
     qrels = load_qrels(ikea / "qrels" / "dev.tsv")
@@ -46,14 +49,11 @@ def test_mine_train_and_rerank_with_the_learned_critic(ikea, ikea_slice, make_en
     served.close()
 
 
-def test_cli_train_critic_writes_a_checkpoint(ikea, ikea_slice, make_engine, tmp_path, monkeypatch):
+def test_cli_train_critic_writes_a_checkpoint(ikea, ikea_slice, slice_home, tmp_path, monkeypatch):
     from mars.cli import app
     from mars.settings import get_settings
 
-    home = tmp_path / "cli-mars"
-    engine = make_engine(home)
-    engine.ingest(open_source(ikea_slice["corpus"]), "slice")
-    engine.close()
+    home = shutil.copytree(slice_home, tmp_path / "cli-mars")
     room_id = ikea_slice["room"].stem
     queries = tmp_path / "queries.jsonl"
     queries.write_text("".join(line for line in (ikea / "queries.jsonl").open() if room_id in line))
@@ -72,12 +72,10 @@ def test_cli_train_critic_writes_a_checkpoint(ikea, ikea_slice, make_engine, tmp
     assert '"in_sample"' in result.output and '"room-class"' in result.output
 
 
-def test_vlm_critic_through_the_engine_reads_room_and_product_photos(ikea, ikea_slice, make_engine, tmp_path):
-    from tiny_qwen2vl import save_tiny_qwen2vl
-
-    model = save_tiny_qwen2vl(tmp_path / "tiny-qwen2vl")
-    engine = make_engine(tmp_path / "vlm-mars", critic="vlm", critic_model=str(model), critic_rationale_top_k=0)
-    engine.ingest(open_source(ikea_slice["corpus"]), "slice")
+def test_vlm_critic_through_the_engine_reads_room_and_product_photos(ikea, ikea_slice, slice_home, make_engine,
+                                                                    tiny_qwen2vl_dir, tmp_path):
+    engine = make_engine(shutil.copytree(slice_home, tmp_path / "vlm-mars"), critic="vlm",
+                         critic_model=str(tiny_qwen2vl_dir), critic_rationale_top_k=0)
     seen = []
     score = engine.critic.score
     engine.critic.score = lambda pairs: seen.extend(pairs) or score(pairs)
@@ -90,11 +88,10 @@ def test_vlm_critic_through_the_engine_reads_room_and_product_photos(ikea, ikea_
                for i in full.items if i.provenance.critic)
 
 
-def test_a_critic_past_its_deadline_leaves_the_fused_order(ikea_slice, make_engine, tmp_path):
+def test_a_critic_past_its_deadline_leaves_the_fused_order(slice_home, make_engine, tmp_path):
     from critic.protocol import CriticTimeout
 
-    engine = make_engine(tmp_path / "timeout-mars", critic="none")
-    engine.ingest(open_source(ikea_slice["corpus"]), "slice")
+    engine = make_engine(shutil.copytree(slice_home, tmp_path / "timeout-mars"), critic="none")
 
     class MissesItsDeadline:  # what QueuedCritic raises when the critic worker answers too late
         name, uses_images = "queued:vlm", False
@@ -102,9 +99,12 @@ def test_a_critic_past_its_deadline_leaves_the_fused_order(ikea_slice, make_engi
         def score(self, pairs):
             raise CriticTimeout(f"no verdicts for {len(pairs)} pairs within 5 ms", task_id="t-1", deadline_ms=5)
 
-    engine.funnel.critic = MissesItsDeadline()
+    engine.funnel.critic_stage.critic = MissesItsDeadline()
     hybrid = engine.search(SearchQuery(text="a lamp for this bedroom", mode="hybrid", top_k=10))
     full = engine.search(SearchQuery(text="a lamp for this bedroom", mode="full", top_k=10))
-    assert full.critic.status == "timeout" and "within 5 ms" in full.critic.detail and full.critic.scored == 0
+    # a missed deadline is one way of being unavailable (CriticTimeout is a CriticUnavailable)
+    assert full.critic.status == "unavailable" and full.critic.backend == "queued:vlm"
+    assert full.critic.detail.startswith("no verdicts for ") and "within 5 ms" in full.critic.detail
+    assert full.critic.scored == 0
     assert [i.id for i in full.items] == [i.id for i in hybrid.items]
     assert all(i.provenance.critic is None for i in full.items)
