@@ -165,7 +165,14 @@ class LearnedCritic:
     uses_images: bool = False
 
     def score(self, pairs: Sequence[CriticPair]) -> list[Verdict]:
-        """One :class:`Verdict` per pair, in order; the rationale names the two strongest signals."""
+        """One :class:`Verdict` per pair, in order; the rationale names the two strongest signals.
+
+        Raises:
+            CriticUnavailable: never: the critic computes in process from the pairs' own vectors
+                and the loaded statistics (no transport, no generated answer to misread).
+            ValueError: a pair whose vectors disagree in dimension
+                (:func:`critic.features.vector_features`): bad input, not an outage.
+        """
         t0 = time.perf_counter()
         x = feature_matrix(pairs, self.stats)
         contributions = (x - self.mean) / self.std * self.weights  # (n, 10) terms of the logit

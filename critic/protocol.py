@@ -91,8 +91,9 @@ class CriticUnavailable(RuntimeError):
 class CriticTimeout(CriticUnavailable, TimeoutError):
     """A critic did not answer within the request's deadline; the fused order should stand.
 
-    Raised by the queued critic (:class:`workers.critic.QueuedCritic`, and inside its worker by
-    the micro-batcher when a request's deadline passes before its pairs reach the model).
+    Raised by the queued critic (:class:`workers.critic_client.QueuedCritic`, and inside its
+    worker by :class:`critic.batching.MicroBatcher` when a request's deadline passes before its
+    pairs reach the model).
 
     Attributes:
         task_id: the Celery task id of the request, or None (its late result is never read).
