@@ -20,7 +20,7 @@ reason shown to the user, e.g. ``"HTTP 404 from https://..."``,
 ``"image over 1000000 bytes (Content-Length 2000000) from https://..."``,
 ``"timed out after 2 retries: ReadTimeout on GET https://..."``.
 
-Retry policy as in ARCHITECTURE.md ("retries only for transient errors"); status codes per
+Retry policy: retries only for transient errors (Celery's and the AWS SDKs' convention); status codes per
 RFC 9110 (502/503/504) and RFC 6585 (429, ``Retry-After``).
 """
 

@@ -72,6 +72,7 @@ class Engine:
         self.settings = settings
         self._encoders = encoders
         self._taxonomy: Taxonomy | None = None
+        self._closed = False
         #: Serialises index writes of this process (bulk-job batches, streamed items, deletes).
         self.write_lock = threading.Lock()
         with ExitStack() as undo:
@@ -310,7 +311,11 @@ class Engine:
 
     def close(self) -> None:
         """Stop the job queue (a running in-process job stops after its batch), then flush and
-        release every store, the database and the owner lock — each even if an earlier step fails."""
+        release every store, the database and the owner lock — each even if an earlier step fails.
+        Closing a closed engine does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         with ExitStack() as closing:
             closing.callback(self.stores.close)
             closing.callback(self.db.dispose)

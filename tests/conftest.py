@@ -106,7 +106,4 @@ def make_engine(tmp_path, encoders):
 
     yield factory
     for engine in engines:
-        try:
-            engine.close()
-        except RuntimeError:
-            pass
+        engine.close()  # a test may have closed it already: closing twice does nothing
