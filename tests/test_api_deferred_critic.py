@@ -10,11 +10,14 @@ import shutil
 import threading
 import time
 
+import pytest
 from fastapi.testclient import TestClient
 
 from critic.protocol import Verdict
 from query.app import create_app
 from test_openai_critic import StallingServer
+
+pytestmark = pytest.mark.slow  # the real encoders and the IKEA slice
 
 
 class GatedCritic:
