@@ -259,8 +259,9 @@ class OpenSearchIndex:
             raise RuntimeError(f"alias {self.name!r} points to {indices}; exactly one index expected")
         return indices[0]
 
-    def reindex(self, docs: Iterable[LexicalDoc], *, keep_old: bool = False) -> str:
-        """Build ``<name>_v<N+1>`` from ``docs`` and move the alias onto it in one ``_aliases`` call.
+    def reindex(self, docs: Iterable[LexicalDoc], *, keep_old: bool = False) -> None:
+        """Build ``<name>_v<N+1>`` from ``docs`` and move the alias onto it in one ``_aliases`` call
+        (:meth:`live_index` then names it), as the vector stores' ``reindex`` does.
 
         The new index is created with refresh disabled, bulk-loaded (``docs`` consumed once,
         ``chunk_size`` per request), given back ``refresh_interval``, refreshed, then swapped in.
@@ -268,9 +269,6 @@ class OpenSearchIndex:
         Args:
             docs: every document of the new index (a generator is fine).
             keep_old: keep the previous index instead of deleting it.
-
-        Returns:
-            The new index's name.
 
         Raises:
             RuntimeError: the alias is missing. Whatever the iterable or the cluster raised
@@ -299,7 +297,6 @@ class OpenSearchIndex:
             raise
         if not keep_old:
             self.client.indices.delete(index=old)
-        return new
 
     def drop(self) -> None:
         """Delete every versioned index of this store (the alias goes with them)."""
