@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from indexing.vector_store import VectorStore
     from indexing.whitening import Whitening
     from ingestion.raw_records import RawRecord
+    from query.retriever import Retriever
     from mars.settings import Settings
 
 __all__ = ["Engine", "IndexMismatchError", "StoreBusyError"]
@@ -141,6 +142,10 @@ class Engine:
     def search(self, query: SearchQuery) -> SearchResponse:
         """Run a query through the funnel (:meth:`query.funnel.Funnel.search`)."""
         return self.funnel.search(query)
+
+    def retrievers(self) -> list[Retriever]:
+        """The ranked lists the funnel fuses, in fusion order (:data:`query.retrievers.RETRIEVERS`)."""
+        return list(self.funnel.retrievers)
 
     def has_region_vectors(self, digest: str) -> bool:
         """Whether the region vectors of the room photo whose region key is ``digest`` are

@@ -27,7 +27,7 @@ from query.deferred import DeferredResults
 from query.deps import bulk_jobs_of
 from query.observability import install_observability
 from query.problems import install_problem_handlers
-from query.routes import categories, console, health, items, jobs, keys, rules, search
+from query.routes import categories, console, health, items, jobs, keys, retrievers, rules, search
 
 if TYPE_CHECKING:
     from mars.engine import Engine
@@ -87,7 +87,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, w
     install_cors(app, app_settings)
     # the outermost middleware: add other middleware before it
     install_observability(app, app_settings, bulk_jobs=partial(bulk_jobs_of, app))
-    for module in (search, items, categories, health, jobs, console, keys, rules):
+    for module in (search, retrievers, items, categories, health, jobs, console, keys, rules):
         app.include_router(module.router)
     console.mount_console(app)  # after console.router: GET /console itself redirects to /console/
     return app

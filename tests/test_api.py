@@ -56,6 +56,22 @@ def test_search_json_and_multipart(client, ikea_slice):
     assert not whole_room.json()["lock"]["applied"] and "off" in whole_room.json()["lock"]["reason"]
 
 
+def test_retrievers_name_the_lists_that_key_weights_and_provenance(client, ikea_slice):
+    from query.retrievers import RETRIEVERS
+
+    listed = client.get("/v1/retrievers").json()
+    assert [r["name"] for r in listed] == list(RETRIEVERS)
+    assert all(r["label"] and r["kind"] in ("lexical", "vector", "prior") and r["needs"] in ("text", "image", "room")
+               for r in listed)
+    room = base64.b64encode(ikea_slice["room"].read_bytes()).decode()
+    body = client.post("/v1/search", json={"text": "a lamp for this bedroom", "image_base64": room,
+                                           "weights": {"text": 0}}).json()
+    used = [name for name in body["fusion"] if name != "k"]
+    assert used == ["bm25", "image"]  # the slice has no aligned vector and no prior; text weighed 0 is not run
+    assert set().union(*(i["provenance"]["retrievers"] for i in body["items"])) <= set(used)
+    assert all(set(hit) == {"rank", "score"} for i in body["items"] for hit in i["provenance"]["retrievers"].values())
+
+
 def test_bad_uploads_are_clear_4xx_and_store_nothing(client):
     before = client.get("/healthz").json()
     not_image = client.post("/v1/search", data={"text": "lamp"}, files={"image": ("x.jpg", b"GIF89a-not-really", "image/jpeg")})

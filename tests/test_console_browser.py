@@ -169,7 +169,7 @@ def test_search_with_a_room_photo_shows_cards_with_photos_and_rationales(page, s
     # The slice has few lamps: the whole-room search (auto lock off) in mode full with the critic.
     page.get_by_label("Auto lock category from the text").uncheck()
     page.get_by_label("Mode").select_option("full")
-    page.get_by_label("Image", exact=True).focus()
+    page.get_by_label("Room photo", exact=True).focus()  # the image list's slider, labelled from GET /v1/retrievers
     page.keyboard.press("ArrowRight")  # 1.00 -> 1.05 by keyboard
     sync_api.expect(page.locator("#w-image-out")).to_have_text("1.05")
     with page.expect_request(lambda r: r.url.endswith("/v1/search")) as sent:

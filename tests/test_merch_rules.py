@@ -108,7 +108,7 @@ def test_pin_inserts_a_product_retrieval_did_not_return_within_the_lock_only(cli
     got = search(client, "sisal", category="rug", mode="bm25")
     assert ids(got) == [MULLERUP, OSTED]
     inserted = got["items"][0]
-    assert inserted["provenance"]["fused"] is None and inserted["provenance"]["bm25"] is None
+    assert inserted["provenance"]["fused"] is None and inserted["provenance"]["retrievers"] == {}
     assert inserted["provenance"]["rules"] == [f"pinned at #1 by rule {mullerup['id']} (inserted: retrieval did not return it)"]
     assert inserted["score"] == 0.0
     unlocked = search(client, "sisal", mode="bm25")  # no lock: both pins apply
@@ -215,7 +215,7 @@ class ReversingCritic:
 
 
 def test_a_pin_keeps_its_position_in_mode_full(client, monkeypatch):
-    monkeypatch.setattr(client.engine.funnel, "critic", ReversingCritic())
+    monkeypatch.setattr(client.engine.funnel.critic_stage, "critic", ReversingCritic())
     hybrid = ids(search(client, RUGS, top_k=20))
     assert 5 <= len(hybrid) < 20  # every rug of the lock: the critic's top 20 holds them all
     full = search(client, RUGS, top_k=20, mode="full")

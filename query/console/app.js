@@ -1,5 +1,6 @@
 /* MARS console: plain JavaScript, no dependencies. Talks to the server's own API:
- *   GET  /v1/categories, POST /v1/search, GET /v1/items/{id}, GET /v1/items/{id}/image,
+ *   GET  /v1/categories, GET /v1/retrievers (the ranked lists: weight sliders, card rank rows),
+ *   POST /v1/search, GET /v1/items/{id}, GET /v1/items/{id}/image,
  *   POST /v1/items:bulk, GET /v1/jobs, GET /v1/jobs/{id},
  *   GET/POST /v1/rules, PATCH/DELETE /v1/rules/{id} (merchandising rules: card buttons and the rules panel).
  * Every request carries "Authorization: Bearer <key>" when an API key is saved (localStorage).
@@ -24,6 +25,7 @@
     rules: null,           // GET /v1/rules, as last loaded
     titles: new Map(),     // product id -> title, from the results seen (names rule targets)
     confirmRule: null,     // id of the rule the confirmation talks about (Undo deletes it)
+    retrievers: [],        // GET /v1/retrievers: [{name, label, kind, needs}] in fusion order
   };
 
   const $ = (id) => document.getElementById(id);
@@ -146,6 +148,7 @@
       hideNotice();
       renderKeyState(value ? "Key saved." : "Key removed.");
       loadCategories();
+      loadRetrievers();
       loadRules();
       route();  // reload what the current page shows with the new key
     });
@@ -261,16 +264,30 @@
   // ---------------------------------------------------------------- fusion weights
 
   function initWeights() {
-    for (const input of document.querySelectorAll("input[data-weight]")) {
-      input.addEventListener("input", () => {
-        state.movedWeights.add(input.dataset.weight);
-        $(input.id + "-out").textContent = Number(input.value).toFixed(2);
-      });
-    }
+    $("weight-sliders").addEventListener("input", (ev) => {
+      const input = ev.target;
+      if (!input.dataset || !input.dataset.weight) return;
+      state.movedWeights.add(input.dataset.weight);
+      $(input.id + "-out").textContent = Number(input.value).toFixed(2);
+    });
     $("weights-reset").addEventListener("click", () => {
       state.movedWeights.clear();
       for (const input of document.querySelectorAll("input[data-weight]")) $(input.id + "-out").textContent = "default";
     });
+  }
+
+  /** The ranked lists the server fuses (names and labels from its registry): one weight slider each. */
+  async function loadRetrievers() {
+    try { state.retrievers = await apiJson("/v1/retrievers"); } catch (err) { showError(err); return; }
+    $("weight-sliders").replaceChildren(...state.retrievers.map((r) => {
+      const id = "w-" + r.name;
+      return el("div", { class: "weight" },
+        el("label", { for: id }, r.label),
+        el("input", { id, type: "range", min: "0", max: "2", step: "0.05", value: "1", "data-weight": r.name }),
+        el("output", { id: id + "-out", for: id }, "default"));
+    }));
+    state.movedWeights.clear();
+    if (state.lastResponse) showUsedWeights(state.lastResponse.fusion);
   }
 
   /** After a search: sliders the user has not moved show the weights the server used. */
@@ -382,9 +399,11 @@
     const link = "#/item/" + encodeURIComponent(item.id);
     const img = el("img", { class: "card-img", alt: item.title || item.id, loading: "lazy", decoding: "async" });
     const ranks = el("dl", { class: "ranks" });
-    const stages = [["BM25", p.bm25], ["Image", p.image], ["Text", p.text], ["Fused", p.fused]];
-    if (p.aligned) stages.splice(3, 0, ["Aligned", p.aligned]);  // the text -> image list, once `mars train align` ran
-    if (p.prior) stages.splice(stages.length - 1, 0, ["Staged", p.prior]);  // the staging prior, once `mars train prior` ran
+    // one row per list this search fused (the server's weights name them), in fusion order, then the fused rank
+    const used = (name) => state.lastResponse && typeof state.lastResponse.fusion[name] === "number";
+    const lists = state.retrievers.length ? state.retrievers : Object.keys(p.retrievers).map((name) => ({ name, label: name }));
+    const stages = lists.filter((r) => used(r.name)).map((r) => [r.label, p.retrievers[r.name]]);
+    stages.push(["Fused", p.fused]);
     for (const [label, hit] of stages) {
       ranks.append(el("div", null, el("dt", null, label), el("dd", null, stageText(hit))));
     }
@@ -861,6 +880,7 @@
     });
     route();
     loadCategories();
+    loadRetrievers();
     loadRules();
     if ($("view-search").hidden === false) $("q").focus();
   }
