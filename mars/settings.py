@@ -181,7 +181,7 @@ class Settings(BaseSettings):
         20.0, ge=0, description="Queued critic worker: ms a micro-batch waits for more pairs after its oldest pair arrived (T)."
     )
     critic_deadline_ms: float = Field(
-        3000.0, gt=0, description="Queued critic: per-request deadline in ms; past it the response says critic: timeout."
+        3000.0, gt=0, description="Queued critic: per-request deadline in ms; past it the fused order stands and the response says critic: unavailable (timed out ...)."
     )
     critic_checkpoint: Path | None = Field(
         None, description="Learned-critic checkpoint (safetensors); default <home>/critic/learned.safetensors."

@@ -27,7 +27,8 @@ Metrics (``GET /metrics``, Prometheus text or OpenMetrics by ``Accept``)
       set stays bounded);
     * ``mars_search_stage_duration_seconds{stage}`` — the funnel stages of each search
       (``SearchResponse.timings_ms``: plan, bm25, vector, fuse, critic, total);
-    * ``mars_critic_timeouts_total`` — searches whose critic passed its deadline;
+    * ``mars_critic_unavailable_total`` — searches whose critic was unavailable (timed out, unreachable,
+      or answered unreadably: the fused order stood);
     * ``mars_queue_depth{queue}`` — messages waiting in the Celery queues ``ingest``,
       ``embed``, ``index``, ``critic`` (Redis list lengths at ``MARS_BROKER_URL``, read on
       scrape; absent when Redis cannot be read, which counts in
@@ -235,7 +236,7 @@ class ApiMetrics:
     registry: CollectorRegistry
     requests: Histogram
     stages: Histogram
-    critic_timeouts: Counter
+    critic_unavailable: Counter
 
     @classmethod
     def create(cls) -> ApiMetrics:
@@ -251,18 +252,19 @@ class ApiMetrics:
                 "mars_search_stage_duration_seconds", "Latency of each funnel stage of a search (timings_ms).",
                 ["stage"], buckets=_STAGE_BUCKETS, registry=registry,
             ),
-            critic_timeouts=Counter(
-                "mars_critic_timeouts", "Searches whose critic passed its deadline (the fused order stood).",
+            critic_unavailable=Counter(
+                "mars_critic_unavailable",
+                "Searches whose critic was unavailable: timed out, unreachable or unreadable (the fused order stood).",
                 registry=registry,
             ),
         )
 
     def observe_search(self, response: SearchResponse) -> None:
-        """Record one search's stage timings and a critic timeout."""
+        """Record one search's stage timings and whether its critic was unavailable."""
         for stage, ms in response.timings_ms.items():
             self.stages.labels(stage).observe(ms / 1000.0)
-        if response.critic.status == "timeout":
-            self.critic_timeouts.inc()
+        if response.critic.status == "unavailable":
+            self.critic_unavailable.inc()
 
 
 def observe_search(app: FastAPI, response: SearchResponse) -> SearchResponse:

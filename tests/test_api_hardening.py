@@ -221,18 +221,18 @@ def test_metrics_request_histogram_and_search_stages(client):
     for stage in search.json()["timings_ms"]:
         assert sample(samples, "mars_search_stage_duration_seconds_count", stage=stage) >= 1, stage
     assert {"bm25", "fuse", "total"} <= set(search.json()["timings_ms"])
-    assert sample(samples, "mars_critic_timeouts_total") == 0
+    assert sample(samples, "mars_critic_unavailable_total") == 0
     assert sample(samples, "mars_bulk_jobs_waiting") == 0 and sample(samples, "mars_bulk_jobs_running") == 0
 
 
-def test_critic_timeouts_are_counted(engine):
+def test_unavailable_critics_are_counted(engine):
     from query.funnel import SearchQuery
 
     result = engine.search(SearchQuery(text="lamp", mode="hybrid"))
     metrics = ApiMetrics.create()
-    metrics.observe_search(result.model_copy(update={"critic": result.critic.model_copy(update={"status": "timeout"})}))
+    metrics.observe_search(result.model_copy(update={"critic": result.critic.model_copy(update={"status": "unavailable"})}))
     metrics.observe_search(result)
-    assert metrics.registry.get_sample_value("mars_critic_timeouts_total") == 1
+    assert metrics.registry.get_sample_value("mars_critic_unavailable_total") == 1
     assert metrics.registry.get_sample_value("mars_search_stage_duration_seconds_count", {"stage": "total"}) == 2
 
 
