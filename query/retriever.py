@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -49,6 +49,13 @@ class Hit(Protocol):
 
     @property
     def score(self) -> float: ...
+
+
+class ScoredHit(NamedTuple):
+    """A ready-made :class:`Hit` for a new retriever: a product id and its score."""
+
+    id: str
+    score: float
 
 
 @dataclass(frozen=True)

@@ -219,12 +219,13 @@ def retriever_kind(name: str) -> Kind:
     return RETRIEVERS[name].kind
 
 
-def build_retrievers(ctx: RetrieverContext, names: Sequence[str] = RETRIEVER_NAMES) -> list[Retriever]:
-    """The retrievers ``names`` (in registry order) over ``ctx``.
+def build_retrievers(ctx: RetrieverContext, names: Sequence[str] | None = None) -> list[Retriever]:
+    """The retrievers ``names`` (every registered one when None), in registry order, over ``ctx``.
 
     Raises:
         ValueError: a name not in :data:`RETRIEVERS`.
     """
+    names = list(RETRIEVERS) if names is None else names
     unknown = [n for n in names if n not in RETRIEVERS]
     if unknown:
         raise ValueError(f"unknown retriever(s) {', '.join(unknown)}; available: {', '.join(RETRIEVERS)}")
