@@ -15,8 +15,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import inflect
+if TYPE_CHECKING:
+    import inflect
 
 #: Last words that do not name the object on their own: "lamp shade" is not a shade of
 #: anything, a "bed frame" is not a picture frame.
@@ -29,6 +31,10 @@ _NON_WORD = re.compile(r"[^0-9a-z\-]+")
 
 @lru_cache(maxsize=1)
 def _inflect() -> inflect.engine:
+    """The ``inflect`` engine, imported on first use (importing it takes seconds: the funnel and
+    the app factory import this module)."""
+    import inflect
+
     return inflect.engine()
 
 
