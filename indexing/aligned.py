@@ -24,14 +24,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from indexing.encoders import l2_normalize
-from mars.checkpoints import WatchedCheckpoint, checkpoint_bytes, file_digest, read_checkpoint, replace_file
+from mars.checkpoints import SavedCheckpoint, WatchedCheckpoint, checkpoint_bytes, read_checkpoint
 
 log = logging.getLogger("mars.aligned")
 
@@ -57,7 +57,7 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class AlignHeads:
+class AlignHeads(SavedCheckpoint):
     """The two projection heads.
 
     Attributes:
@@ -65,7 +65,8 @@ class AlignHeads:
         image_encoder: the ``MARS_IMAGE_ENCODER`` whose vectors the image head reads.
         text_encoder: the ``MARS_TEXT_ENCODER`` whose vectors the text head reads.
         meta: logit scale/bias and the training report.
-        digest: first 12 hex digits of the checkpoint file's sha256 (set by :meth:`load`).
+        digest: first 12 hex digits of the checkpoint file's sha256 (set by :meth:`load`, or by
+            :meth:`~mars.checkpoints.SavedCheckpoint.fingerprinted` for one built in memory).
 
     Raises:
         AlignHeadsError: a tensor is missing or the shapes do not chain.
@@ -137,18 +138,6 @@ class AlignHeads:
             {"format": FORMAT, "image_encoder": self.image_encoder, "text_encoder": self.text_encoder,
              "meta": json.dumps(self.meta, sort_keys=True)},
         )
-
-    def save(self, path: Path) -> None:
-        """Write the checkpoint (:meth:`to_bytes`) atomically.
-
-        Raises:
-            OSError: the folder or the file cannot be written.
-        """
-        replace_file(path, self.to_bytes())
-
-    def fingerprinted(self) -> "AlignHeads":
-        """These heads with ``digest`` set: as loaded, or the digest of the file :meth:`save` would write."""
-        return self if self.digest is not None else replace(self, digest=file_digest(self.to_bytes()))
 
     @classmethod
     def load(cls, path: Path) -> "AlignHeads":

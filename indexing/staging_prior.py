@@ -26,11 +26,11 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from mars.checkpoints import WatchedCheckpoint, file_digest, replace_file
+from mars.checkpoints import SavedCheckpoint, WatchedCheckpoint, file_digest
 
 log = logging.getLogger("mars.staging_prior")
 
@@ -61,14 +61,15 @@ def room_type_key(room: str) -> str:
 
 
 @dataclass
-class StagingPrior:
+class StagingPrior(SavedCheckpoint):
     """Rooms per room type and, per product, the rooms of each type that show it.
 
     Attributes:
         rooms: room type key (:func:`room_type_key`) -> judged rooms of that type.
         counts: product id -> room type key -> rooms of that type that show the product.
         room_ids: the ids of the rooms counted.
-        digest: first 12 hex digits of the file's sha256 (set by :meth:`load`).
+        digest: first 12 hex digits of the file's sha256 (set by :meth:`load`, or by
+            :meth:`~mars.checkpoints.SavedCheckpoint.fingerprinted` for one built in memory).
     """
 
     rooms: dict[str, int]
@@ -135,18 +136,6 @@ class StagingPrior:
         """The prior as the JSON bytes :meth:`save` writes (sorted keys: deterministic)."""
         doc = {"format": FORMAT, "rooms": self.rooms, "counts": self.counts, "room_ids": sorted(self.room_ids)}
         return json.dumps(doc, sort_keys=True).encode("utf-8")
-
-    def save(self, path: Path) -> None:
-        """Write the prior as JSON, atomically (:func:`mars.checkpoints.replace_file`).
-
-        Raises:
-            OSError: the folder or the file cannot be written.
-        """
-        replace_file(path, self.to_bytes())
-
-    def fingerprinted(self) -> "StagingPrior":
-        """This prior with ``digest`` set: as loaded, or the digest of the file :meth:`save` would write."""
-        return self if self.digest is not None else replace(self, digest=file_digest(self.to_bytes()))
 
     @classmethod
     def load(cls, path: Path) -> "StagingPrior":

@@ -43,14 +43,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from indexing.encoders import l2_normalize
-from mars.checkpoints import WatchedCheckpoint, checkpoint_bytes, file_digest, read_checkpoint, replace_file
+from mars.checkpoints import SavedCheckpoint, WatchedCheckpoint, checkpoint_bytes, read_checkpoint
 
 log = logging.getLogger("mars.whitening")
 
@@ -75,7 +75,7 @@ def whitening_path(home: Path) -> Path:
 
 
 @dataclass
-class Whitening:
+class Whitening(SavedCheckpoint):
     """A fitted PCA whitening, optionally followed by a learned (supervised) stage.
 
     Attributes:
@@ -84,7 +84,8 @@ class Whitening:
             learned stage (:meth:`learn`), applied to the PCA stage's unit output.
         image_encoder: the ``MARS_IMAGE_ENCODER`` whose vectors it was fitted on.
         meta: the fit report (vectors per domain, dim, eps, variance kept).
-        digest: first 12 hex digits of the checkpoint file's sha256 (set by :meth:`load`).
+        digest: first 12 hex digits of the checkpoint file's sha256 (set by :meth:`load`, or by
+            :meth:`~mars.checkpoints.SavedCheckpoint.fingerprinted` for one built in memory).
 
     Raises:
         WhiteningError: the shapes do not agree.
@@ -218,19 +219,6 @@ class Whitening:
                                                          "learned_projection": self.learned_projection}
         return checkpoint_bytes({"mean": self.mean, "projection": self.projection, **learned},
                                 {"format": FORMAT, "image_encoder": self.image_encoder, "meta": json.dumps(self.meta, sort_keys=True)})
-
-    def save(self, path: Path) -> None:
-        """Write the checkpoint (:meth:`to_bytes`) atomically.
-
-        Raises:
-            OSError: the folder or the file cannot be written.
-        """
-        replace_file(path, self.to_bytes())
-
-    def fingerprinted(self) -> "Whitening":
-        """This whitening with ``digest`` set: as loaded, or the digest of the file :meth:`save`
-        would write (an in-memory whitening keys caches like the same one read from disk)."""
-        return self if self.digest is not None else replace(self, digest=file_digest(self.to_bytes()))
 
     @classmethod
     def load(cls, path: Path) -> "Whitening":

@@ -8,6 +8,7 @@ tensor bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -44,8 +45,9 @@ def file_digest(data: bytes) -> str:
 
 
 def checkpoint_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
-    """The bytes of a safetensors checkpoint of ``tensors`` with ``metadata`` (deterministic:
-    the same arrays and metadata give the same bytes, hence the same :func:`file_digest`)."""
+    """The bytes of a safetensors checkpoint of ``tensors`` with ``metadata``. (Not byte-for-byte
+    reproducible: safetensors writes its JSON header from a hash map, so two calls may order it
+    differently; the tensors and metadata read back are the same.)"""
     from safetensors.numpy import save
 
     return save(dict(tensors), metadata=dict(metadata))
@@ -84,6 +86,31 @@ def read_checkpoint(path: Path, fmt: str, error: type[ValueError]) -> tuple[dict
     if metadata.get("format") != fmt:
         raise error(f"{path} is not a {fmt} checkpoint (format {metadata.get('format')!r})")
     return dict(tensors), metadata, file_digest(data)
+
+
+class SavedCheckpoint:
+    """What a checkpoint dataclass with a ``digest`` field and a :meth:`to_bytes` gets: :meth:`save`
+    (atomic, :func:`replace_file`) and :meth:`fingerprinted` (a digest of its bytes, so an artifact
+    built in memory gets a version in cache keys as one read from a file does: different contents
+    never share one)."""
+
+    digest: str | None
+
+    def to_bytes(self) -> bytes:
+        """The checkpoint file's bytes."""
+        raise NotImplementedError
+
+    def save(self, path: Path) -> None:
+        """Write :meth:`to_bytes` to ``path`` atomically.
+
+        Raises:
+            OSError: the folder or the file cannot be written.
+        """
+        replace_file(path, self.to_bytes())
+
+    def fingerprinted(self):  # noqa: ANN201 - the same type as self
+        """This checkpoint with ``digest`` set: as loaded, or the :func:`file_digest` of :meth:`to_bytes`."""
+        return self if self.digest is not None else dataclasses.replace(self, digest=file_digest(self.to_bytes()))
 
 
 class WatchedCheckpoint(Generic[T]):

@@ -72,8 +72,8 @@ class Artifacts:
     def with_values(self, **values: Any) -> "Artifacts":
         """These artifacts with the named pieces fixed to ``values`` (a value or None), e.g.
         ``with_values(whitening=refitted)``; the others stay as they are. A value that was not
-        read from a file gets the digest of the file it would be saved as
-        (``fingerprinted()``), so cached results are keyed by its content, as for a file.
+        read from a file gets a digest of its bytes (``fingerprinted()``), so the cached results
+        of different versions never mix, as for files.
 
         Raises:
             TypeError: a name that is not a piece.
