@@ -99,7 +99,9 @@ def run_eval(
     :func:`training.room_folds.out_of_fold`).
 
     Returns a JSON-ready dict: ``mode``, ``tasks`` (task -> {"queries": n, metric: mean}),
-    ``per_query`` (query id -> metric values) and ``locks`` (query id -> lock key or None).
+    ``per_query`` (query id -> metric values), ``locks`` (query id -> lock key or None) and
+    ``critic`` (query id -> {"status", "detail"} of the critic stage; in mode ``full`` a status
+    ``unavailable`` means the fused order was scored for that query).
     Each query passes its room type (``room_category``) as the search's room context;
     :data:`ROOM_LEVEL_TASKS` run without an automatic lock. ``where`` keeps a subset of the
     queries (:func:`select_queries`).
@@ -113,6 +115,7 @@ def run_eval(
     images = QueryImages(settings.max_image_bytes, settings.max_image_pixels)
     runs: dict[str, list[str]] = {}
     locks: dict[str, str | None] = {}
+    critic: dict[str, dict[str, str]] = {}
     by_task: dict[str, list[str]] = defaultdict(list)
     with Progress(disable=not progress, transient=True) as bar:
         task_id = bar.add_task(f"eval ({mode})", total=len(queries))
@@ -120,9 +123,10 @@ def run_eval(
             response = search(eval_query(q, images(q), mode=mode))
             runs[q.id] = [item.id for item in response.items]
             locks[q.id] = response.lock.key if response.lock.applied else None
+            critic[q.id] = {"status": response.critic.status, "detail": response.critic.detail}
             by_task[q.task].append(q.id)
             bar.advance(task_id)
-    report: dict[str, Any] = {"mode": mode, "tasks": {}, "per_query": {}, "locks": locks}
+    report: dict[str, Any] = {"mode": mode, "tasks": {}, "per_query": {}, "locks": locks, "critic": critic}
     for task, ids in sorted(by_task.items()):
         means, per_query = score_queries({i: runs[i] for i in ids}, qrels)
         report["tasks"][task] = {"queries": len(per_query), **{k: round(v, 4) for k, v in means.items()}}

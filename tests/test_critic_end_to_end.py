@@ -108,3 +108,27 @@ def test_a_critic_past_its_deadline_leaves_the_fused_order(slice_home, make_engi
     assert full.critic.scored == 0
     assert [i.id for i in full.items] == [i.id for i in hybrid.items]
     assert all(i.provenance.critic is None for i in full.items)
+
+
+def test_the_ranking_gain_counts_queries_the_critic_could_not_judge(ikea, ikea_slice, slice_home, make_engine, tmp_path):
+    from critic.protocol import CriticUnavailable
+    from training.eval_critic import ranking_gain
+
+    engine = make_engine(shutil.copytree(slice_home, tmp_path / "gain-mars"), critic="none")
+
+    class Unreadable:  # a student whose answers stay invalid JSON after the repair round
+        name, uses_images = "qwen2-vl", False
+
+        def score(self, pairs):
+            raise CriticUnavailable("the answer was not valid JSON after one repair")
+
+    engine.funnel.critic_stage.critic = Unreadable()
+    room_id = ikea_slice["room"].stem
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(line for line in (ikea / "queries.jsonl").open() if room_id in line))
+    (tmp_path / "rooms").mkdir()
+    (tmp_path / "rooms" / ikea_slice["room"].name).symlink_to(ikea_slice["room"])  # photos are relative to the file
+    gain = ranking_gain(engine, queries, ikea / "qrels" / "dev.tsv", tasks=("room-class",), limit=2)
+    row = gain["room-class"]
+    assert row["queries"] == 2 and row["unavailable"] == 2 and row["full"] == row["hybrid"] and row["gain"] == 0
+    assert row["reason"].startswith("the answer was not valid JSON")

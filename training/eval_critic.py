@@ -127,19 +127,28 @@ def ranking_gain(engine: Any, queries: Path, qrels: Path, *, tasks: Sequence[str
     its top ``MARS_CRITIC_TOP_N``) on the judged queries of ``tasks`` (at most ``limit`` per task).
 
     Returns:
-        task -> ``{"queries", "hybrid", "full", "gain"}`` (nDCG@10 in [0, 1], gain = full - hybrid).
+        task -> ``{"queries", "hybrid", "full", "gain", "unavailable", "reason"}`` (nDCG@10 in
+        [0, 1], gain = full - hybrid; ``unavailable``: queries whose critic could not judge them,
+        e.g. an answer still invalid after the repair round, scored with the fused order, so
+        they pull the gain towards 0; ``reason``: the first such query's critic detail, or None).
 
     Raises:
-        CriticAnswerError: the student's generated answer stayed invalid for a top-k pair
-            (rank with ``MARS_CRITIC_RATIONALE_TOP_K=0`` to use its fast path only).
         FileNotFoundError: a queries/qrels file or a query photo is missing.
     """
+    from evaluation.beir import load_queries
     from evaluation.runner import run_eval
 
     runs = {mode: run_eval(engine, queries, qrels, mode=mode, tasks=list(tasks), limit=limit, progress=progress)
             for mode in ("hybrid", "full")}
+    task_of = {q.id: q.task for q in load_queries(queries)}
+    unavailable: dict[str, list[str]] = {}
+    for qid, critic in runs["full"]["critic"].items():
+        if critic["status"] == "unavailable":
+            unavailable.setdefault(task_of.get(qid, ""), []).append(critic["detail"])
     out = {}
     for task, row in runs["hybrid"]["tasks"].items():
         hybrid, full = row["nDCG@10"], runs["full"]["tasks"][task]["nDCG@10"]
-        out[task] = {"queries": row["queries"], "hybrid": hybrid, "full": full, "gain": round(full - hybrid, 4)}
+        missed = unavailable.get(task, [])
+        out[task] = {"queries": row["queries"], "hybrid": hybrid, "full": full, "gain": round(full - hybrid, 4),
+                     "unavailable": len(missed), "reason": missed[0] if missed else None}
     return out

@@ -208,13 +208,8 @@ def train_eval_critic(
                         "agreement": agreement(student, rows, generate=generate),
                         "held_out": held_out_check(adapter, rows) if adapter else None}
         if engine is not None:
-            from critic.prompt import CriticAnswerError
-
-            try:
-                report["ranking"] = ranking_gain(engine, queries, qrels, tasks=tuple(task or DISTILL_TASKS), limit=limit,
-                                                 progress=not as_json)
-            except CriticAnswerError as exc:
-                report["ranking_error"] = f"{exc} (rank with --rationale-top-k 0 to use the student's P(yes) only)"
+            report["ranking"] = ranking_gain(engine, queries, qrels, tasks=tuple(task or DISTILL_TASKS), limit=limit,
+                                             progress=not as_json)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         raise fail(exc) from exc
     finally:
@@ -244,10 +239,14 @@ def train_eval_critic(
     if "ranking" in report:
         gain = Table(title=f"nDCG@10, student as critic (top {settings.critic_top_n} re-ranked, "
                            f"{settings.critic_rationale_top_k} by generated JSON)")
-        for col in ("task", "queries", "hybrid", "full (student)", "gain"):
+        for col in ("task", "queries", "hybrid", "full (student)", "gain", "critic unavailable"):
             gain.add_column(col, justify="left" if col == "task" else "right")
         for t, row in report["ranking"].items():
-            gain.add_row(t, str(row["queries"]), f"{row['hybrid']:.4f}", f"{row['full']:.4f}", f"{row['gain']:+.4f}")
+            gain.add_row(t, str(row["queries"]), f"{row['hybrid']:.4f}", f"{row['full']:.4f}", f"{row['gain']:+.4f}",
+                         str(row["unavailable"]))
         console.print(gain)
-    if "ranking_error" in report:
-        console.print(f"[red]ranking not scored:[/red] {report['ranking_error']}")
+        for t, row in report["ranking"].items():
+            if row["unavailable"]:
+                console.print(f"[yellow]{t}: the student could not judge {row['unavailable']} queries[/yellow] (scored "
+                              f"with the fused order), e.g. {row['reason']}; rank with --rationale-top-k 0 to use "
+                              "its P(yes) only")
