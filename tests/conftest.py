@@ -5,11 +5,25 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+#: One BLAS/OpenMP thread per process for the test session (this process and the servers and
+#: workers it starts inherit it; set the variables yourself to override). On this busy 2-core
+#: machine two threads are many times slower on the suite's small matrices: an L-BFGS fit of
+#: the category head on 70 vectors took 20 s with 2 torch threads, 0.15 s with 1; 2,000
+#: OpenBLAS products of (60, 1280) @ (1280, 2000) 52 s vs 5.6 s. The README's own guidance is
+#: ``OMP_NUM_THREADS=1 mars train align``, and evaluation/ingest_speed.py gives each of N
+#: workers cores / N threads. Set before numpy or torch is imported (pytest imports neither).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+for _name in THREAD_VARIABLES:
+    os.environ.setdefault(_name, "1")
+if "torch" in sys.modules:  # a plugin imported it first: the variable came too late for it
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def ikea_dir() -> Path:
@@ -26,11 +40,21 @@ def ikea() -> Path:
 
 
 @pytest.fixture(scope="session")
-def encoders():
-    """The real EfficientNet-Lite0 + MiniLM encoders, shared by every engine in the session."""
+def real_encoders():
+    """The real EfficientNet-Lite0 (GeM) + MiniLM encoders, loaded once per session."""
     from mars.registry import load_encoders
 
     return load_encoders("efficientnet-lite0-gem", "all-minilm-l6-v2", batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def encoders(real_encoders):
+    """The session's real encoders behind memoizing wrappers (tests/memo_encoders.py), shared
+    by every engine: each product photo, room feature map and text is encoded once per session
+    (the wrappers return copies and refuse attribute writes, so no test can change them)."""
+    from memo_encoders import memoized
+
+    return memoized(real_encoders)
 
 
 @pytest.fixture(scope="session")
@@ -77,17 +101,24 @@ def ikea_slice(ikea: Path, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def slice_home(ikea_slice, encoders, tmp_path_factory) -> Path:
-    """A MARS_HOME with the slice ingested (no training run); copy it before changing it."""
+def slice_ingest(ikea_slice, encoders, tmp_path_factory) -> tuple[Path, object]:
+    """The slice ingested once per session with default settings (no training run), by an
+    engine closed again: ``(MARS_HOME, its ingestion.pipeline.IngestReport)``."""
     from ingestion.readers import open_source
     from mars.engine import Engine
     from mars.settings import Settings
 
     home = tmp_path_factory.mktemp("slice-home") / "mars"
-    engine = Engine(Settings(home=home), encoders=encoders)
-    engine.ingest(open_source(ikea_slice["corpus"]), source="slice")
-    engine.close()
-    return home
+    with Engine(Settings(home=home, _env_file=None), encoders=encoders) as engine:  # no ./.env
+        report = engine.ingest(open_source(ikea_slice["corpus"]), source="slice")
+    return home, report
+
+
+@pytest.fixture(scope="session")
+def slice_home(slice_ingest) -> Path:
+    """The session's MARS_HOME holding the ingested slice. Read-only: a test or module opens an
+    engine on its own copy, ``shutil.copytree(slice_home, tmp_path / "mars")`` (a few MB)."""
+    return slice_ingest[0]
 
 
 @pytest.fixture

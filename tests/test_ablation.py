@@ -16,24 +16,11 @@ from critic.learned import ClassStats, LearnedCritic
 from evaluation.ablation import ABLATION_METRICS, CONFIGS, NO_CRITIC, markdown_ablation, run_ablation, write_ablation
 from evaluation.baseline import NaiveIndex
 from evaluation.runner import run_eval
-from ingestion.readers import open_source
 
 pytestmark = pytest.mark.slow
 
 #: Which configurations cannot run a task's queries (the slice's room has no text-to-image queries).
 NOT_APPLICABLE = {"room-scene": {"bm25", "text", "aligned"}, "room-title": {"image"}}
-
-
-@pytest.fixture(scope="module")
-def slice_home(ikea_slice, encoders, tmp_path_factory):
-    """A MARS home with the slice ingested once; each test works on its own copy."""
-    from mars.engine import Engine
-    from mars.settings import Settings
-
-    home = tmp_path_factory.mktemp("ablation") / "mars"
-    with Engine(Settings(home=home, critic="none"), encoders=encoders) as engine:
-        engine.ingest(open_source(ikea_slice["corpus"]), "slice")
-    return home
 
 
 def _slice_queries(ikea_slice, tmp_path):

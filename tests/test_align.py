@@ -4,6 +4,7 @@ vector, and the funnel's ``aligned`` list — on a real slice of the IKEA catalo
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -82,10 +83,10 @@ def test_heads_file_ignores_bad_and_foreign_checkpoints(tmp_path):
     assert watch() is not None
 
 
-def test_train_align_installs_the_aligned_vector_and_the_funnel_searches_it(make_engine, ikea, ikea_slice, tmp_path):
-    home = tmp_path / "home"
+def test_train_align_installs_the_aligned_vector_and_the_funnel_searches_it(make_engine, ikea, ikea_slice, slice_home,
+                                                                            tmp_path):
+    home = shutil.copytree(slice_home, tmp_path / "home")  # the session's ingested slice
     engine = make_engine(home)
-    engine.ingest(open_source(ikea_slice["corpus"]), source="slice")
     n_points = engine.vector_store().count()
     before = engine.search(SearchQuery(text="white lamp", mode="vector"))
     assert "aligned" not in {name for name in ("bm25", "image", "text", "aligned") if name in before.fusion}

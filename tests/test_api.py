@@ -4,22 +4,23 @@ and limits are tests/test_api_auth.py's)."""
 from __future__ import annotations
 
 import base64
+import shutil
 
 import pytest
 from fastapi.testclient import TestClient
 
-from ingestion.readers import open_source
 from query.app import create_app
 
 
 @pytest.fixture(scope="module")
-def client(ikea_slice, encoders, tmp_path_factory):
+def client(slice_home, encoders, tmp_path_factory):
+    """The app on a copy of the session's ingested slice (no slice photo is over 2 Mpx)."""
     from mars.engine import Engine
     from mars.settings import Settings
 
-    settings = Settings(home=tmp_path_factory.mktemp("api") / "mars", max_image_pixels=2_000_000, api_auth="open", rate_limit="")
+    home = shutil.copytree(slice_home, tmp_path_factory.mktemp("api") / "mars")
+    settings = Settings(home=home, max_image_pixels=2_000_000, api_auth="open", rate_limit="")
     engine = Engine(settings, encoders=encoders)
-    engine.ingest(open_source(ikea_slice["corpus"]), "slice")
     with TestClient(create_app(engine=engine)) as c:
         c.engine = engine
         yield c

@@ -31,11 +31,11 @@ from training.category_head import (
 
 
 @pytest.fixture(scope="module")
-def slice_home(ikea_slice, encoders, tmp_path_factory):
-    """A MARS_HOME with the real IKEA slice ingested (closed again: tests open it or a copy)."""
-    home = tmp_path_factory.mktemp("category-head") / "mars"
+def slice_home(slice_home, encoders, tmp_path_factory):
+    """A copy of the session's ingested IKEA slice (tests/conftest.py; closed again: tests copy
+    it before writing) and its collected image vectors."""
+    home = shutil.copytree(slice_home, tmp_path_factory.mktemp("category-head") / "mars")
     with Engine(Settings(home=home), encoders=encoders) as engine:
-        engine.ingest(open_source(ikea_slice["corpus"]), "slice")
         data = collect(engine)
     return {"home": home, "data": data}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -15,7 +16,6 @@ from typer.testing import CliRunner
 
 from critic.prompt import JSON_QUESTION, CriticAnswer, build_prompt
 from evaluation.beir import load_qrels, load_queries
-from ingestion.readers import open_source
 from test_openai_critic import completion, running_server
 from training.eval_critic import spearman
 from training.label import prompt_version, rejected_path
@@ -29,17 +29,10 @@ API_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 
 
 @pytest.fixture(scope="module")
-def slice_home(ikea, ikea_slice, encoders, tmp_path_factory):
-    """A MARS_HOME holding the slice, its room queries (absolute photo paths) and the qrels."""
-    from mars.engine import Engine
-    from mars.settings import Settings
-
-    home = tmp_path_factory.mktemp("distill") / "mars"
-    engine = Engine(Settings(home=home), encoders=encoders)
-    try:
-        engine.ingest(open_source(ikea_slice["corpus"]), "slice")
-    finally:
-        engine.close()
+def slice_home(slice_home, ikea, ikea_slice, tmp_path_factory):
+    """A copy of the session's ingested slice (tests/conftest.py), its room queries (absolute
+    photo paths) and the qrels."""
+    home = shutil.copytree(slice_home, tmp_path_factory.mktemp("distill") / "mars")
     queries = home.parent / "queries.jsonl"
     with queries.open("w") as fh:
         for q in ikea_slice["queries"]:

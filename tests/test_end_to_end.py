@@ -21,10 +21,10 @@ from query.retriever import RetrievalQuery
 
 
 @pytest.fixture(scope="module")
-def slice_engine(ikea_slice, encoders, tmp_path_factory):
-    home = tmp_path_factory.mktemp("e2e") / "mars"
-    engine = Engine(Settings(home=home), encoders=encoders)
-    report = engine.ingest(open_source(ikea_slice["corpus"]), "slice")
+def slice_engine(slice_ingest, encoders, tmp_path_factory):
+    """An engine on a copy of the session's ingested slice, with the report of that ingest."""
+    home, report = slice_ingest
+    engine = Engine(Settings(home=shutil.copytree(home, tmp_path_factory.mktemp("e2e") / "mars")), encoders=encoders)
     yield engine, report
     engine.close()
 

@@ -4,18 +4,17 @@ lock to what they ask for; a query whose text asks for something else is listed 
 from __future__ import annotations
 
 import json
+import shutil
 
 from typer.testing import CliRunner
 
 from evaluation.beir import BenchmarkQuery, load_queries
 from evaluation.lock_accuracy import lock_accuracy
-from ingestion.readers import open_source
 from mars.cli import app
 
 
-def test_lock_accuracy_on_the_slice_room(ikea, ikea_slice, make_engine, tmp_path, monkeypatch):
-    engine = make_engine(tmp_path / "mars")
-    engine.ingest(open_source(ikea_slice["corpus"]), "slice")
+def test_lock_accuracy_on_the_slice_room(ikea, ikea_slice, slice_home, make_engine, tmp_path, monkeypatch):
+    engine = make_engine(shutil.copytree(slice_home, tmp_path / "mars"))  # the session's ingested slice
     room = ikea_slice["room"].stem
     queries = [q for q in load_queries(ikea / "queries.jsonl") if q.room_id == room]
     wrong = BenchmarkQuery(f"{room}::class::sofa", "room-class", "a lamp for this bedroom", None, room, "Bedroom")

@@ -5,6 +5,7 @@ the IKEA corpus has no brand attribute, ABO listings do)."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 from catalog import api_keys
 from catalog import rules as catalog_rules
 from critic.protocol import CriticPair, Verdict
-from ingestion.readers import RawRecord, apply_mapping, open_source
+from ingestion.readers import RawRecord, apply_mapping
 from mars.cli import app as cli
 from mars.settings import get_settings
 from query.app import create_app
@@ -38,14 +39,13 @@ def raw(records: list[dict]) -> list[RawRecord]:
 
 
 @pytest.fixture(scope="module")
-def client(ikea_slice, encoders, tmp_path_factory) -> Iterator[TestClient]:
-    """An open-mode app on the IKEA slice + :data:`BRANDED`."""
+def client(slice_home, encoders, tmp_path_factory) -> Iterator[TestClient]:
+    """An open-mode app on a copy of the session's ingested IKEA slice + :data:`BRANDED`."""
     from mars.engine import Engine
     from mars.settings import Settings
 
-    engine = Engine(Settings(home=tmp_path_factory.mktemp("rules") / "mars", api_auth="open", rate_limit=""),
-                    encoders=encoders)
-    engine.ingest(open_source(ikea_slice["corpus"]), "slice")
+    home = shutil.copytree(slice_home, tmp_path_factory.mktemp("rules") / "mars")
+    engine = Engine(Settings(home=home, api_auth="open", rate_limit=""), encoders=encoders)
     engine.ingest(raw(BRANDED), "branded")
     with TestClient(create_app(engine=engine)) as c:
         c.engine = engine

@@ -15,7 +15,6 @@ from evaluation.room_cv import room_cv
 from evaluation.folds import cv_fold
 from indexing.staging_prior import StagingPrior, staging_prior_path
 from indexing.whitening import whitening_path
-from ingestion.readers import open_source
 from query.funnel import SearchQuery
 from training.critic import ROOM_TASKS, mine_out_of_fold
 from training.room_folds import funnel_without, out_of_fold, room_fold
@@ -23,10 +22,10 @@ from training.whitening import fit_whitening, judged_photos
 
 
 @pytest.fixture(scope="module")
-def two_rooms(ikea_slice, encoders, tmp_path_factory):
-    """An ingested slice with a PCA + learned whitening, and a benchmark of two rooms in
-    different folds: the slice's room, and a copy of its photo as a second room that shows half
-    of its products."""
+def two_rooms(ikea_slice, slice_home, encoders, tmp_path_factory):
+    """A copy of the session's ingested slice with a PCA + learned whitening, and a benchmark of
+    two rooms in different folds: the slice's room, and a copy of its photo as a second room
+    that shows half of its products."""
     from mars.engine import Engine
     from mars.settings import Settings
 
@@ -49,9 +48,8 @@ def two_rooms(ikea_slice, encoders, tmp_path_factory):
     (base / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
     (base / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{p}\t1\n" for q, p in qrels))
 
-    home = base / "mars"
+    home = shutil.copytree(slice_home, base / "mars")
     engine = Engine(Settings(home=home), encoders=encoders)
-    engine.ingest(open_source(ikea_slice["corpus"]), source="slice")
     bench = load_queries(base / "queries.jsonl")
     white = fit_whitening(engine, [ikea_slice["room"], photo_b], judged=judged_photos(bench, load_qrels(base / "qrels.tsv")),
                           dim=48, learned_dim=16, region_step=3)

@@ -181,16 +181,14 @@ def test_settings_read_the_written_file_and_the_environment_wins(tmp_path, monke
 
 
 @pytest.mark.slow
-def test_cli_tune_on_a_real_slice_writes_the_env_file(ikea, ikea_slice, encoders, tmp_path, monkeypatch):
+def test_cli_tune_on_a_real_slice_writes_the_env_file(ikea, ikea_slice, slice_home, encoders, tmp_path, monkeypatch):
+    import shutil
+
     import mars.engine
     from mars.cli import app
-    from mars.engine import Engine
     from mars.settings import Settings, get_settings
-    from ingestion.readers import open_source
 
-    home = tmp_path / "mars"
-    with Engine(Settings(home=home, critic="none", _env_file=None), encoders=encoders) as engine:
-        engine.ingest(open_source(ikea_slice["corpus"]), "slice")
+    home = shutil.copytree(slice_home, tmp_path / "mars")  # the session's ingested slice
     queries = tmp_path / "queries.jsonl"
     with queries.open("w") as fh:
         for q in ikea_slice["queries"]:

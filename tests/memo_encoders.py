@@ -1,0 +1,121 @@
+"""Memoizing wrappers around the real encoders, so a test session encodes each photo, room
+feature map and text once, however many engines it builds.
+
+:class:`MemoImageEncoder` and :class:`MemoTextEncoder` give the wrapped encoder's outputs
+(computed by it on the first request) and hand out copies, so no caller can change a cached
+array. Keys: a BLAKE2b digest of an image's mode, size and pixels (with the requested short
+side for a feature map); the text itself for texts. Encoding is per row (EfficientNet-Lite0
+in eval mode, all-MiniLM-L6-v2 with attention masks), so a row does not depend on which batch
+it was first computed in beyond float rounding (``tests/test_memo_encoders.py`` checks the
+wrappers against the real encoders). Every other attribute (``name``, ``dim``, ``image_size``,
+``region_side``, ``pooling_power``, ``batch_size``, ``model``) is the wrapped encoder's, so
+the wrappers satisfy :class:`indexing.encoders.ImageEncoder`, :class:`~indexing.encoders.FeatureMapEncoder`
+and :class:`~indexing.encoders.TextEncoder` exactly when the wrapped encoder does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+def image_digest(image: Image.Image) -> bytes:
+    """A 16-byte BLAKE2b digest of an image's mode, size and pixel bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    h.update(image.tobytes())
+    return h.digest()
+
+
+class _Memo:
+    """Shared plumbing: the wrapped encoder, a lock, hit/miss counters and attribute passthrough."""
+
+    def __init__(self, inner: Any) -> None:
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "hits", 0)
+        object.__setattr__(self, "misses", 0)
+        object.__setattr__(self, "_lock", threading.Lock())
+
+    def __getattr__(self, name: str) -> Any:  # only called for names not found on the wrapper
+        if name == "inner":  # not initialised (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(
+            f"the session's encoders are shared read-only: not setting {name!r}; patch a copy or "
+            "load your own encoders (mars.registry.load_encoders)"
+        )
+
+    def _rows(self, cache: dict, keys: list, items: Sequence, encode) -> np.ndarray:  # noqa: ANN001
+        """Rows for ``keys`` from ``cache``; the misses are encoded together by ``encode``."""
+        with self._lock:
+            missing: dict = {}
+            for key, item in zip(keys, items):
+                if key not in cache and key not in missing:
+                    missing[key] = item
+            if missing:
+                fresh = np.asarray(encode(list(missing.values())))
+                for i, key in enumerate(missing):
+                    cache[key] = fresh[i].copy()
+            object.__setattr__(self, "misses", self.misses + len(missing))
+            object.__setattr__(self, "hits", self.hits + len(keys) - len(missing))
+            if not keys:
+                return np.zeros((0, self.inner.dim), dtype=np.float32)
+            return np.stack([cache[k] for k in keys])  # a new array: the cache stays untouched
+
+
+class MemoImageEncoder(_Memo):
+    """An image encoder (and feature-map encoder when the wrapped one is) with memoized outputs."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        object.__setattr__(self, "_vectors", {})
+        object.__setattr__(self, "_maps", {})
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """The wrapped ``encode_images``: float32 (n, dim), one cached row per distinct image."""
+        return self._rows(self._vectors, [image_digest(im) for im in images], images, self.inner.encode_images)
+
+
+class MemoFeatureMapEncoder(MemoImageEncoder):
+    """A feature-map encoder (a CNN: room regions pooled from one map) with memoized outputs."""
+
+    def feature_map(self, image: Image.Image, short_side: int) -> np.ndarray:
+        """The wrapped ``feature_map``: float32 (C, H, W), cached per (pixels, short side)."""
+        key = (image_digest(image), int(short_side))
+        with self._lock:
+            cached = self._maps.get(key)
+            if cached is None:
+                cached = np.asarray(self.inner.feature_map(image, short_side))
+                self._maps[key] = cached
+                object.__setattr__(self, "misses", self.misses + 1)
+            else:
+                object.__setattr__(self, "hits", self.hits + 1)
+            return cached.copy()
+
+
+class MemoTextEncoder(_Memo):
+    """A text encoder with memoized outputs (one cached row per distinct text)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        object.__setattr__(self, "_vectors", {})
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """The wrapped ``encode_texts``: float32 (n, dim)."""
+        return self._rows(self._vectors, list(texts), texts, self.inner.encode_texts)
+
+
+def memoized(encoders: tuple[Any, Any]) -> tuple[MemoImageEncoder, MemoTextEncoder]:
+    """Wrap an ``(image, text)`` pair: the image side as a :class:`MemoFeatureMapEncoder` when
+    the wrapped encoder has ``feature_map`` (else a :class:`MemoImageEncoder`, so
+    :func:`query.regions.embed_regions` crops as it would with the real one)."""
+    image, text = encoders
+    wrap = MemoFeatureMapEncoder if callable(getattr(image, "feature_map", None)) else MemoImageEncoder
+    return wrap(image), MemoTextEncoder(text)
