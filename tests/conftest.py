@@ -138,3 +138,39 @@ def make_engine(tmp_path, encoders):
     yield factory
     for engine in engines:
         engine.close()  # a test may have closed it already: closing twice does nothing
+
+
+#: Fixtures that load the real encoders, the real IKEA slice or a real model: a test that uses
+#: one (directly or through another fixture) is marked ``slow`` (pyproject's marker), so
+#: ``pytest -m "not slow"`` is the quick loop. Tests that start a server or worker process
+#: that loads the encoders carry the mark themselves.
+SLOW_FIXTURES = frozenset({"real_encoders", "encoders", "make_engine", "ikea_slice", "slice_ingest", "slice_home",
+                           "tiny_qwen2vl_dir"})
+
+#: A test not marked ``slow`` that takes longer than this (setup + call + teardown, seconds) is
+#: listed at the end of the run, so a new expensive test does not hide among the quick ones.
+UNMARKED_SLOW_S = 5.0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+
+
+_unmarked_seconds: dict[str, float] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201
+    outcome = yield
+    if item.get_closest_marker("slow") is None:
+        _unmarked_seconds[item.nodeid] = _unmarked_seconds.get(item.nodeid, 0.0) + outcome.get_result().duration
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001
+    slow = sorted(((s, n) for n, s in _unmarked_seconds.items() if s > UNMARKED_SLOW_S), reverse=True)
+    if slow:
+        terminalreporter.section(f"tests over {UNMARKED_SLOW_S:g} s without @pytest.mark.slow")
+        for seconds, nodeid in slow:
+            terminalreporter.write_line(f"{seconds:6.1f}s {nodeid}")

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 from mars.cli import app
 from workers.local import free_port, served_api
 
+pytestmark = pytest.mark.slow  # a real `mars serve` process, which loads the real encoders to ingest
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
