@@ -39,6 +39,9 @@ def ikea() -> Path:
     return path
 
 
+_memoized: list = []  # the session's memoizing encoders, for the run's summary line
+
+
 @pytest.fixture(scope="session")
 def real_encoders():
     """The real EfficientNet-Lite0 (GeM) + MiniLM encoders, loaded once per session."""
@@ -54,7 +57,8 @@ def encoders(real_encoders):
     (the wrappers return copies and refuse attribute writes, so no test can change them)."""
     from memo_encoders import memoized
 
-    return memoized(real_encoders)
+    _memoized.extend(memoized(real_encoders))
+    return tuple(_memoized)
 
 
 @pytest.fixture(scope="session")
@@ -169,6 +173,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001
+    if _memoized:
+        image, text = _memoized
+        maps = f", {image.map_misses} feature maps ({image.map_hits})" if hasattr(image, "map_misses") else ""
+        terminalreporter.write_line(
+            f"session encoders, computed (answered from the memo): {image.misses} photos ({image.hits}){maps}, "
+            f"{text.misses} texts ({text.hits}); tests/memo_encoders.py")
     slow = sorted(((s, n) for n, s in _unmarked_seconds.items() if s > UNMARKED_SLOW_S), reverse=True)
     if slow:
         terminalreporter.section(f"tests over {UNMARKED_SLOW_S:g} s without @pytest.mark.slow")

@@ -33,7 +33,8 @@ def image_digest(image: Image.Image) -> bytes:
 
 
 class _Memo:
-    """Shared plumbing: the wrapped encoder, a lock, hit/miss counters and attribute passthrough."""
+    """Shared plumbing: the wrapped encoder, a lock, ``hits`` / ``misses`` (rows answered from
+    the memo / computed by the wrapped encoder) and attribute passthrough."""
 
     def __init__(self, inner: Any) -> None:
         object.__setattr__(self, "inner", inner)
@@ -84,7 +85,13 @@ class MemoImageEncoder(_Memo):
 
 
 class MemoFeatureMapEncoder(MemoImageEncoder):
-    """A feature-map encoder (a CNN: room regions pooled from one map) with memoized outputs."""
+    """A feature-map encoder (a CNN: room regions pooled from one map) with memoized outputs;
+    ``map_hits`` / ``map_misses`` count the feature maps (``hits`` / ``misses`` the vectors)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        object.__setattr__(self, "map_hits", 0)
+        object.__setattr__(self, "map_misses", 0)
 
     def feature_map(self, image: Image.Image, short_side: int) -> np.ndarray:
         """The wrapped ``feature_map``: float32 (C, H, W), cached per (pixels, short side)."""
@@ -94,9 +101,9 @@ class MemoFeatureMapEncoder(MemoImageEncoder):
             if cached is None:
                 cached = np.asarray(self.inner.feature_map(image, short_side))
                 self._maps[key] = cached
-                object.__setattr__(self, "misses", self.misses + 1)
+                object.__setattr__(self, "map_misses", self.map_misses + 1)
             else:
-                object.__setattr__(self, "hits", self.hits + 1)
+                object.__setattr__(self, "map_hits", self.map_hits + 1)
             return cached.copy()
 
 
