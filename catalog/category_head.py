@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mars.checkpoints import WatchedCheckpoint, read_checkpoint, write_checkpoint
+from mars.checkpoints import SavedCheckpoint, WatchedCheckpoint, checkpoint_bytes, read_checkpoint
 
 if TYPE_CHECKING:  # pragma: no cover
     from mars.settings import Settings
@@ -53,7 +53,7 @@ def category_head_path(settings: "Settings") -> Path:
 
 
 @dataclass
-class CategoryHead:
+class CategoryHead(SavedCheckpoint):
     """``softmax(weight @ x + bias)`` over ``classes``.
 
     Attributes:
@@ -62,7 +62,8 @@ class CategoryHead:
         classes: the class keys, row ``i`` of ``weight`` is ``classes[i]``.
         image_encoder: the ``MARS_IMAGE_ENCODER`` whose vectors it was trained on.
         meta: training provenance (products, classes, held-out metrics, L-BFGS steps, ...).
-        digest: first 12 hex digits of the checkpoint file's sha256 (set by :meth:`load`).
+        digest: first 12 hex digits of the checkpoint file's sha256 (set by :meth:`load`, or by
+            :meth:`~mars.checkpoints.SavedCheckpoint.fingerprinted` for one built in memory).
     """
 
     weight: np.ndarray
@@ -143,11 +144,10 @@ class CategoryHead:
             out.append({**ranked[0], "top": ranked, "head": self.digest})
         return out
 
-    def save(self, path: Path) -> None:
-        """Write the checkpoint (safetensors: ``weight``, ``bias``; metadata: format, classes,
-        image encoder, provenance as JSON strings), atomically (:func:`mars.checkpoints.write_checkpoint`)."""
-        write_checkpoint(
-            path,
+    def to_bytes(self) -> bytes:
+        """The checkpoint's bytes (safetensors: ``weight``, ``bias``; metadata: format, classes,
+        image encoder, provenance as JSON strings); :meth:`save` writes them atomically."""
+        return checkpoint_bytes(
             {"weight": self.weight, "bias": self.bias},
             {"format": FORMAT, "classes": json.dumps(self.classes), "image_encoder": self.image_encoder,
              "meta": json.dumps(self.meta, sort_keys=True)},

@@ -122,7 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _product_text(p: dict) -> str:
-    """What the funnel gives the critic (query.funnel._product_text): type, colour, title, text."""
+    """What the funnel gives the critic (query.critic_stage.product_text): type, colour, title, text."""
     return ". ".join(part for part in (p.get("type"), p.get("color"), p.get("title"), p.get("text")) if part)
 
 

@@ -31,7 +31,8 @@ from ingestion.readers import RawRecord, open_source
 from ingestion.records import ProductRecord
 from mars.engine import Engine
 from mars.settings import Settings
-from query.funnel import SearchQuery, max_over_regions
+from query.funnel import SearchQuery
+from query.retrievers import max_over_regions
 from query.regions import crop_regions
 
 

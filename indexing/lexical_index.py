@@ -5,7 +5,7 @@ Standard library only. Implementations, chosen by name in :mod:`mars.registry`:
 :class:`indexing.opensearch.OpenSearchIndex` (server mode). Both score with Okapi BM25
 (Robertson & Zaragoza, "The Probabilistic Relevance Framework: BM25 and Beyond", 2009)
 summed over :data:`TEXT_FIELDS`, each field's score multiplied by its boost. The contract every
-backend passes is ``tests/contracts.py: LexicalIndexContract``.
+backend passes is ``tests/contract_stores.py: LexicalIndexContract``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ it without loading any engine. Implementations, each in its own module and chose
 * :class:`indexing.qdrant_server.QdrantServerStore` — a Qdrant server or cluster (qdrant-client).
 
 Vectors are float32 and L2-normalised by the encoders; scores are cosine similarities. The
-contract every backend passes is ``tests/contracts.py: VectorStoreContract``.
+contract every backend passes is ``tests/contract_stores.py: VectorStoreContract``.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ vectors keeps ``dim`` directions. The stage is another ``(mean, projection)`` ap
 PCA stage's unit output, re-normalised.
 
 Used by the funnel's image list to re-score the candidates that the grid cells found
-(:meth:`query.funnel.Funnel.image_hits`). Stored as safetensors at :func:`whitening_path`
+(:class:`query.retrievers.ImageRegionsRetriever`). Stored as safetensors at :func:`whitening_path`
 (``<MARS_HOME>/index/whitening.safetensors``): ``mean`` float32 ``(D,)`` and ``projection``
 float32 ``(D, dim)``, with the image encoder and the fit report as metadata.
 

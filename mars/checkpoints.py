@@ -1,5 +1,6 @@
 """Small model checkpoints stored as safetensors with JSON metadata, and a watcher that
-reloads one when its file changes (the category head, the alignment heads).
+reloads one when its file changes (the alignment heads, the whitening, the staging prior, the
+category head: :mod:`query.artifacts`), and the base that saves and versions them.
 
 safetensors layout (huggingface/safetensors, "Format"): an 8-byte little-endian header
 length, then a JSON header whose ``__metadata__`` holds string -> string pairs, then the

@@ -89,6 +89,7 @@ class Engine:
             self.rules = RuleCache(self._load_rules, settings.rules_cache_s)
             self.funnel = build_funnel(settings, self.stores, self.sessions, self.taxonomy, self.encoders,
                                        self.artifacts, self.rules)
+            undo.callback(self._close_critic)
             self.jobs = build_jobs(settings, self.sessions, self.ingest)
             undo.pop_all()
 
@@ -315,16 +316,23 @@ class Engine:
     # ---------------------------------------------------------------- lifetime
 
     def close(self) -> None:
-        """Stop the job queue (a running in-process job stops after its batch), then flush and
-        release every store, the database and the owner lock — each even if an earlier step fails.
-        Closing a closed engine does nothing."""
+        """Stop the job queue (a running in-process job stops after its batch), close the critic's
+        connections, dispose of the database, then flush and release every store and the owner
+        lock — each even if an earlier step fails. Closing a closed engine does nothing."""
         if self._closed:
             return
         self._closed = True
-        with ExitStack() as closing:
+        with ExitStack() as closing:  # callbacks run last first: jobs, critic, database, stores (lock last)
             closing.callback(self.stores.close)
             closing.callback(self.db.dispose)
+            closing.callback(self._close_critic)
             closing.callback(self.jobs.close)
+
+    def _close_critic(self) -> None:
+        """Release the critic's connections (an endpoint critic's HTTP client), if it holds any."""
+        close = getattr(self.critic, "close", None)
+        if close is not None:
+            close()
 
     def __enter__(self) -> "Engine":
         return self

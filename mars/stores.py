@@ -64,6 +64,7 @@ class Stores:
         self._open_lock = threading.Lock()  # a bulk job's first batch and a search must not both create the shard
         self._vectors: VectorStore | None = None
         self._reference: VectorStore | None = None
+        self._closed = False
         with ExitStack() as undo:  # whatever was opened is released if a later step fails
             self._lock: FileLock | None = None
             if settings.embedded_stores:
@@ -86,7 +87,11 @@ class Stores:
                 f"another MARS process owns {self.home} (pid {pid}); stop it, or send requests to its API "
                 "(`mars serve`), or point MARS_HOME elsewhere"
             ) from exc
-        (self.home / "owner.pid").write_text(str(os.getpid()))
+        try:
+            (self.home / "owner.pid").write_text(str(os.getpid()))
+        except BaseException:
+            lock.release()
+            raise
         return lock
 
     def _read_manifest(self) -> dict[str, Any] | None:
@@ -109,9 +114,15 @@ class Stores:
         self.manifest_path.write_text(json.dumps(self.manifest, indent=2))
 
     def vectors(self) -> VectorStore | None:
-        """The vector store, opened on first use; None while nothing has been indexed (no manifest)."""
+        """The vector store, opened on first use; None while nothing has been indexed (no manifest).
+
+        Raises:
+            RuntimeError: the stores were closed.
+        """
         if self._vectors is None and self.manifest is not None:
             with self._open_lock:
+                if self._closed:
+                    raise RuntimeError(f"the stores of {self.home} are closed")
                 if self._vectors is None:
                     self._vectors = self.backend.open(self.settings, self.home, self.manifest["dims"])
         return self._vectors
@@ -147,11 +158,15 @@ class Stores:
         self._reference = None
 
     def close(self) -> None:
-        """Flush and release the indexes, then the owner lock (always, even if a close fails)."""
+        """Flush and release the indexes, then the owner lock (each even if an earlier close
+        fails); closing twice does nothing, and no store opens after it."""
+        with self._open_lock:
+            if self._closed:
+                return
+            self._closed = True
         with ExitStack() as closing:
             if self._lock is not None:
                 closing.callback(self._lock.release)
             if self._vectors is not None:
                 closing.callback(self._vectors.close)
             closing.callback(self.lexical.close)
-        self._vectors = None

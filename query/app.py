@@ -66,9 +66,9 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, w
             opened = engine
         app.state.engine = opened  # read by the routes through query.deps
         app.state.deferred = DeferredResults()
-        if warm_start:
-            await run_in_threadpool(warm_up, opened)
-        try:
+        try:  # a warm-up that fails still closes the engine the lifespan opened (and its owner lock)
+            if warm_start:
+                await run_in_threadpool(warm_up, opened)
             yield
         finally:
             app.state.deferred.close()

@@ -52,7 +52,7 @@ def replay(body: bytes) -> Receive:
 
 def photo_digest(data: bytes) -> str:
     """The key of an uploaded photo in the funnel's region cache: ``"sha256:<hex>"`` of its bytes
-    (set as ``image.info["mars_digest"]``, :meth:`query.funnel.Funnel.region_key`)."""
+    (set as ``image.info["mars_digest"]``, :meth:`query.query_vectors.QueryVectors.region_key`)."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 

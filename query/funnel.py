@@ -20,6 +20,7 @@ Modes: ``bm25`` (BM25 only), ``vector`` (vector lists only), ``hybrid`` (all lis
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -176,15 +177,15 @@ class Funnel:
         timings["rules"] = _ms_since(t)
 
         trained = self.artifacts.current()
-        image_key = self.query_vectors.region_key(query.image) if query.image is not None else None
+        kinds = MODE_KINDS[query.mode]
+        image_key = self.query_vectors.region_key(query.image) if query.image is not None and "vector" in kinds else None
         input_ = RetrievalQuery(text=text, image=query.image, image_key=image_key, room=query.room, trained=trained)
         depth = max(self.config.depth, query.top_k)
         weights = {**self.config.weights.get(query_shape(query), {}), **query.weights}
-        kinds = MODE_KINDS[query.mode]
         lists: dict[str, list] = {}
         for r in self.retrievers:
             # a list weighted 0 cannot change the fused order (mode bm25 has one list, unweighted)
-            if r.kind not in kinds or (query.mode != "bm25" and weights.get(r.name, 1.0) <= 0) or not r.applies(input_):
+            if r.kind not in kinds or (query.mode != "bm25" and not weights.get(r.name, 1.0) > 0) or not r.applies(input_):
                 continue
             t = time.perf_counter()
             lists[r.name] = self.cache.hits(r.name, r.cache_key(input_), cats, depth,
@@ -220,10 +221,13 @@ class Funnel:
             insertable = products_within(session, missing, r.lock.key if r.lock.applied else None)  # type: ignore[arg-type]
         return merchandise(r.fused, rules, brands, insertable)
 
-    def critic_pairs(self, query: SearchQuery, head: Sequence[Fused], products: dict[str, Product]) -> list[CriticPair]:
+    def critic_pairs(self, query: SearchQuery, head: Sequence[Fused], products: dict[str, Product],
+                     trained: Trained | None = None) -> list[CriticPair]:
         """The critic's input for the fused ``head`` of ``query``, as a search builds it
-        (:meth:`query.critic_stage.CriticStage.pairs`, with this funnel's trained pieces)."""
-        return self.critic_stage.pairs(query_text(query), query.image, head, products, self.artifacts.current())
+        (:meth:`query.critic_stage.CriticStage.pairs`), with the trained pieces its retrieval read
+        (``Retrieval.trained``; default: this funnel's current ones)."""
+        return self.critic_stage.pairs(query_text(query), query.image, head, products,
+                                       trained if trained is not None else self.artifacts.current())
 
     def search(self, query: SearchQuery) -> SearchResponse:
         """Run one query through the funnel: :meth:`retrieve`, the merchandising rules
@@ -231,10 +235,18 @@ class Funnel:
         pinned products keep their positions), the response with provenance.
 
         Raises:
-            QueryError: unknown mode, no text and no image, BM25 without text, or top_k < 1.
+            QueryError: unknown mode, no text and no image, BM25 without text, top_k < 1, or a
+                weight for a list that does not exist or that is not a finite number ≥ 0.
         """
         if query.mode not in MODES:
             raise QueryError(f"unknown mode {query.mode!r}; use one of {', '.join(MODES)}")
+        unknown = sorted(set(query.weights) - set(self.retriever_names()))
+        if unknown:
+            raise QueryError(f"no list named {', '.join(map(repr, unknown))} to weigh; the lists are "
+                             f"{', '.join(self.retriever_names())}")
+        bad = {name: w for name, w in query.weights.items() if not 0 <= w < math.inf}
+        if bad:
+            raise QueryError(f"list weights must be finite numbers ≥ 0, got {bad}")
         text = query_text(query)
         if text is None and query.image is None:
             raise QueryError("a query needs text, a room photo, or both")

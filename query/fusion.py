@@ -8,6 +8,7 @@ Ties are broken by id so the order is deterministic.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -33,13 +34,13 @@ def weighted_rrf(
         k: the RRF constant (> 0).
 
     Raises:
-        ValueError: if ``k`` ≤ 0 or a weight is negative.
+        ValueError: if ``k`` ≤ 0 or a weight is negative or not finite.
     """
-    if k <= 0:
+    if not k > 0:
         raise ValueError(f"RRF k must be > 0, got {k}")
     weights = dict(weights or {})
-    if any(w < 0 for w in weights.values()):
-        raise ValueError(f"RRF weights must be ≥ 0, got {weights}")
+    if not all(0 <= w < math.inf for w in weights.values()):
+        raise ValueError(f"RRF weights must be finite and ≥ 0, got {weights}")
     fused: dict[str, Fused] = {}
     for name, ids in rankings.items():
         w = float(weights.get(name, 1.0))

@@ -26,7 +26,8 @@ Metrics (``GET /metrics``, Prometheus text or OpenMetrics by ``Accept``)
       *template* (``/v1/items/{item_id}``; ``unmatched`` for 404s of no route, so the label
       set stays bounded);
     * ``mars_search_stage_duration_seconds{stage}`` — the funnel stages of each search
-      (``SearchResponse.timings_ms``: plan, bm25, vector, fuse, critic, total);
+      (``SearchResponse.timings_ms``: plan, rules, one per retriever that ran — bm25, text,
+      aligned, image, prior — then fuse, critic, total);
     * ``mars_critic_unavailable_total`` — searches whose critic was unavailable (timed out, unreachable,
       or answered unreadably: the fused order stood);
     * ``mars_queue_depth{queue}`` — messages waiting in the Celery queues ``ingest``,

@@ -28,7 +28,7 @@ from indexing.vector_store import VectorHit, VectorPoint, VectorStore
 from indexing.whitening import Whitening
 from query.query_vectors import QueryVectors
 from query.regions import grid_cell_count
-from query.retriever import Kind, RetrievalQuery, Retriever
+from query.retriever import RetrievalQuery, Retriever
 from query.search_cache import SearchCache
 
 
@@ -208,15 +208,6 @@ RETRIEVERS: dict[str, type] = {
 
 #: Their names, in that order (what ``mars tune`` tunes and the ablation reports).
 RETRIEVER_NAMES: tuple[str, ...] = tuple(RETRIEVERS)
-
-
-def retriever_kind(name: str) -> Kind:
-    """The kind of the registered retriever ``name``.
-
-    Raises:
-        KeyError: no retriever of that name.
-    """
-    return RETRIEVERS[name].kind
 
 
 def build_retrievers(ctx: RetrieverContext, names: Sequence[str] | None = None) -> list[Retriever]:

@@ -20,11 +20,11 @@ from query.schemas import SearchResponse
 CLI_DIR = Path(common.__file__).parent
 
 
-def _response(critic: dict, provenance: dict) -> SearchResponse:
+def _response(critic: dict, provenance: dict, fusion: dict | None = None) -> SearchResponse:
     return SearchResponse.model_validate({
         "mode": "full", "text": "oak lamp", "has_image": False,
         "lock": {"applied": True, "source": "text", "key": "lamp", "reason": "the text names lamp"},
-        "critic": critic, "fusion": {"rrf_k": 60.0, "bm25": 1.0}, "timings_ms": {"total": 12.4},
+        "critic": critic, "fusion": fusion or {"k": 60.0, "bm25": 1.0}, "timings_ms": {"total": 12.4},
         "items": [{"rank": 1, "id": "p-1", "title": "Oak lamp", "type": "Lamp", "colour": "oak", "image": None,
                    "score": 0.0312, "provenance": provenance}],
     })
@@ -40,14 +40,15 @@ def _printed(response: SearchResponse, monkeypatch: pytest.MonkeyPatch) -> str:
 def test_an_unavailable_critic_prints_its_status_and_why(monkeypatch):
     hits = {"retrievers": {"bm25": {"rank": 2, "score": 7.5}, "text": {"rank": 1, "score": 0.81},
                            "aligned": {"rank": 4, "score": 0.3}}, "fused": {"rank": 1, "score": 0.0312}}
-    text = _printed(_response({"backend": "openai", "status": "unavailable",
-                               "detail": "timed out after 2.0 s"}, hits), monkeypatch)
+    text = _printed(_response({"backend": "openai", "status": "unavailable", "detail": "timed out after 2.0 s"}, hits,
+                              {"k": 10.0, "bm25": 1.0, "text": 1.0, "aligned": 0.5}), monkeypatch)
     critic = next(line for line in text.splitlines() if line.startswith("critic:"))
     assert critic.startswith("critic: unavailable (timed out after 2.0 s), backend openai   fusion:")
     row = next(line for line in text.splitlines() if "p-1" in line)
-    assert "2 (7.50)" in row and "1 (0.81)" in row  # bm25 and text ranks (scores) from the retrievers mapping
+    assert "2 (7.50)" in row and "1 (0.81)" in row and "4 (0.30)" in row  # rank (score) in each fused list
     header = next(line for line in text.splitlines() if "colour" in line)
-    assert [c for c in ("bm25", "image", "text", "fused") if c in header] == ["bm25", "image", "text", "fused"]
+    columns = [c for c in header.replace("┃", " ").replace("|", " ").split()]
+    assert columns[columns.index("score") + 1:columns.index("fused") + 1] == ["bm25", "text", "aligned", "fused"]
     assert "why" not in header  # the critic did not score
 
 

@@ -86,6 +86,11 @@ def test_modes_and_critic_status(slice_engine, room):
         engine.search(SearchQuery(image=room, mode="bm25"))
     with pytest.raises(QueryError):
         engine.search(SearchQuery())
+    with pytest.raises(QueryError, match="no list named 'colour' to weigh; the lists are bm25, text, aligned, image, prior"):
+        engine.search(SearchQuery(text="a lamp", weights={"colour": 1.0}))
+    for bad in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(QueryError, match="finite numbers ≥ 0"):
+            engine.search(SearchQuery(text="a lamp", weights={"bm25": bad}))
     unknown = engine.search(SearchQuery(text="a lamp", category="spaceship"))
     assert not unknown.lock.applied and unknown.items  # unknown category: no lock, not empty
 

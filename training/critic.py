@@ -124,7 +124,7 @@ def mine(
         picked += [(rank, f"random control: fused rank {rank}") for rank in rng.sample(rest, min(controls, len(rest)))]
         head = [r.fused[rank - 1] for rank, _ in picked]
         reason_of = {f.id: reason for f, (_, reason) in zip(head, picked)}
-        pairs = funnel.critic_pairs(query, head, funnel.products([f.id for f in head]))
+        pairs = funnel.critic_pairs(query, head, funnel.products([f.id for f in head]), r.trained)
         reasons = [reason_of[p.product_id] for p in pairs]
         mined.append(MinedQuery(q, [f.id for f in r.fused], pairs, [int(p.product_id in relevant) for p in pairs],
                                 reasons, relevant))

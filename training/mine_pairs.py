@@ -191,7 +191,7 @@ def mine_pairs(
         in_room = staged.get(c.query.room_id or "", set())
         picked = select(c, classes, counts, random.Random(f"{seed}:{c.query.id}"), in_room)
         heads = [f for f, _, _ in picked]
-        pairs = {p.product_id: p for p in funnel.critic_pairs(c.search, heads, products)}
+        pairs = {p.product_id: p for p in funnel.critic_pairs(c.search, heads, products, c.retrieval.trained)}
         target = target_class(c.relevant, classes)
         for f, kind, reason in picked:
             if f.id not in pairs:  # deleted from the catalog meanwhile

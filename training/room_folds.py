@@ -3,9 +3,9 @@ rooms being scored.
 
 Both learn from judged rooms (:mod:`training.whitening`, :mod:`indexing.staging_prior`). Any
 score computed for a room they were fitted on is in-sample: the image list of a dev room
-then finds its own products far better than it would for a new room. Two users need
-out-of-sample scores for dev rooms: the room cross-validation benchmark
-(:mod:`evaluation.room_cv`) and the learned critic's pair mining (``mars train critic``:
+then finds its own products far better than it would for a new room. Whatever scores dev
+rooms needs out-of-sample scores: the room cross-validation benchmark (:mod:`evaluation.room_cv`),
+``mars tune``'s lists, the ablation, and the learned critic's pair mining (``mars train critic``:
 its features include the image list's scores and the fused rank, and a critic trained on
 in-sample scores learns to trust them too much).
 

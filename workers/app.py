@@ -26,9 +26,15 @@ from typing import Any
 
 from celery import Celery
 
+from critic.wire import QUEUE as CRITIC_QUEUE
+from critic.wire import TASK_NAME as CRITIC_TASK
 from mars.settings import Settings, get_settings
 
 QUEUES: tuple[str, ...] = ("ingest", "embed", "index", "critic")
+
+#: The ingest tasks by name (:mod:`workers.tasks`), each on its own queue; a submitter sends the
+#: first by name (:class:`workers.celery_jobs.CeleryJobs`) without importing the task code.
+INGEST_TASK, EMBED_TASK, INDEX_TASK = "mars.ingest_chunk", "mars.embed_chunk", "mars.index_chunk"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -39,10 +45,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "task_default_queue": "ingest",
         "task_routes": {
-            "mars.ingest_chunk": {"queue": "ingest"},
-            "mars.embed_chunk": {"queue": "embed"},
-            "mars.index_chunk": {"queue": "index"},
-            "mars.critic_score": {"queue": "critic"},
+            INGEST_TASK: {"queue": "ingest"},
+            EMBED_TASK: {"queue": "embed"},
+            INDEX_TASK: {"queue": "index"},
+            CRITIC_TASK: {"queue": CRITIC_QUEUE},
         },
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

@@ -15,10 +15,6 @@ from catalog.models import IngestJob, JobItem, utcnow
 if TYPE_CHECKING:
     from ingestion.raw_records import RawRecord
 
-#: The first task of a chunk (:func:`workers.tasks.ingest_chunk`).
-INGEST_TASK = "mars.ingest_chunk"
-
-
 class CeleryJobs:
     """A :class:`workers.job_queue.JobQueue` on the Celery queues.
 
@@ -43,7 +39,7 @@ class CeleryJobs:
         never refers to rows that a rolled-back transaction lost). An empty job is done at once.
         """
         from ingestion.raw_records import raw_to_json
-        from workers.app import app
+        from workers.app import INGEST_TASK, app
 
         records = list(records)
         with self.sessions() as session:

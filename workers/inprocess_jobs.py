@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from catalog.models import IngestJob
 
 if TYPE_CHECKING:
-    from ingestion.readers import RawRecord
+    from ingestion.raw_records import RawRecord
 
 log = logging.getLogger("mars.jobs")
 
@@ -48,7 +48,13 @@ class InProcessJobs:
         self._closing = threading.Event()
 
     def submit(self, records: Sequence[RawRecord], source: str) -> int:
-        """Commit the job row, queue the job on the job thread, return its id."""
+        """Commit the job row, queue the job on the job thread, return its id.
+
+        Raises:
+            RuntimeError: the queue was closed (nothing is written).
+        """
+        if self._closing.is_set():
+            raise RuntimeError("the server is stopping: no new bulk jobs are taken; submit it again once it is back")
         with self.sessions() as session:
             job = IngestJob(source=source, status="queued", total=len(records))
             session.add(job)
@@ -74,10 +80,11 @@ class InProcessJobs:
         return {"waiting": sum(not f.done() for f in futures) - running, "running": running}
 
     def close(self) -> None:
-        """Stop the running job after its batch, cancel the waiting ones and mark them failed."""
+        """Stop the running job after its batch, cancel the waiting ones and mark them failed;
+        later submits are refused."""
+        self._closing.set()
         if self._pool is None:
             return
-        self._closing.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
         cancelled = [job_id for job_id, future in self._queued.items() if future.cancelled()]
         if cancelled:

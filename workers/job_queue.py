@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from ingestion.readers import RawRecord
+    from ingestion.raw_records import RawRecord
 
 
 @runtime_checkable

@@ -49,7 +49,7 @@ from ingestion.raw_records import RawRecord, raw_to_json
 from ingestion.records import ProductRecord
 from ingestion.remote import RemoteImageFetcher
 from mars.settings import get_settings
-from workers.app import app
+from workers.app import EMBED_TASK, INDEX_TASK, INGEST_TASK, app
 from catalog.jobs import status_counts
 
 log = logging.getLogger("mars.workers")
@@ -223,7 +223,7 @@ def _rejects_on_failure(job_id: int, records: Sequence[tuple[RawRecord, str | No
 # ------------------------------------------------------------------ tasks
 
 
-@app.task(name="mars.ingest_chunk", **_RETRY)
+@app.task(name=INGEST_TASK, **_RETRY)
 def ingest_chunk(job_id: int, raws: list[dict[str, Any]]) -> int:
     """Stage ``ingest``: validate, read images, hash; record rejections and unchanged items,
     commit, then send the rest to ``embed``. Returns how many were sent on."""
@@ -238,7 +238,7 @@ def ingest_chunk(job_id: int, raws: list[dict[str, Any]]) -> int:
     return len(todo)
 
 
-@app.task(name="mars.embed_chunk", **_RETRY)
+@app.task(name=EMBED_TASK, **_RETRY)
 def embed_chunk(job_id: int, items: list[dict[str, Any]]) -> int:
     """Stage ``embed``: one image-encoder and one text-encoder batch for the chunk; commit,
     then send the vectors to ``index``. Returns how many were embedded."""
@@ -257,7 +257,7 @@ def embed_chunk(job_id: int, items: list[dict[str, Any]]) -> int:
     return len(embedded)
 
 
-@app.task(name="mars.index_chunk", **_RETRY)
+@app.task(name=INDEX_TASK, **_RETRY)
 def index_chunk(job_id: int, items: list[dict[str, Any]]) -> int:
     """Stage ``index`` (the store owner): upsert points and BM25 documents, then the catalog
     rows and the items' status, in one commit. Returns how many were indexed."""

@@ -105,11 +105,6 @@ def json_ready(value: Any) -> Any:
     return value
 
 
-SHOWN_RETRIEVERS = ("bm25", "image", "text")
-"""The retrievers (:data:`query.retrievers.RETRIEVERS` names) whose rank (score) columns
-:func:`print_response` shows; ``--json`` carries every list."""
-
-
 def critic_line(critic: Any) -> str:
     """The critic part of a search's status line: ``<status> (<detail>)``, or ``<status>``
     when there is no detail, then the critic backend unless it is ``none``.
@@ -125,7 +120,8 @@ def critic_line(critic: Any) -> str:
 
 def print_response(response: SearchResponse) -> None:
     """Render a search response on standard output: the lock, the critic's status, fusion and
-    time above a table of the ranked items with each list's rank (score)."""
+    time above a table of the ranked items with their rank (score) in each list the search fused
+    (the retrievers ``response.fusion`` weighs, in fusion order)."""
     lock = response.lock
     console.print(f"[bold]lock:[/bold] {lock.key if lock.applied else 'none'} — {lock.reason}")
     critic = response.critic
@@ -133,23 +129,24 @@ def print_response(response: SearchResponse) -> None:
                   f"[bold]fusion:[/bold] {response.fusion}   [bold]took:[/bold] {response.timings_ms.get('total', 0):.0f} ms")
     if response.synonyms:
         console.print(f"[bold]synonyms:[/bold] {'; '.join(response.synonyms)} (searched as {response.rewritten_text!r})")
+    fused_lists = [name for name in response.fusion if name not in ("k", "rrf_k")]
     scored = critic.status == "scored"
     ruled = any(item.provenance.rules for item in response.items)
     table = Table()
-    for col in ("#", "id", "title", "type", "colour", "score", *SHOWN_RETRIEVERS, "fused") + (("why",) if scored else ()) + (("rules",) if ruled else ()):
+    for col in ("#", "id", "title", "type", "colour", "score", *fused_lists, "fused") + (("why",) if scored else ()) + (("rules",) if ruled else ()):
         table.add_column(col)
     for item in response.items:
         p = item.provenance
         fmt = lambda h: f"{h.rank} ({h.score:.2f})" if h else "-"  # noqa: E731
         why = ((p.critic.rationale if p.critic else "-"),) if scored else ()
         why += ("; ".join(p.rules) or "-",) if ruled else ()
-        lists = (fmt(p.retrievers.get(name)) for name in SHOWN_RETRIEVERS)
+        lists = (fmt(p.retrievers.get(name)) for name in fused_lists)
         table.add_row(str(item.rank), item.id, item.title, item.type, item.colour, f"{item.score:.4f}",
                       *lists, str(p.fused.rank) if p.fused else "-", *why)
     console.print(table)
 
 
 __all__ = [
-    "SHOWN_RETRIEVERS", "ApiKeyOpt", "ModeOpt", "catalog_session", "console", "critic_line", "err", "fail", "json_ready",
+    "ApiKeyOpt", "ModeOpt", "catalog_session", "console", "critic_line", "err", "fail", "json_ready",
     "open_engine", "print_response",
 ]

@@ -47,7 +47,9 @@ class SearchBody(BaseModel):
     auto_lock: bool = Field(True, description="Resolve a category lock from the text; false for a whole-room query.")
     top_k: int = Field(10, ge=1, le=1000)
     mode: Mode = "hybrid"
-    weights: dict[str, float] = Field(default_factory=dict, description="RRF weight overrides: bm25, image, text.")
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="RRF weight overrides by list name (GET /v1/retrievers), each a finite "
+        "number ≥ 0; 0 leaves a list out.")
     critic_wait: bool = Field(
         True,
         description="mode=full only: false answers at once with the fused order (critic status 'pending') "
