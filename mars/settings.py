@@ -63,6 +63,15 @@ class Settings(BaseSettings):
         description="'all-minilm-l6-v2' (offline default) or 'hf:<dir>' for a local SigLIP/CLIP checkpoint.",
     )
     embed_batch_size: int = Field(8, ge=1, description="Images/texts per encoder call.")
+    encoder_runtime: Literal["onnx", "torch"] = Field(
+        "onnx",
+        description="Where the image encoder's network runs: 'onnx' (ONNX Runtime, default; exported once from the "
+        "packaged weights into MARS_HOME/models) or 'torch' (PyTorch eager, the reference).",
+    )
+    inference_threads: int = Field(
+        0, ge=0, description="Threads of one encoder call (ONNX Runtime intra-op threads, or torch's); 0 = every core "
+        "this process may use.",
+    )
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Images with more pixels (width*height) are rejected."
     )

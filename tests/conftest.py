@@ -43,11 +43,13 @@ _memoized: list = []  # the session's memoizing encoders, for the run's summary 
 
 
 @pytest.fixture(scope="session")
-def real_encoders():
-    """The real EfficientNet-Lite0 (GeM) + MiniLM encoders, loaded once per session."""
+def real_encoders(tmp_path_factory):
+    """The real EfficientNet-Lite0 (GeM) + MiniLM encoders, loaded once per session, on the
+    default runtime (ONNX Runtime, exported into this session's own cache folder)."""
     from mars.registry import load_encoders
 
-    return load_encoders("efficientnet-lite0-gem", "all-minilm-l6-v2", batch_size=8)
+    return load_encoders("efficientnet-lite0-gem", "all-minilm-l6-v2", batch_size=8,
+                         cache_dir=tmp_path_factory.mktemp("onnx-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -89,7 +89,7 @@ def test_cli_eval_ablation_without_a_critic(ikea, ikea_slice, slice_home, encode
     from mars.settings import get_settings
 
     home = shutil.copytree(slice_home, tmp_path / "cli-mars")
-    monkeypatch.setattr(mars.engine, "load_encoders", lambda *a, **k: encoders)  # reuse the session's encoders
+    monkeypatch.setattr(mars.engine, "encoders_for", lambda *a, **k: encoders)  # reuse the session's encoders
     monkeypatch.setenv("MARS_HOME", str(home))
     monkeypatch.setenv("MARS_CRITIC", "none")
     get_settings.cache_clear()

@@ -199,7 +199,7 @@ def test_cli_tune_on_a_real_slice_writes_the_env_file(ikea, ikea_slice, slice_ho
     # BM25 weighted 0 for photo queries: the funnel would skip that list, the tuner must still see it
     (work / ".env").write_text("# kept\nMARS_CRITIC=none\nMARS_RRF_K=7\nMARS_WEIGHTS_PHOTO='{\"bm25\": 0.0, \"image\": 1.0}'\n")
     monkeypatch.chdir(work)  # the default --env-file is ./.env
-    monkeypatch.setattr(mars.engine, "load_encoders", lambda *a, **k: encoders)
+    monkeypatch.setattr(mars.engine, "encoders_for", lambda *a, **k: encoders)
     monkeypatch.setenv("MARS_HOME", str(home))
     for key in TUNED_KEYS:
         monkeypatch.delenv(key, raising=False)

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from catalog.category_head import CategoryHeadFile, category_head_path
 from catalog.db import make_engine, session_factory
 from catalog.models import IngestJob, JobItem, RejectionRow, utcnow
-from mars.registry import load_encoders
+from mars.registry import encoders_for
 from ingestion.pipeline import (
     Embedded,
     IngestTargets,
@@ -73,8 +73,7 @@ def _sessions():  # noqa: ANN202
 
 @lru_cache(maxsize=1)
 def _encoders():  # noqa: ANN202
-    s = get_settings()
-    return load_encoders(s.image_encoder, s.text_encoder, s.embed_batch_size)
+    return encoders_for(get_settings())
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,71 @@
+"""ONNX Runtime as the encoders' runtime: the exported EfficientNet-Lite0 agrees with PyTorch eager
+on real IKEA photos, and its cached export is rebuilt when its key changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import indexing.efficientnet as efficientnet
+from indexing.efficientnet import GEM_REGION_SIDE, EfficientNetLite0Encoder
+from indexing.encoders import EncoderConfigError
+from indexing.onnx_runtime import cached_export, export_key
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def torch_encoder():
+    return EfficientNetLite0Encoder(runtime="torch", threads=1)
+
+
+def test_onnx_and_pytorch_agree_on_real_ikea_photos(ikea, ikea_slice, torch_encoder, tmp_path):
+    onnx = EfficientNetLite0Encoder(runtime="onnx", cache_dir=tmp_path, threads=1)
+    room = Image.open(ikea_slice["room"]).convert("RGB")
+    a, b = onnx.feature_map(room, GEM_REGION_SIDE), torch_encoder.feature_map(room, GEM_REGION_SIDE)
+    assert a.shape == b.shape == (1280, GEM_REGION_SIDE // 32, round(room.width * GEM_REGION_SIDE / room.height / 32))
+    assert float(np.abs(a - b).max()) <= 1e-3
+    photos = [Image.open(ikea / r["image"]) for r in ikea_slice["records"][:12] if r["image"]]
+    va, vb = onnx.encode_images(photos), torch_encoder.encode_images(photos)
+    assert va.shape == vb.shape == (len(photos), 1280) and float(np.abs(va - vb).max()) <= 1e-3
+    assert (np.einsum("ij,ij->i", va, vb) > 0.9999).all()  # the same directions, photo by photo
+
+
+def test_the_export_is_cached_and_rebuilt_when_its_key_changes(tmp_path, monkeypatch):
+    first = EfficientNetLite0Encoder(runtime="onnx", cache_dir=tmp_path, threads=1)
+    path = first._trunk.path
+    assert path.parent == tmp_path and path.name.startswith("efficientnet-lite0-") and path.suffix == ".onnx"
+    stamp = path.stat().st_mtime_ns
+    again = EfficientNetLite0Encoder(runtime="onnx", cache_dir=tmp_path, threads=1)
+    assert again._trunk.path == path and path.stat().st_mtime_ns == stamp  # loaded, not exported again
+
+    monkeypatch.setattr(efficientnet, "EXPORT", {**efficientnet.EXPORT, "opset": 18})  # other export settings
+    other = EfficientNetLite0Encoder(runtime="onnx", cache_dir=tmp_path, threads=1)
+    assert other._trunk.path != path and other._trunk.path.exists() and path.exists()
+    room = Image.new("RGB", (96, 64), (200, 120, 40))
+    np.testing.assert_allclose(other.feature_map(room, 64), first.feature_map(room, 64), atol=1e-5)
+
+
+def test_the_key_follows_the_weights_and_a_failed_export_leaves_nothing(tmp_path):
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"weights v1")
+    key = export_key(weights, {"opset": 17})
+    assert key == export_key(weights, {"opset": 17}) and key != export_key(weights, {"opset": 18})
+    weights.write_bytes(b"weights v2, another size")
+    assert export_key(weights, {"opset": 17}) != key
+
+    def broken(path):  # noqa: ANN001, ANN202 - an exporter that dies half-way
+        path.write_bytes(b"half a model")
+        raise RuntimeError("exporter crashed")
+
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        cached_export("model", key, tmp_path / "cache", broken)
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
+    made = cached_export("model", key, tmp_path / "cache", lambda path: path.write_bytes(b"a model"))
+    assert made.read_bytes() == b"a model" and made.name == f"model-{key}.onnx"
+
+
+def test_an_unknown_runtime_is_a_clear_error():
+    with pytest.raises(EncoderConfigError, match="unknown encoder runtime 'tensorrt': use onnx or torch"):
+        EfficientNetLite0Encoder(runtime="tensorrt")
