@@ -8,7 +8,7 @@ its best room-photo region, and unweighted Reciprocal Rank Fusion of the three l
 Python (Cormack, Clarke & Büttcher, SIGIR 2009, k = 60) — no category lock, no field boosts,
 no fusion weights, no critic.
 
-Used by the speed benchmark (:mod:`evaluation.speed`, which embeds the catalog itself) and by
+Used by the retrieval speed benchmark (:mod:`evaluation.retrieval_speed`, which embeds the catalog itself) and by
 the ablation (:mod:`evaluation.ablation`, which reuses the engine's stored vectors through
 :meth:`NaiveIndex.from_engine`, so both sides see the same embeddings).
 """

@@ -134,7 +134,7 @@ class _OnnxTrunk:
                     return self.model.extract_features(x)
 
             sample = np.zeros((1, 3, GEM_PRODUCT_SIZE, GEM_PRODUCT_SIZE), np.float32)
-            torch_export(Features(_load_torch_model(weights)), sample, path, EXPORT["input"], EXPORT["output"],
+            torch_export(Features(_load_torch_model(weights)), {EXPORT["input"]: sample}, path, EXPORT["output"],
                          {EXPORT["input"]: {0: "batch", 2: "height", 3: "width"},
                           EXPORT["output"]: {0: "batch", 2: "cells_high", 3: "cells_wide"}})
 

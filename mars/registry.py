@@ -229,8 +229,9 @@ def load_encoders(image_spec: str, text_spec: str, batch_size: int = 8, *, runti
                   cache_dir: Path | None = None, threads: int = 0) -> tuple[ImageEncoder, TextEncoder]:
     """Build the (image, text) encoders named by the settings (:data:`IMAGE_ENCODERS`,
     :data:`TEXT_ENCODERS`). The same ``hf:<dir>`` on both sides loads the model once.
-    EfficientNet-Lite0 runs on ``runtime`` (``onnx``: ONNX Runtime, its export cached in
-    ``cache_dir``; ``torch``: PyTorch eager) with ``threads`` intra-op threads (0: every core).
+    EfficientNet-Lite0 and sentence-transformers models run on ``runtime`` (``onnx``: ONNX
+    Runtime, their exports cached in ``cache_dir``; ``torch``: PyTorch eager) with ``threads``
+    intra-op threads (0: every core); ``hf:<dir>`` models run in PyTorch.
 
     Raises:
         EncoderConfigError: for an unknown spec or runtime, or a missing directory.
@@ -257,7 +258,8 @@ def load_encoders(image_spec: str, text_spec: str, batch_size: int = 8, *, runti
     if text_spec == "all-minilm-l6-v2" or text_spec.startswith("st:"):
         from indexing.sentence_encoder import SentenceTransformerEncoder
 
-        text: TextEncoder = SentenceTransformerEncoder(None if text_spec == "all-minilm-l6-v2" else text_spec[3:])
+        text: TextEncoder = SentenceTransformerEncoder(None if text_spec == "all-minilm-l6-v2" else text_spec[3:],
+                                                       runtime=runtime, cache_dir=cache_dir, threads=threads)
     elif text_spec.startswith("hf:"):
         text = hf(text_spec[3:])  # type: ignore[assignment]
     else:

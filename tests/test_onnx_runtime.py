@@ -69,3 +69,26 @@ def test_the_key_follows_the_weights_and_a_failed_export_leaves_nothing(tmp_path
 def test_an_unknown_runtime_is_a_clear_error():
     with pytest.raises(EncoderConfigError, match="unknown encoder runtime 'tensorrt': use onnx or torch"):
         EfficientNetLite0Encoder(runtime="tensorrt")
+
+
+def test_the_text_encoder_on_onnx_agrees_with_sentence_transformers(ikea_slice, tmp_path):
+    from indexing.sentence_encoder import SentenceTransformerEncoder
+
+    onnx = SentenceTransformerEncoder(runtime="onnx", cache_dir=tmp_path, threads=1)
+    torch = SentenceTransformerEncoder(runtime="torch")
+    assert onnx.name == torch.name == "all-minilm-l6-v2" and onnx.dim == torch.dim == 384
+    texts = [q["text"] for q in ikea_slice["queries"] if q.get("text")][:40]
+    texts += [". ".join(p for p in (r["type"], r.get("color"), r["title"], r["text"]) if p) for r in ikea_slice["records"][:40]]
+    a, b = onnx.encode_texts(texts), torch.encode_texts(texts)
+    assert a.shape == b.shape == (len(texts), 384) and float(np.abs(a - b).max()) <= 1e-5
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-6)
+    assert onnx.encode_texts([]).shape == (0, 384)
+    assert len(list(tmp_path.glob("text-*.onnx"))) == 1  # exported once, beside nothing else
+
+
+def test_a_folder_the_onnx_text_path_cannot_read_says_which_runtime_to_use(tmp_path):
+    from indexing.sentence_encoder import SentenceTransformerEncoder
+
+    (tmp_path / "model").mkdir()
+    with pytest.raises(EncoderConfigError, match="use MARS_ENCODER_RUNTIME=torch"):
+        SentenceTransformerEncoder(str(tmp_path / "model"), runtime="onnx", cache_dir=tmp_path)

@@ -414,7 +414,7 @@ def train_text_embedder(base: str | Path | None, out: str | Path, data: TextPair
     model.save(str(out))
     probe = [t for p in (held_pairs or train_pairs)[:4] for t in (p.anchor, p.positive)]
     ref = model.encode(probe, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-    loaded = SentenceTransformerEncoder(str(out))
+    loaded = SentenceTransformerEncoder(str(out), runtime="torch")  # the reference runtime, as trained
     diff = float(np.abs(loaded.encode_texts(probe) - ref).max(initial=0.0))
     if diff > 1e-4:
         raise RuntimeError(f"the model saved to {out} does not reproduce the trained vectors (max |diff| {diff:.2e})")

@@ -129,10 +129,18 @@ def free_port() -> int:
 
 @contextmanager
 def served_api(env: dict[str, str], log: Path, *args: str, timeout_s: float = 120.0) -> Iterator[str]:
+    """:func:`served_process`, yielding only the base URL."""
+    with served_process(env, log, *args, timeout_s=timeout_s) as (url, _):
+        yield url
+
+
+@contextmanager
+def served_process(env: dict[str, str], log: Path, *args: str,
+                   timeout_s: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
     """Run ``mars serve --port <free port> *args`` with ``env`` on top of this process's
     environment, its output in the file ``log`` (a file, not a pipe nobody reads, so its log
-    lines can never block it); yield its base URL once ``/healthz`` answers; terminate it
-    after the block (SIGKILL if it has not stopped within 30 s).
+    lines can never block it); yield its base URL and its process once ``/healthz`` answers;
+    terminate it after the block (SIGKILL if it has not stopped within 30 s).
 
     Raises:
         RuntimeError: the server exited, or did not answer within ``timeout_s`` seconds (the
@@ -156,7 +164,7 @@ def served_api(env: dict[str, str], log: Path, *args: str, timeout_s: float = 12
             if time.monotonic() > deadline:
                 raise RuntimeError(f"mars serve did not answer in {timeout_s:.0f} s: {log.read_text()[-3000:]}")
             time.sleep(0.3)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
