@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -206,10 +207,19 @@ class EfficientNetLite0Encoder:
         return self._trunk.features(normalized_pixels([image], size))[0]  # type: ignore[arg-type]
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Encode images; returns float32 (n, 1280), unit rows."""
+        """Encode images; returns float32 (n, 1280), unit rows. Batches of ``batch_size``; the
+        next batch is resized (bicubic) while the network runs the current one."""
         out = np.zeros((len(images), self.dim), dtype=np.float32)
         side = (self.image_size, self.image_size)
-        for start in range(0, len(images), self.batch_size):
-            batch = images[start : start + self.batch_size]
-            out[start : start + len(batch)] = self._trunk.gem(normalized_pixels(batch, side), self.pooling_power)
+        starts = list(range(0, len(images), self.batch_size))
+        # the next batch is resized on a second thread while the network runs this one (both
+        # release the GIL), so the network does not wait for PIL between batches
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mars-resize") as pool:
+            ahead = pool.submit(normalized_pixels, images[: self.batch_size], side) if starts else None
+            for n, start in enumerate(starts):
+                pixels = ahead.result()  # type: ignore[union-attr]
+                if n + 1 < len(starts):
+                    nxt = starts[n + 1]
+                    ahead = pool.submit(normalized_pixels, images[nxt : nxt + self.batch_size], side)
+                out[start : start + len(pixels)] = self._trunk.gem(pixels, self.pooling_power)
         return l2_normalize(out)

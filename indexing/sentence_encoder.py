@@ -40,7 +40,7 @@ class SentenceTransformerEncoder:
     Args:
         path: the model folder; None for the packaged all-MiniLM-L6-v2 (name ``all-minilm-l6-v2``,
             else ``st:<path>``).
-        batch_size: texts per network call.
+        batch_size: texts per network call (default 64 in PyTorch, 16 on ONNX Runtime).
         runtime: ``"onnx"`` (default) or ``"torch"`` (see the module doc).
         cache_dir: where the ONNX export is cached (default :func:`indexing.onnx_runtime.default_cache_dir`).
         threads: ONNX Runtime intra-op threads; 0 = every core this process may use.
@@ -50,10 +50,13 @@ class SentenceTransformerEncoder:
             sentence-transformers layout with mean or CLS pooling and a ``tokenizer.json``.
     """
 
-    def __init__(self, path: str | None = None, batch_size: int = 64, runtime: str = "onnx",
+    def __init__(self, path: str | None = None, batch_size: int | None = None, runtime: str = "onnx",
                  cache_dir: Path | None = None, threads: int = 0) -> None:
         self.name = "all-minilm-l6-v2" if path is None else f"st:{path}"
-        self.path, self.batch_size, self.runtime = path or _packaged_minilm(), batch_size, runtime
+        # texts per call: sentence-transformers' 64 in PyTorch; 16 on ONNX Runtime, where smaller
+        # batches of length-sorted texts were faster (320 IKEA product texts: 1.21 s at 16, 1.45 s at 64)
+        self.batch_size = batch_size or (64 if runtime == "torch" else 16)
+        self.path, self.runtime = path or _packaged_minilm(), runtime
         if runtime == "torch":
             from sentence_transformers import SentenceTransformer
 
@@ -71,10 +74,12 @@ class SentenceTransformerEncoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         if self.runtime == "torch":
             return l2_normalize(self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True))
+        # longest first, as sentence-transformers batches: a batch is padded to its longest text only
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for start in range(0, len(texts), self.batch_size):
-            chunk = list(texts[start : start + self.batch_size])
-            out[start : start + len(chunk)] = self._onnx.encode(chunk)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            out[rows] = self._onnx.encode([texts[i] for i in rows])
         return out
 
 

@@ -162,6 +162,12 @@ class _CategoryCache:
         self.session = session
         self.by_key: dict[str, Category] = {}
 
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Load the categories of ``keys`` that exist in one query (a batch names ~100 types)."""
+        missing = sorted({k for k in keys if k not in self.by_key})
+        if missing:
+            self.by_key.update((c.key, c) for c in self.session.execute(select(Category).where(Category.key.in_(missing))).scalars())
+
     def _get(self, key: str, name: str, level: str, synonyms: tuple[str, ...], parent: Category | None) -> Category:
         if key in self.by_key:
             return self.by_key[key]
@@ -411,7 +417,9 @@ def apply(items: Sequence[Embedded], targets: IngestTargets, session: Session) -
     so a crash before the commit leaves the old hash and the next run re-embeds the item.
     Upserts are keyed by product id, so applying the same items twice stores them once."""
     cats = _CategoryCache(session)
-    leaves = {it.record.id: cats.place(place_type(it.record.type)) if it.record.type.strip() else None for it in items}
+    placements = {it.record.id: place_type(it.record.type) if it.record.type.strip() else None for it in items}
+    cats.prefetch(k for p in placements.values() if p is not None for k in (p.class_key, p.type_key))
+    leaves = {pid: cats.place(p) if p is not None else None for pid, p in placements.items()}
     keys = {pid: ([leaf.parent.key, leaf.key] if leaf is not None else []) for pid, leaf in leaves.items()}
     store = targets.vectors()
     heads = targets.aligner() if targets.aligner is not None and ALIGNED in store.dims else None
