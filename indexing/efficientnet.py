@@ -33,8 +33,8 @@ from indexing.onnx_runtime import OnnxModel, available_cores, cached_export, def
 #: The runtimes the trunk can run on.
 RUNTIMES: tuple[str, ...] = ("onnx", "torch")
 
-#: Export settings of the trunk: part of its cache key (a change re-exports).
-EXPORT = {"graph": "efficientnet-lite0.extract_features", "input": "pixels", "output": "features", "opset": 17,
+#: Export settings of the trunk: part of its cache key, with the opset and the exporter (a change re-exports).
+EXPORT = {"graph": "efficientnet-lite0.extract_features", "input": "pixels", "output": "features",
           "dynamic": ["batch", "height", "width"]}
 
 

@@ -62,8 +62,16 @@ def weights_digest(path: Path) -> str:
 
 def export_key(weights: Path, settings: Mapping[str, Any]) -> str:
     """The cache key of an export: the first 16 hex digits of the sha256 of the weights file's
-    digest and the export settings (as sorted JSON)."""
-    blob = json.dumps({"weights": weights_digest(weights), "settings": dict(settings)}, sort_keys=True)
+    digest, the caller's export ``settings``, :data:`OPSET` and the installed torch version (the
+    exporter), as sorted JSON: a change to any of them exports again."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        exporter = version("torch")
+    except PackageNotFoundError:  # a cached export needs no torch; a new one will fail clearly in torch_export
+        exporter = "absent"
+    blob = json.dumps({"weights": weights_digest(weights), "settings": dict(settings), "opset": OPSET,
+                       "exporter": exporter}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

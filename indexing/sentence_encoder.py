@@ -25,7 +25,7 @@ from indexing.onnx_runtime import OnnxModel, available_cores, cached_export, def
 
 #: Export settings of the transformer (part of its cache key).
 EXPORT = {"graph": "transformer.last_hidden_state", "inputs": ["input_ids", "attention_mask", "token_type_ids"],
-          "output": "last_hidden_state", "opset": 17, "dynamic": ["batch", "tokens"]}
+          "output": "last_hidden_state", "dynamic": ["batch", "tokens"]}
 
 
 def _packaged_minilm() -> str:

@@ -10,6 +10,7 @@ from PIL import Image
 import indexing.efficientnet as efficientnet
 from indexing.efficientnet import GEM_REGION_SIDE, EfficientNetLite0Encoder
 from indexing.encoders import EncoderConfigError
+import indexing.onnx_runtime as onnx_runtime
 from indexing.onnx_runtime import cached_export, export_key
 
 pytestmark = pytest.mark.slow
@@ -40,18 +41,21 @@ def test_the_export_is_cached_and_rebuilt_when_its_key_changes(tmp_path, monkeyp
     again = EfficientNetLite0Encoder(runtime="onnx", cache_dir=tmp_path, threads=1)
     assert again._trunk.path == path and path.stat().st_mtime_ns == stamp  # loaded, not exported again
 
-    monkeypatch.setattr(efficientnet, "EXPORT", {**efficientnet.EXPORT, "opset": 18})  # other export settings
+    monkeypatch.setattr(efficientnet, "EXPORT", {**efficientnet.EXPORT, "graph": "efficientnet-lite0.v2"})  # other export settings
     other = EfficientNetLite0Encoder(runtime="onnx", cache_dir=tmp_path, threads=1)
     assert other._trunk.path != path and other._trunk.path.exists() and path.exists()
     room = Image.new("RGB", (96, 64), (200, 120, 40))
     np.testing.assert_allclose(other.feature_map(room, 64), first.feature_map(room, 64), atol=1e-5)
 
 
-def test_the_key_follows_the_weights_and_a_failed_export_leaves_nothing(tmp_path):
+def test_the_key_follows_the_weights_and_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"weights v1")
     key = export_key(weights, {"opset": 17})
     assert key == export_key(weights, {"opset": 17}) and key != export_key(weights, {"opset": 18})
+    monkeypatch.setattr(onnx_runtime, "OPSET", onnx_runtime.OPSET + 1)  # the module's own opset is in the key too
+    assert export_key(weights, {"opset": 17}) != key
+    monkeypatch.undo()
     weights.write_bytes(b"weights v2, another size")
     assert export_key(weights, {"opset": 17}) != key
 
