@@ -401,3 +401,93 @@ def test_rules_form_adds_a_synonym_shown_above_the_results_and_explains_a_422(pa
         page.evaluate("""() => window.scrollBy(0, document.getElementById('rule-confirm').getBoundingClientRect().top
                                             - document.querySelector('.topbar').offsetHeight - 12)""")
         shoot(page, "console-rules.png")
+
+
+# ---------------------------------------------------------------- waiting for a search
+
+SPOKEN_CHANGES = """() => {
+    // Count the changes to what a screen reader would hear from the status line (a polite live
+    // region): mutations outside its aria-hidden parts. The ticking seconds must not count.
+    window.spokenChanges = 0;
+    window.hiddenChanges = 0;
+    new MutationObserver((records) => {
+        for (const r of records) {
+            const node = r.target.nodeType === Node.ELEMENT_NODE ? r.target : r.target.parentElement;
+            if (node.closest('[aria-hidden="true"]')) window.hiddenChanges++; else window.spokenChanges++;
+        }
+    }).observe(document.getElementById('search-status'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_status_line_counts_the_seconds_and_says_when_a_new_room_photo_is_analysed(page, server):
+    """The browser holds each POST /v1/search (page.route) until the test lets it go, so the
+    in-flight status can be read for as long as needed: "Analysing room photo… N s" for a photo
+    not yet searched on this page (a failed search does not count), "Searching…" for the same
+    photo again (same bytes, another file name); the results replace it."""
+    open_console(page, server)
+    held = []  # the routes of searches the browser has sent, not yet answered
+    page.route("**/v1/search", lambda route: held.append(route))
+    status = page.locator("#search-status")
+    seconds = status.locator(".wait-seconds")
+    query = page.get_by_label("What are you looking for?")
+    query.fill("a lamp for this bedroom")
+    room = server["slice"]["room"]
+    page.get_by_label("Choose a photo…").set_input_files(str(room))
+    sync_api.expect(status).to_have_attribute("role", "status")
+    sync_api.expect(status).to_have_attribute("aria-live", "polite")
+
+    def search_and_hold(words: str):
+        query.press("Enter")
+        sync_api.expect(status.locator(".wait-text")).to_have_text(words)
+        deadline = time.monotonic() + 10
+        while not held:
+            assert time.monotonic() < deadline, "the search request was not sent"
+            page.wait_for_timeout(20)
+        sync_api.expect(page.locator("#search-button")).to_be_disabled()
+        sync_api.expect(seconds).to_have_attribute("aria-hidden", "true")
+        sync_api.expect(seconds).to_have_text(re.compile(r"^\d+\.\d s$"))
+        return held.pop()
+
+    def seconds_grow() -> None:
+        """The seconds tick (every 100 ms) while what a screen reader hears stays the same."""
+        first = float(seconds.inner_text().removesuffix(" s"))
+        page.evaluate(SPOKEN_CHANGES)
+        page.wait_for_function("""s => parseFloat(document.querySelector('#search-status .wait-seconds').textContent)
+                                       >= s + 0.3""", arg=first)
+        assert page.evaluate("window.hiddenChanges") >= 3
+        assert page.evaluate("window.spokenChanges") == 0
+
+    # A new photo; the search fails (the request is aborted): the error shows, the counting stops.
+    route = search_and_hold("Analysing room photo…")
+    seconds_grow()
+    route.abort()
+    sync_api.expect(status).to_have_text("The search failed.")
+    sync_api.expect(page.locator("#notice")).to_contain_text("Cannot reach the MARS server")
+    page.wait_for_timeout(300)
+    sync_api.expect(status).to_have_text("The search failed.")
+    assert status.get_attribute("class") == "search-status"
+
+    # The same photo again: the failed search did not analyse it, so it is still new. Its results replace the line.
+    route = search_and_hold("Analysing room photo…")
+    assert status.get_attribute("data-waiting") == "new-photo"
+    seconds_grow()
+    sync_api.expect(page.locator("#results")).to_have_attribute("aria-busy", "true")
+    route.continue_()
+    sync_api.expect(status).to_contain_text(re.compile(r"\d+ results? in \d+(\.\d)? m?s \(hybrid mode\)"))
+    sync_api.expect(seconds).to_have_count(0)
+    assert page.locator("#results .card").count() >= 1
+    assert page.locator("#results").get_attribute("aria-busy") is None
+    sync_api.expect(page.locator("#notice")).to_be_hidden()
+
+    # The same bytes under another file name: known now, so a plain "Searching…".
+    page.get_by_label("Choose a photo…").set_input_files(
+        files=[{"name": "same-room.jpg", "mimeType": "image/jpeg", "buffer": room.read_bytes()}])
+    sync_api.expect(page.locator("#room-name")).to_have_text("same-room.jpg")
+    route = search_and_hold("Searching…")
+    assert "Analysing" not in status.inner_text()
+    assert status.get_attribute("data-waiting") == "search"
+    seconds_grow()
+    route.continue_()
+    sync_api.expect(status).to_contain_text("(hybrid mode)")
+    sync_api.expect(seconds).to_have_count(0)
+    assert not held

@@ -26,6 +26,9 @@
     titles: new Map(),     // product id -> title, from the results seen (names rule targets)
     confirmRule: null,     // id of the rule the confirmation talks about (Undo deletes it)
     retrievers: [],        // GET /v1/retrievers: [{name, label, kind, needs}] in fusion order
+    lastPhotoKey: null,    // photoKey() of the room photo of the last search shown (null: none)
+    seenPhotos: new Set(), // photoKey()s of room photos searched successfully on this page
+    waitTimer: null,       // interval that counts the seconds of the search in flight
   };
 
   const $ = (id) => document.getElementById(id);
@@ -252,6 +255,21 @@
     });
   }
 
+  /** A short key for a photo's bytes (given as base64): a 53-bit string hash (cyrb53) and the length.
+   *  The server works a photo's regions out once and remembers them; the console tells a photo it
+   *  has not searched with yet (a slower search: "Analysing room photo…") by this key. */
+  function photoKey(base64) {
+    let h1 = 0xdeadbeef, h2 = 0x41c6ce57;
+    for (let i = 0; i < base64.length; i++) {
+      const c = base64.charCodeAt(i);
+      h1 = Math.imul(h1 ^ c, 2654435761);
+      h2 = Math.imul(h2 ^ c, 1597334677);
+    }
+    h1 = Math.imul(h1 ^ (h1 >>> 16), 2246822507) ^ Math.imul(h2 ^ (h2 >>> 13), 3266489909);
+    h2 = Math.imul(h2 ^ (h2 >>> 16), 2246822507) ^ Math.imul(h1 ^ (h1 >>> 13), 3266489909);
+    return base64.length + ":" + (h2 >>> 0).toString(16) + ":" + (h1 >>> 0).toString(16);
+  }
+
   function fileBase64(file) {
     return new Promise((resolve, reject) => {
       const reader = new FileReader();
@@ -325,8 +343,13 @@
     }
     const button = $("search-button");
     button.disabled = true;
+    const started = performance.now();
+    let photo = null;
     try {
-      if (state.roomFile) body.image_base64 = await fileBase64(state.roomFile);
+      if (state.roomFile) {
+        body.image_base64 = await fileBase64(state.roomFile);
+        photo = photoKey(body.image_base64);
+      }
     } catch (err) {
       button.disabled = false;
       setSearchStatus("The search failed.");
@@ -334,23 +357,28 @@
       return;
     }
     $("rule-confirm").hidden = true;  // a confirmation belongs to the search it re-ran
-    await sendSearch(body, "");
+    await sendSearch(body, "", photo, started);
     button.disabled = false;
   }
 
   /** POST /v1/search with `body` and show the answer (only the newest of overlapping searches
-   *  is shown). `why` is added to the status line, e.g. after a rule change re-ran the search. */
-  async function sendSearch(body, why) {
+   *  is shown). `why` is added to the status line, e.g. after a rule change re-ran the search.
+   *  `photo` is the photoKey() of its room photo (null: none); `started` when the user asked. */
+  async function sendSearch(body, why, photo, started) {
     const token = (state.searchToken = (state.searchToken || 0) + 1);
-    setSearchStatus(body.mode === "full" ? "Searching (with the critic)…" : "Searching…");
-    const started = performance.now();
+    const since = started === undefined ? performance.now() : started;
+    const newPhoto = photo !== null && photo !== undefined && !state.seenPhotos.has(photo);
+    startWaiting(newPhoto ? "Analysing room photo…" : body.mode === "full" ? "Searching (with the critic)…" : "Searching…",
+                 since, newPhoto);
     try {
       const response = await apiJson("/v1/search", { method: "POST", json: body });
+      if (photo) state.seenPhotos.add(photo);  // the server has worked this photo out now
       if (token !== state.searchToken) return;
       hideNotice();
       state.lastSearch = body;
+      state.lastPhotoKey = photo || null;
       state.lastResponse = response;
-      renderResults(response, performance.now() - started, why);
+      renderResults(response, performance.now() - since, why);
     } catch (err) {
       if (token !== state.searchToken) return;
       setSearchStatus("The search failed.");
@@ -360,16 +388,50 @@
 
   /** Run the last search again (after a rule changed); nothing when there was none. */
   async function rerunSearch(why) {
-    if (state.lastSearch) await sendSearch(state.lastSearch, why);
+    if (state.lastSearch) await sendSearch(state.lastSearch, why, state.lastPhotoKey);
   }
 
-  function setSearchStatus(message) { $("search-status").textContent = message; }
+  /** The status line says `message` (once: it is a polite live region); a search in flight stops counting. */
+  function setSearchStatus(message) {
+    stopWaiting();
+    $("search-status").textContent = message;
+  }
+
+  /** While a search is in flight: the status line says what is happening and counts the seconds
+   *  since `started`, every 100 ms. Screen readers hear the words once: the ticking seconds are
+   *  aria-hidden, so the live region's spoken text does not change while they tick. */
+  function startWaiting(message, started, newPhoto) {
+    stopWaiting();
+    const seconds = el("span", { class: "wait-seconds", "aria-hidden": "true" });
+    const tick = () => { seconds.textContent = ((performance.now() - started) / 1000).toFixed(1) + " s"; };
+    tick();
+    const status = $("search-status");
+    status.replaceChildren(el("span", { class: "wait-text" }, message), " ", seconds);
+    status.classList.add("waiting");
+    status.dataset.waiting = newPhoto ? "new-photo" : "search";
+    $("results").setAttribute("aria-busy", "true");
+    state.waitTimer = setInterval(tick, 100);
+  }
+
+  function stopWaiting() {
+    if (state.waitTimer !== null) clearInterval(state.waitTimer);
+    state.waitTimer = null;
+    const status = $("search-status");
+    status.classList.remove("waiting");
+    delete status.dataset.waiting;
+    $("results").removeAttribute("aria-busy");
+  }
+
+  /** 430 ms, 2.4 s. */
+  function duration(ms) {
+    return ms < 1000 ? Math.round(ms) + " ms" : (ms / 1000).toFixed(1) + " s";
+  }
 
   function renderResults(res, elapsedMs, why) {
     for (const url of state.cardUrls) URL.revokeObjectURL(url);
     state.cardUrls = [];
     const n = res.items.length;
-    setSearchStatus(n + (n === 1 ? " result" : " results") + " in " + Math.round(elapsedMs) + " ms (" + res.mode + " mode)" +
+    setSearchStatus(n + (n === 1 ? " result" : " results") + " in " + duration(elapsedMs) + " (" + res.mode + " mode)" +
       (why ? " — " + why : "") + ".");
 
     const lock = res.lock;
