@@ -124,29 +124,44 @@ def api_figures(home: Path, ikea: Path, rooms: int, texts: int, log: Path) -> di
 
 def ingest_items_per_s(ikea: Path, n: int, runtime: str) -> dict[str, Any]:
     """Items/s of ``mars ingest``'s path for the first ``n`` products with a photo, into a fresh
-    home on ``runtime`` (the encoders loaded and warmed before the clock starts)."""
-    from catalog.taxonomy import singular
-    from ingestion.readers import open_source
-    from mars.engine import Engine
-    from mars.settings import Settings
+    home on ``runtime`` in this process (:func:`evaluation.ingest_probe.ingest_items_per_s`)."""
+    from evaluation.ingest_probe import ingest_items_per_s as probe
 
-    singular("lamps")  # inflect's one-time set-up, outside the clock
-    records = [r for r in open_source(ikea) if (r.data or {}).get("image")][:n]
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(Settings(home=Path(tmp) / "mars", encoder_runtime=runtime, critic="none", _env_file=None))
-        try:
-            image, text = engine.encoders()
-            from PIL import Image
+        return probe(ikea, n, Path(tmp) / "mars", runtime)
 
-            image.encode_images([Image.new("RGB", (500, 500), (128, 128, 128))] * 2)
-            text.encode_texts(["warm-up"])
-            t = time.perf_counter()
-            report = engine.ingest(iter(records), f"speed-{runtime}")
-            seconds = time.perf_counter() - t
-        finally:
-            engine.close()
-    return {"runtime": runtime, "items": len(records), "ingested": report.ingested, "seconds": round(seconds, 1),
-            "items_per_s": round(len(records) / seconds, 1)}
+
+def baseline_items_per_s(ikea: Path, n: int, ref: str) -> dict[str, Any]:
+    """The same ingest as :func:`ingest_items_per_s` by an earlier MARS: the commit ``ref`` of
+    this repository (``git archive``) unpacked into a temporary folder and run there by
+    :mod:`evaluation.ingest_probe` in a subprocess, on that version's default encoders.
+
+    Raises:
+        RuntimeError: ``ref`` is not a commit here, or the probe failed or ran other code
+            than the checkout (the message carries its stderr's tail).
+    """
+    import io
+    import subprocess
+    import sys
+    import tarfile
+
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(repo), "archive", ref], capture_output=True)
+    if archive.returncode != 0:
+        raise RuntimeError(f"--baseline {ref}: git archive failed: {archive.stderr.decode(errors='replace').strip()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        checkout = Path(tmp) / "checkout"
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(checkout, filter="data")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MARS_")} | {"PYTHONPATH": str(checkout)}
+        run = subprocess.run([sys.executable, str(Path(__file__).with_name("ingest_probe.py")), str(ikea), str(n), str(Path(tmp) / "home")],
+                             cwd=checkout, env=env, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"--baseline {ref}: the ingest failed: {run.stderr[-2000:]}")
+        figures = json.loads(run.stdout.strip().splitlines()[-1])
+        if Path(figures.pop("code")) != checkout:
+            raise RuntimeError(f"--baseline {ref}: the probe imported mars from elsewhere than the checkout")
+    return figures | {"runtime": f"baseline {ref}"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rooms", type=int, default=20, help="dev room photos the server has never seen (default 20)")
     parser.add_argument("--texts", type=int, default=50, help="never-seen text queries (default 50)")
     parser.add_argument("--ingest", type=int, default=300, help="products with a photo ingested per runtime (0: skip)")
+    parser.add_argument("--baseline", metavar="REF", help="also ingest with the MARS of this git commit (e.g. the one an issue was "
+                        "filed against), in a subprocess in the same run: 'today's items/s' beside this version's")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     if not (args.home / "index" / "manifest.json").exists():
@@ -170,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.ingest:
         before, after = (ingest_items_per_s(args.ikea, args.ingest, runtime) for runtime in ("torch", "onnx"))
         figures["ingest"] = {"torch": before, "onnx": after, "ratio": round(after["items_per_s"] / before["items_per_s"], 2)}
+        if args.baseline:
+            base = baseline_items_per_s(args.ikea.resolve(), args.ingest, args.baseline)
+            figures["ingest"] |= {"baseline": base, "ratio_vs_baseline": round(after["items_per_s"] / base["items_per_s"], 2)}
     if args.json:
         print(json.dumps(figures, indent=2))
         return
@@ -185,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
         ing = figures["ingest"]
         print(f"ingest with photos ({ing['onnx']['items']} products): torch {ing['torch']['items_per_s']:.1f} items/s, "
               f"onnx {ing['onnx']['items_per_s']:.1f} items/s = {ing['ratio']:.2f}x")
+        if "baseline" in ing:
+            print(f"ingest with photos, {ing['baseline']['runtime']}: {ing['baseline']['items_per_s']:.1f} items/s; "
+                  f"onnx = {ing['ratio_vs_baseline']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -161,22 +161,23 @@ class _CategoryCache:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.by_key: dict[str, Category] = {}
+        self.absent: set[str] = set()  # keys a prefetch found missing: created without another query
 
     def prefetch(self, keys: Iterable[str]) -> None:
         """Load the categories of ``keys`` that exist in one query (a batch names ~100 types)."""
         missing = sorted({k for k in keys if k not in self.by_key})
         if missing:
             self.by_key.update((c.key, c) for c in self.session.execute(select(Category).where(Category.key.in_(missing))).scalars())
+            self.absent.update(k for k in missing if k not in self.by_key)
 
     def _get(self, key: str, name: str, level: str, synonyms: tuple[str, ...], parent: Category | None) -> Category:
         if key in self.by_key:
             return self.by_key[key]
-        cat = self.session.execute(select(Category).where(Category.key == key)).scalar_one_or_none()
-        if cat is None:
+        cat = None if key in self.absent else self.session.execute(select(Category).where(Category.key == key)).scalar_one_or_none()
+        if cat is None:  # added, not flushed: the session flushes the batch's new categories together
             cat = Category(key=key, name=name, level=level, parent=parent)
             cat.synonyms = [CategorySynonym(phrase=s) for s in synonyms]
             self.session.add(cat)
-            self.session.flush()
         self.by_key[key] = cat
         return cat
 
