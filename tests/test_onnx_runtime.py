@@ -90,6 +90,19 @@ def test_the_text_encoder_on_onnx_agrees_with_sentence_transformers(ikea_slice, 
     assert len(list(tmp_path.glob("text-*.onnx"))) == 1  # exported once, beside nothing else
 
 
+def test_one_query_text_runs_on_a_one_thread_session_with_the_same_vector(ikea_slice, tmp_path):
+    from indexing.sentence_encoder import SentenceTransformerEncoder
+
+    encoder = SentenceTransformerEncoder(runtime="onnx", cache_dir=tmp_path, threads=2)
+    texts = [q["text"] for q in ikea_slice["queries"] if q.get("text")][:8]
+    batch = encoder.encode_texts(texts)
+    assert encoder._onnx._single is None  # batches use the two-thread session only
+    one = np.vstack([encoder.encode_texts([t]) for t in texts])
+    single = encoder._onnx._single
+    assert single is not None and single.threads == 1 and encoder._onnx.model.threads == 2
+    assert single.path == encoder._onnx.model.path  # the same export, no second file
+    assert float(np.abs(one - batch).max()) <= 1e-5
+
 def test_a_folder_the_onnx_text_path_cannot_read_says_which_runtime_to_use(tmp_path):
     from indexing.sentence_encoder import SentenceTransformerEncoder
 
