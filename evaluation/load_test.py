@@ -13,9 +13,45 @@ the lists come from it: the plan, fusion, rules, catalog rows and the HTTP stack
 is measured, as for a repeated query in production. ``MARS_RESULT_CACHE_HITS=0`` turns that
 cache off in the server started here, so every request searches BM25 and Qdrant again.
 
+**Cold mode** (``--cold``): after that warm phase, a second timed phase of the same length in
+which every request carries a query the server has never been sent before, so nothing comes
+from a cache keyed by the query: of the ``--clients``, ``--cold-photo-clients`` (default 1)
+send room-photo queries whose photo is new, the others text-only queries whose text is new
+(the mix is set in clients, not in a share of requests: a new photo takes ~40 times a new
+text, so with a request share the photos would soon hold most clients). Each is handed out
+once and never again (a failed request's too):
+
+* **new texts** (:func:`cold_text_pool`, at most ``--seconds`` × 2,000; none is a text the warm
+  phase or a cold photo query sends, compared lowercased word by word): first the benchmark's other query texts, then phrasings of
+  one product's attributes ("black-brown chest of 3 drawers", "MALM chest of 3 drawers",
+  "chest of 3 drawers 80x78 cm"), then each frequent catalog colour with each product type
+  ("yellow armchair"), then those with a room ("yellow armchair for the hallway"); each tier
+  shuffled with ``--cold-seed``. The server keys its text-vector cache on the exact text and
+  its per-stage result cache on the text, so a new text is encoded and searched afresh. A
+  text's body is JSON-encoded as it is sent (~10 µs);
+* **new photos** (:func:`cold_photo_pool`): the 123 dev room photos, each request a different
+  deterministic perturbation of one (a crop of 85-97 % of each side at a random offset, resized
+  to 90-100 % of the photo's size, mirrored half the time, JPEG quality 90): no two share
+  pixels or bytes, and none is an original. The server keys its photo caches (region vectors,
+  decoded base64, image lists) on the SHA-256 of the uploaded bytes or of their base64 text,
+  so each new photo's regions are encoded afresh (~0.4 s of CPU at 1408 px on 2 cores). They
+  are JPEG-encoded before any timed phase (``--cold-photos``, by default enough for one new
+  photo per photo client every 0.2 s), so the generator does not take CPU from the server then.
+
+The report keeps the warm figures as they were and adds ``"cold"``: the cold phase's figures
+in the same form (cold text queries as ``text_only``, cold photo queries as
+``with_room_photo``, each with its error count), proof that nothing repeated
+(``never_sent_before``) and ``side_by_side``, the warm and cold rows together; a plain table of
+those rows follows the JSON on stderr.
+
 Usage (the catalog must be ingested; the server is started here unless ``--url`` is given)::
 
     python -m evaluation.load_test --clients 20 --seconds 60 [--url http://127.0.0.1:8000] [--api-key KEY]
+    python -m evaluation.load_test --clients 20 --seconds 60 --cold [--cold-photo-clients 1]
+
+Only this invocation's requests are guaranteed new: a server started here (the default) has seen
+nothing else, while a long-running ``--url`` server may have cached texts of an earlier cold run
+(pass another ``--cold-seed`` for another order of the pool).
 
 A server started here runs with ``--open`` and no rate limit (``MARS_RATE_LIMIT=''``); against
 ``--url``, send a viewer key whose server's ``MARS_RATE_LIMIT`` allows the load.
@@ -36,14 +72,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hashlib
+import io
 import json
+import math
 import os
 import random
 import re
+import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
 import h11
@@ -68,6 +110,235 @@ def load_bodies(ikea: Path, text_only: bool, limit: int) -> list[dict[str, Any]]
             bodies.append({"text": q.text, "image_base64": photos[q.image], "mode": "hybrid", "top_k": 10})
     random.Random(0).shuffle(bodies)
     return bodies[:limit]
+
+
+#: Shortest time in seconds a search with a new room photo is assumed to take: the default
+#: photo pool of cold mode holds ``photo clients × seconds / MIN_NEW_PHOTO_S`` photos (one takes
+#: ~0.4 s of CPU at 1408 px on 2 cores, so this leaves room for a faster machine).
+MIN_NEW_PHOTO_S = 0.2
+#: Most cold text queries per second assumed of the whole load: the cold text pool holds
+#: ``seconds × MAX_COLD_TEXTS_PER_S`` texts (a cold text costs ~10 ms of server CPU on 2 cores,
+#: so this leaves room for a much larger machine; a spent pool is reported).
+MAX_COLD_TEXTS_PER_S = 2000
+#: Colours named by at least this many catalog products are crossed with every product type in
+#: the cold text pool ("yellow armchair").
+FREQUENT_COLOUR_PRODUCTS = 3
+
+
+def text_words(text: str) -> str:
+    """``text`` lowercased, its words (letters, digits, ``_``) joined by single spaces: the form in
+    which cold texts must differ from each other and from the warm ones ("Rug, flatwoven" and
+    "rug flatwoven" are the same query)."""
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def cold_text_pool(ikea: Path, exclude: Iterable[str] = (), seed: int = 0, limit: int | None = None) -> list[str]:
+    """Distinct, realistic query texts for cold mode (at most ``limit``), none equal to another or
+    to a text of ``exclude`` by :func:`text_words`; realistic ones first, in four tiers, each
+    shuffled with ``seed`` (a tier is made only when the ones before it fall short of ``limit``):
+
+    1. the benchmark's own query texts (all tasks), each as a text-only query;
+    2. phrasings of one catalog product's attributes: colour + type ("black-brown chest of 3
+       drawers"), name + type ("MALM chest of 3 drawers"), type + size ("chest of 3 drawers
+       80x78 cm"), colour + name + type, type "in" colour;
+    3. each colour named by ≥ :data:`FREQUENT_COLOUR_PRODUCTS` products with each product type
+       ("yellow armchair");
+    4. tier 3 with each dev room category ("yellow armchair for the hallway").
+
+    On the IKEA dev data tiers 1-3 hold ~77,000 texts and all four ~700,000 (~3 s to make).
+    """
+    queries = load_queries(ikea / "queries.jsonl")
+    products = [json.loads(line) for line in (ikea / "corpus.jsonl").open(encoding="utf-8") if line.strip()]
+
+    def colour(p: dict) -> str:
+        return (p.get("color") or "").strip().lower().replace(",", " and ")
+
+    def kind(p: dict) -> str:
+        return (p.get("type") or "").strip().lower()
+
+    def own_queries() -> list[str]:
+        return [q.text for q in queries if q.text]
+
+    def phrasings() -> list[str]:
+        out = []
+        for p in products:
+            c, t, name, size = colour(p), kind(p), (p.get("title") or "").strip(), (p.get("size") or "").strip()
+            if t:
+                out += [f"{c} {t}" if c else "", f"{name} {t}" if name else "", f"{t} {size}" if size else "",
+                        f"{c} {name} {t}" if c and name else "", f"{t} in {c}" if c else ""]
+        return [text for text in out if text]
+
+    def crossed() -> list[str]:
+        counts: dict[str, int] = {}
+        for p in products:
+            if colour(p):
+                counts[colour(p)] = counts.get(colour(p), 0) + 1
+        colours = sorted(c for c, n in counts.items() if n >= FREQUENT_COLOUR_PRODUCTS)
+        types = sorted({kind(p) for p in products if kind(p)})
+        return [f"{c} {t}" for c in colours for t in types]
+
+    def with_rooms() -> list[str]:
+        rooms = sorted({q.room_category.lower() for q in queries if q.room_category})
+        return [f"{text} for the {room}" for text in crossed() for room in rooms]
+
+    seen = {text_words(text) for text in exclude}
+    pool: list[str] = []
+    rng = random.Random(seed)
+    for tier in (own_queries, phrasings, crossed, with_rooms):
+        texts = tier()
+        rng.shuffle(texts)
+        for text in texts:
+            key = text_words(text)
+            if key and key not in seen:
+                seen.add(key)
+                pool.append(text)
+                if limit is not None and len(pool) >= limit:
+                    return pool
+    return pool
+
+
+@dataclass(frozen=True)
+class ColdPhoto:
+    """One never-sent room-photo query of cold mode.
+
+    Attributes:
+        body: the ``POST /v1/search`` JSON body (:attr:`text` + base64 JPEG), encoded.
+        text: the query text, one of the room's room-class or room-type texts.
+        digest: ``"sha256:<hex>"`` of the JPEG bytes, the server's region-cache key.
+        room: the dev room photo it was made from (file name).
+        variant: ``(left, top, crop width, crop height, mirrored, width, height)`` in pixels:
+            the crop of the room photo, whether it was mirrored and the size it was resized to.
+    """
+
+    body: bytes
+    text: str
+    digest: str
+    room: str
+    variant: tuple[int, int, int, int, bool, int, int]
+
+
+def perturbed_jpeg(image: Any, rng: random.Random) -> tuple[bytes, tuple[int, int, int, int, bool, int, int]]:
+    """A JPEG (quality 90) of a random perturbation of the PIL ``image``: a crop of 85-97 % of
+    each side at a random offset, resized to 90-100 % of the image's size, mirrored with
+    probability 1/2; its bytes and :attr:`ColdPhoto.variant`."""
+    from PIL import Image
+
+    w, h = image.size
+    share = rng.uniform(0.85, 0.97)
+    cw, ch = round(w * share), round(h * share)
+    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    scale = rng.uniform(0.9, 1.0)
+    size = (round(w * scale), round(h * scale))
+    mirrored = rng.random() < 0.5
+    out = image.crop((left, top, left + cw, top + ch)).resize(size, Image.Resampling.BILINEAR)
+    if mirrored:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    buffer = io.BytesIO()
+    out.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue(), (left, top, cw, ch, mirrored, *size)
+
+
+def cold_photo_pool(ikea: Path, n: int, seed: int = 0, exclude_digests: Iterable[str] = ()) -> list[ColdPhoto]:
+    """``n`` never-sent room-photo queries for cold mode: the dev room photos in an order
+    shuffled with ``seed``, taken in turn, each time a new :func:`perturbed_jpeg` of the room
+    photo with one of that room's room-class or room-type texts (random), mode ``hybrid``.
+    No two share a perturbation (so no two share pixels), bytes or a digest, and none has a
+    digest of ``exclude_digests`` (e.g. the originals the warm phase sends). Takes ~25 ms a photo
+    (Pillow decode, resize, encode, base64)."""
+    from PIL import Image
+
+    texts: dict[Path, list[str]] = {}
+    for q in load_queries(ikea / "queries.jsonl"):
+        if q.task in ("room-class", "room-type") and q.image is not None and q.text:
+            texts.setdefault(q.image, []).append(q.text)
+    rooms = sorted(texts)
+    rng = random.Random(seed)
+    rng.shuffle(rooms)
+    excluded = set(exclude_digests)
+    by_room: dict[Path, list[int]] = {}
+    for i in range(n):
+        by_room.setdefault(rooms[i % len(rooms)], []).append(i)
+    out: list[ColdPhoto | None] = [None] * n
+    for room, slots in by_room.items():  # room by room: each photo decoded once
+        with Image.open(room) as opened:
+            image = opened.convert("RGB")
+        made: set[tuple] = set()
+        for i in slots:
+            while True:
+                data, variant = perturbed_jpeg(image, rng)
+                digest = "sha256:" + hashlib.sha256(data).hexdigest()
+                if variant not in made and digest not in excluded:
+                    break
+            made.add(variant)
+            excluded.add(digest)
+            text = rng.choice(texts[room])
+            body = {"text": text, "image_base64": base64.b64encode(data).decode(), "mode": "hybrid", "top_k": 10}
+            out[i] = ColdPhoto(encode_body(body), text, digest, room.name, variant)
+    return [photo for photo in out if photo is not None]
+
+
+T = TypeVar("T")
+
+
+class Pool(Generic[T]):
+    """Items handed out once each, in order (cold mode's never-sent texts or photos).
+
+    Args:
+        items: what to hand out.
+    """
+
+    def __init__(self, items: list[T]) -> None:
+        self.items, self.taken = items, 0
+
+    def take(self) -> T | None:
+        """The next item, or None when every one has been taken."""
+        if self.taken >= len(self.items):
+            return None
+        self.taken += 1
+        return self.items[self.taken - 1]
+
+    @property
+    def sent(self) -> list[T]:
+        """The items taken so far, in order."""
+        return self.items[:self.taken]
+
+
+@dataclass
+class ColdLoad:
+    """Cold mode's load: the never-sent texts and photos and how many clients send photos.
+
+    Attributes:
+        texts: query texts, each sent once as a text-only hybrid query (:func:`cold_text_pool`).
+        photos: room-photo queries, each sent once (:func:`cold_photo_pool`).
+        photo_clients: clients of the cold phase that send photos; the others send texts.
+        seed: the seed the pools were drawn with (reported).
+        photo_pool_s: seconds it took to make the photo pool (reported).
+        other_texts: the texts of the warm phase and of the photo pool as :func:`text_words` (to
+            check that no cold text was one of them)
+        warm_digests: the warm phase's photo digests (to check no cold photo was one).
+    """
+
+    texts: Pool[str]
+    photos: Pool[ColdPhoto]
+    photo_clients: int
+    seed: int = 0
+    photo_pool_s: float = 0.0
+    other_texts: set[str] = field(default_factory=set)
+    warm_digests: set[str] = field(default_factory=set)
+
+
+def warm_inputs(bodies: list[dict[str, Any]]) -> tuple[set[str], set[str]]:
+    """The texts (as :func:`text_words`) and photo digests (``"sha256:<hex>"`` of the bytes) that
+    the warm phase sends with ``bodies``."""
+    texts = {text_words(b["text"]) for b in bodies if b.get("text")}
+    digests = {"sha256:" + hashlib.sha256(base64.b64decode(photo)).hexdigest()
+               for photo in {b["image_base64"] for b in bodies if b.get("image_base64")}}
+    return texts, digests
+
+
+def text_body(text: str) -> dict[str, Any]:
+    """The ``POST /v1/search`` body of a text-only hybrid query (as the warm phase's)."""
+    return {"text": text, "mode": "hybrid", "top_k": 10}
 
 
 def encode_body(body: dict[str, Any]) -> bytes:
@@ -151,27 +422,62 @@ class RawConnection:
             self._streams, self._conn = None, None
 
 
+async def post_once(http: httpx.AsyncClient | RawConnection, path: str, body: bytes) -> str | None:
+    """POST the encoded JSON ``body`` to ``path`` through ``http``; None when it answered 200, else
+    the error (``"HTTP <status>: <start of body>"`` or the exception)."""
+    try:
+        if isinstance(http, RawConnection):
+            status, text = await http.post(path, body)
+        else:
+            r = await http.post(path, content=body, headers=JSON_HEADERS)
+            status, text = r.status_code, r.content
+    except (httpx.HTTPError, OSError, ValueError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+        return f"{exc.__class__.__name__}: {exc}"
+    return None if status == 200 else f"HTTP {status}: {text[:200].decode(errors='replace')}"
+
+
 async def client(http: httpx.AsyncClient | RawConnection, bodies: list[tuple[bytes, bool]], stop_at: float, out: list,
                  errors: list, seed: int, path: str = "/v1/search") -> None:
     """One client: POST random bodies (encoded JSON, whether it has a photo) to ``path`` back to
-    back until ``stop_at`` (monotonic seconds), through ``http`` (its own connection when raw)."""
+    back until ``stop_at`` (monotonic seconds), through ``http`` (its own connection when raw).
+    Appends ``(seconds, photo)`` to ``out`` per answered request, ``(error, photo)`` to ``errors``."""
     rng = random.Random(seed)
     while time.monotonic() < stop_at:
         body, photo = rng.choice(bodies)
         t0 = time.perf_counter()
-        try:
-            if isinstance(http, RawConnection):
-                status, text = await http.post(path, body)
-            else:
-                r = await http.post(path, content=body, headers=JSON_HEADERS)
-                status, text = r.status_code, r.content
-            if status != 200:
-                errors.append(f"HTTP {status}: {text[:200].decode(errors='replace')}")
-                continue
-        except (httpx.HTTPError, OSError, ValueError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
-            errors.append(f"{exc.__class__.__name__}: {exc}")
-            continue
-        out.append((time.perf_counter() - t0, photo))
+        error = await post_once(http, path, body)
+        if error is None:
+            out.append((time.perf_counter() - t0, photo))
+        else:
+            errors.append((error, photo))
+
+
+async def cold_client(http: httpx.AsyncClient | RawConnection, next_body: Callable[[], bytes | None], photo: bool,
+                      stop_at: float, out: list, errors: list, path: str = "/v1/search") -> None:
+    """One cold-mode client: POST ``next_body()`` (a body never sent before; None when the pool is
+    spent, which ends the client) to ``path`` back to back until ``stop_at`` (monotonic seconds),
+    recording as :func:`client` with ``photo`` for every request."""
+    while time.monotonic() < stop_at:
+        body = next_body()
+        if body is None:
+            return
+        t0 = time.perf_counter()
+        error = await post_once(http, path, body)
+        if error is None:
+            out.append((time.perf_counter() - t0, photo))
+        else:
+            errors.append((error, photo))
+
+
+def summary(values: list[float], errors: int | None = None) -> dict[str, Any]:
+    """Count and p50/p95/p99 in ms of latencies ``values`` (seconds); with ``errors``, that count too."""
+    out: dict[str, Any] = {"n": len(values)}
+    if errors is not None:
+        out["errors"] = errors
+    if values:
+        ms = np.asarray(values) * 1000
+        out.update({f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 95, 99)})
+    return out
 
 
 async def server_cpu_s(http: httpx.AsyncClient) -> float | None:
@@ -184,70 +490,202 @@ async def server_cpu_s(http: httpx.AsyncClient) -> float | None:
     return float(match.group(1)) if match else None
 
 
+async def timed_phase(url: str, headers: dict[str, str], http: httpx.AsyncClient, kind: str, seconds: float,
+                      clients: list[Callable[[httpx.AsyncClient | RawConnection, float, list, list], Any]]
+                      ) -> dict[str, Any]:
+    """Run ``clients`` concurrently for ``seconds``, each called with its connection (its own
+    :class:`RawConnection` for ``kind`` ``"raw"``, else the pooled ``http``), the monotonic
+    second to stop at, the latency list and the error list, returning a coroutine. Returns the
+    ``latencies`` and ``errors`` lists, the ``wall`` seconds and ``cpu_ms_per_request`` (ms of
+    CPU per request sent, of this process and, from ``/metrics``, of the server: None when it
+    is not exposed)."""
+    latencies: list[tuple[float, bool]] = []
+    errors: list[tuple[str, bool]] = []
+    cpu0, server0 = time.process_time(), await server_cpu_s(http)
+    conns = [RawConnection(url, headers) if kind == "raw" else http for _ in clients]
+    t0 = time.monotonic()
+    await asyncio.gather(*(run_client(c, t0 + seconds, latencies, errors) for run_client, c in zip(clients, conns)))
+    wall = time.monotonic() - t0
+    cpu1, server1 = time.process_time(), await server_cpu_s(http)
+    for c in conns:
+        if isinstance(c, RawConnection):
+            c.close()
+    sent = max(len(latencies) + len(errors), 1)
+    return {"latencies": latencies, "errors": errors, "wall": wall, "cpu_ms_per_request": {
+        "server": round((server1 - server0) * 1000 / sent, 2) if server0 is not None and server1 is not None else None,
+        "load_generator": round((cpu1 - cpu0) * 1000 / sent, 2)}}
+
+
+def rows(phase: dict[str, Any], label: str) -> dict[str, dict[str, Any]]:
+    """``side_by_side`` rows of a phase: text-only and room-photo queries, errors counted."""
+    lat, err = phase["latencies"], phase["errors"]
+    return {f"{label} text": summary([t for t, p in lat if not p], sum(1 for _, p in err if not p)),
+            f"{label} photo": summary([t for t, p in lat if p], sum(1 for _, p in err if p))}
+
+
 async def run(url: str, bodies: list[dict], clients: int, seconds: float, api_key: str | None,
-              path: str = "/v1/search", kind: str = "raw") -> dict[str, Any]:
+              path: str = "/v1/search", kind: str = "raw", cold: ColdLoad | None = None) -> dict[str, Any]:
     """Warm up (each distinct query once, with ``httpx``), then ``clients`` concurrent clients
     for ``seconds``, each on its own connection: ``kind`` ``"raw"`` (:class:`RawConnection`) or
-    ``"httpx"`` (one pooled ``httpx`` client)."""
+    ``"httpx"`` (one pooled ``httpx`` client). With ``cold``, then the cold phase for ``seconds``
+    (see the module doc): ``cold.photo_clients`` clients send its photos, the others its texts,
+    reported under ``"cold"``."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     encoded = [(encode_body(body), "image_base64" in body) for body in bodies]
     async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers, limits=limits) as http:
         for body, _ in encoded:  # each distinct query once: the funnel's query-encoding caches are warm
             (await http.post(path, content=body, headers=JSON_HEADERS)).raise_for_status()
-        latencies: list[tuple[float, bool]] = []
-        errors: list[str] = []
-        cpu0, server0 = time.process_time(), await server_cpu_s(http)
-        conns = [RawConnection(url, headers) if kind == "raw" else http for _ in range(clients)]
-        t0 = time.monotonic()
-        await asyncio.gather(*(client(c, encoded, t0 + seconds, latencies, errors, i, path) for i, c in enumerate(conns)))
-        wall = time.monotonic() - t0
-        cpu1, server1 = time.process_time(), await server_cpu_s(http)
-        for c in conns:
-            if isinstance(c, RawConnection):
-                c.close()
-    sent = max(len(latencies) + len(errors), 1)
+        cold_phase: dict[str, Any] | None = None
+        warm = await timed_phase(url, headers, http, kind, seconds, [
+            lambda c, stop_at, out, err, i=i: client(c, encoded, stop_at, out, err, i, path) for i in range(clients)])
+        if cold is not None:
+            def next_text() -> bytes | None:
+                text = cold.texts.take()
+                return None if text is None else encode_body(text_body(text))
 
-    def summary(values: list[float]) -> dict[str, Any]:
-        if not values:
-            return {"n": 0}
-        ms = np.asarray(values) * 1000
-        return {"n": len(values), "p50_ms": round(float(np.percentile(ms, 50)), 1),
-                "p95_ms": round(float(np.percentile(ms, 95)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1)}
+            def next_photo() -> bytes | None:
+                photo = cold.photos.take()
+                return None if photo is None else photo.body
 
-    return {
+            cold_phase = await timed_phase(url, headers, http, kind, seconds, [
+                lambda c, stop_at, out, err, i=i: cold_client(c, next_photo if i < cold.photo_clients else next_text,
+                                                              i < cold.photo_clients, stop_at, out, err, path)
+                for i in range(clients)])
+    latencies, errors, wall = warm["latencies"], warm["errors"], warm["wall"]
+    report = {
         "clients": clients, "client": kind, "seconds": round(wall, 1), "requests": len(latencies),
-        "requests_per_s": round(len(latencies) / wall, 1), "errors": len(errors), "first_errors": errors[:5],
-        "cpu_ms_per_request": {
-            "server": round((server1 - server0) * 1000 / sent, 2) if server0 is not None and server1 is not None else None,
-            "load_generator": round((cpu1 - cpu0) * 1000 / sent, 2),
-        },
+        "requests_per_s": round(len(latencies) / wall, 1), "errors": len(errors),
+        "first_errors": [e for e, _ in errors[:5]], "cpu_ms_per_request": warm["cpu_ms_per_request"],
         "all": summary([t for t, _ in latencies]),
         "text_only": summary([t for t, photo in latencies if not photo]),
         "with_room_photo": summary([t for t, photo in latencies if photo]),
     }
+    if cold is not None and cold_phase is not None:
+        report["cold"] = cold_report(cold, cold_phase, clients, rows(warm, "warm"))
+    return report
 
 
-def main() -> None:
-    """Parse the options, start a server if none is given, run the load and print the report."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def cold_report(cold: ColdLoad, phase: dict[str, Any], clients: int,
+                warm_rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The ``"cold"`` section of the report (see the module doc) from the cold ``phase``."""
+    latencies, errors, wall = phase["latencies"], phase["errors"], phase["wall"]
+    texts, digests = [text_words(t) for t in cold.texts.sent], [p.digest for p in cold.photos.sent]
+    by_class = rows(phase, "cold")
+    return {
+        "clients": {"text": clients - cold.photo_clients, "photo": cold.photo_clients},
+        "seconds": round(wall, 1), "requests": len(latencies), "requests_per_s": round(len(latencies) / wall, 1),
+        "errors": len(errors), "first_errors": [e for e, _ in errors[:5]],
+        "cpu_ms_per_request": phase["cpu_ms_per_request"],
+        "all": summary([t for t, _ in latencies]),
+        "text_only": by_class["cold text"], "with_room_photo": by_class["cold photo"],
+        "never_sent_before": {
+            "texts_sent": len(texts), "texts_new": len(set(texts) - cold.other_texts),
+            "text_pool": len(cold.texts.items), "text_pool_spent": cold.texts.taken == len(cold.texts.items),
+            "photos_sent": len(digests), "photos_new": len(set(digests) - cold.warm_digests),
+            "photo_pool": len(cold.photos.items), "photo_pool_spent": cold.photos.taken == len(cold.photos.items),
+            "photo_pool_s": round(cold.photo_pool_s, 1), "seed": cold.seed,
+        },
+        "side_by_side": {**warm_rows, **by_class},
+    }
+
+
+def side_by_side_table(report: dict[str, Any]) -> str:
+    """The report's warm and cold rows as a plain-text table (latencies in ms, server CPU in ms
+    per request of each phase, text and photo requests together)."""
+    lines = [f"{'queries':<12}{'requests':>10}{'errors':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"]
+    for name, row in report["cold"]["side_by_side"].items():
+        ms = "".join(f"{row.get(f'p{q}_ms', '-'):>9}" for q in (50, 95, 99))
+        lines.append(f"{name:<12}{row['n']:>10}{row['errors']:>8}{ms}")
+    cpu = (report["cpu_ms_per_request"]["server"], report["cold"]["cpu_ms_per_request"]["server"])
+    lines.append(f"server CPU ms/request: warm {cpu[0]}, cold {cpu[1]} (each phase's text and photo requests together)")
+    return "\n".join(lines)
+
+
+MODES = """modes:
+  warm (default)  each distinct query of --queries is sent once, then the timed phase repeats
+                  them: the query-encoding and per-stage result caches answer, so it measures
+                  the search path and the HTTP stack (see the module doc).
+  --cold          the warm phase, then a cold phase of the same --seconds in which every
+                  request carries a text or a room photo the server was never sent: new texts
+                  (the benchmark's other queries, then phrasings of catalog products' colour,
+                  name, type and size) from --clients minus --cold-photo-clients clients, new
+                  photos (perturbed crops of the dev room photos, JPEG-encoded before the timed
+                  phases) from --cold-photo-clients clients. The JSON report gains "cold": its
+                  text and photo queries separately (count, errors, p50/p95/p99 ms), server and
+                  generator CPU ms per request, proof that none repeated, and the warm and cold
+                  rows side by side (also printed as a table on stderr).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m evaluation.load_test`` (its ``--help`` explains the modes)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=MODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ikea", type=Path, default=Path("../shared/data/ikea"), help="IKEA benchmark folder.")
     parser.add_argument("--clients", type=int, default=20, help="Concurrent clients.")
-    parser.add_argument("--seconds", type=float, default=60, help="How long to load the server.")
+    parser.add_argument("--seconds", type=float, default=60,
+                        help="How long to load the server (each phase: warm, then cold with --cold).")
     parser.add_argument("--url", help="A running MARS API; default: start `mars serve` on the ingested MARS_HOME.")
     parser.add_argument("--api-key", default=os.environ.get("MARS_API_KEY"), help="Key sent as Bearer (MARS_API_KEY).")
-    parser.add_argument("--text-only", action="store_true", help="Text queries only (no room photos).")
-    parser.add_argument("--queries", type=int, default=500, help="Distinct queries to draw from.")
+    parser.add_argument("--text-only", action="store_true", help="Text queries only (no room photos, warm or cold).")
+    parser.add_argument("--queries", type=int, default=500, help="Distinct queries to draw from (warm phase).")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw",
                         help="HTTP client of the timed phase: asyncio streams framed by h11 (lean; default) or httpx.")
-    args = parser.parse_args()
+    parser.add_argument("--cold", action="store_true",
+                        help="After the warm phase, a cold phase: every request a text or photo never sent before.")
+    parser.add_argument("--cold-photo-clients", type=int, default=None,
+                        help="Cold phase: clients sending new room photos (the others send new texts); default 1 "
+                        "(0 with --text-only or one client). A new photo costs ~0.4 s of server CPU.")
+    parser.add_argument("--cold-photos", type=int, default=None,
+                        help="Cold phase: new photos to make beforehand; default photo clients x seconds / "
+                        f"{MIN_NEW_PHOTO_S} (a photo client whose pool is spent stops; reported).")
+    parser.add_argument("--cold-seed", type=int, default=0, help="Cold phase: seed of the texts' and photos' order.")
+    return parser
+
+
+def make_cold_load(args: argparse.Namespace, bodies: list[dict[str, Any]]) -> ColdLoad:
+    """The never-sent texts and photos of the cold phase for ``args``, none among ``bodies``."""
+    photo_clients = args.cold_photo_clients
+    if photo_clients is None:
+        photo_clients = 0 if args.text_only else min(1, args.clients - 1)
+    if not 0 <= photo_clients <= args.clients or (args.text_only and photo_clients):
+        raise SystemExit(f"--cold-photo-clients must be 0..{args.clients} (0 with --text-only), not {photo_clients}")
+    n = args.cold_photos if args.cold_photos is not None else math.ceil(photo_clients * args.seconds / MIN_NEW_PHOTO_S)
+    return make_cold_pools(args.ikea, bodies, n if photo_clients else 0, photo_clients, args.cold_seed,
+                           math.ceil(args.seconds * MAX_COLD_TEXTS_PER_S))
+
+
+def make_cold_pools(ikea: Path, bodies: list[dict[str, Any]], photos: int, photo_clients: int, seed: int = 0,
+                    texts: int | None = None) -> ColdLoad:
+    """Cold mode's load beside the warm ``bodies``: ``photos`` new room-photo queries
+    (:func:`cold_photo_pool`, none with a warm photo) and at most ``texts`` new texts
+    (:func:`cold_text_pool`, none a warm text or a text of those photo queries, which the server
+    caches too), ``photo_clients`` clients sending the photos."""
+    _, warm_digests = warm_inputs(bodies)
+    t0 = time.perf_counter()
+    photo_pool = cold_photo_pool(ikea, photos, seed, warm_digests)
+    photo_pool_s = time.perf_counter() - t0
+    sent_texts = [b["text"] for b in bodies if b.get("text")] + [p.text for p in photo_pool]
+    text_pool = cold_text_pool(ikea, sent_texts, seed, limit=texts)
+    return ColdLoad(Pool(text_pool), Pool(photo_pool), photo_clients, seed, photo_pool_s,
+                    {text_words(t) for t in sent_texts}, warm_digests)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the options, start a server if none is given, run the load and print the report
+    (JSON on stdout; with ``--cold``, the side-by-side table on stderr)."""
+    args = build_parser().parse_args(argv)
     bodies = load_bodies(args.ikea, args.text_only, args.queries)
+    cold = make_cold_load(args, bodies) if args.cold else None
     if args.url:
-        report = asyncio.run(run(args.url, bodies, args.clients, args.seconds, args.api_key, kind=args.client))
+        report = asyncio.run(run(args.url, bodies, args.clients, args.seconds, args.api_key, kind=args.client, cold=cold))
     else:  # the ingested MARS_HOME, in open mode without a rate limit: a local benchmark
         with tempfile.TemporaryDirectory() as tmp, served_api({"MARS_RATE_LIMIT": ""}, Path(tmp) / "serve.log", "--open") as url:
-            report = asyncio.run(run(url, bodies, args.clients, args.seconds, args.api_key, kind=args.client))
+            report = asyncio.run(run(url, bodies, args.clients, args.seconds, args.api_key, kind=args.client, cold=cold))
     print(json.dumps(report, indent=2))
+    if cold is not None:
+        print(side_by_side_table(report), file=sys.stderr)
 
 
 if __name__ == "__main__":
