@@ -1,5 +1,6 @@
-"""The load benchmark's cold mode (evaluation/load_test.py): its pools of never-sent texts and
-photos, and a short cold run through ``main`` against a real ``mars serve`` on the IKEA slice."""
+"""The load benchmark's cold mode (evaluation/load_test.py, evaluation/cold_queries.py): its
+pools of never-sent texts and photos, and a short cold run through ``main`` against a real
+``mars serve`` on the IKEA slice."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 import evaluation.load_test as load_test
-from evaluation.load_test import cold_photo_pool, cold_text_pool, text_words, warm_inputs
+from evaluation.cold_queries import cold_photo_pool, cold_text_pool, text_words, warm_inputs
 from workers.local import served_api
 
 
