@@ -1,10 +1,14 @@
 """`mars serve` as a real process (API keys on, the default); `mars keys create` while it runs,
 `mars ingest --via-api` and `mars jobs` against it with that key, and `mars jobs` reading the
-catalog directly while the server owns the stores."""
+catalog directly while the server owns the stores; the job's progress as `--via-api` shows it
+(per batch, with an ETA) and a job that waited behind another timed from its own start."""
 
 from __future__ import annotations
 
 import json
+import re
+import time
+from datetime import datetime
 
 import httpx
 import pytest
@@ -78,3 +82,58 @@ def test_via_api_errors_are_clear(tmp_path):
     catalog.write_text(json.dumps({"id": "a", "title": "x"}) + "\n")
     result = CliRunner().invoke(app, ["ingest", str(catalog), "--via-api", f"http://127.0.0.1:{free_port()}"])
     assert result.exit_code == 2 and "is `mars serve` running there?" in result.output.replace("\n", " ")
+
+
+def _editor_key(server, monkeypatch) -> str:
+    """An editor key made with `mars keys create` in the served catalog while the server runs."""
+    from mars.settings import get_settings
+
+    monkeypatch.setenv("MARS_HOME", str(server["home"]))
+    get_settings.cache_clear()
+    try:
+        created = CliRunner().invoke(app, ["keys", "create", "--name", "progress test", "--role", "editor", "--json"])
+    finally:
+        get_settings.cache_clear()
+    assert created.exit_code == 0, created.output
+    return json.loads(created.stdout)["key"]
+
+
+def _shelves(tag: str, n: int) -> str:
+    return "".join(json.dumps({"id": f"{tag}-{i}", "title": f"Birch shelf {tag} {i}", "type": "Shelf",
+                               "colour": "birch"}) + "\n" for i in range(n))
+
+
+def test_ingest_via_api_progress_moves_per_batch(server, tmp_path, monkeypatch):
+    import mars.cli.ingest
+
+    key = _editor_key(server, monkeypatch)
+    catalog = tmp_path / "shelves.jsonl"
+    catalog.write_text(_shelves("progress", 1000))  # eight batches of 128 on the server's job thread
+    monkeypatch.setenv("MARS_PROGRESS_INTERVAL", "0")  # a line per poll
+    monkeypatch.setattr(mars.cli.ingest, "POLL_S", 0.05)
+    result = CliRunner().invoke(app, ["ingest", str(catalog), "--via-api", server["url"], "--api-key", key])
+    assert result.exit_code == 0, result.output
+    lines = [m for m in map(re.compile(r"^job \d+: (\d+)/1000 \(\d+%\)(.*)$").match, result.stderr.splitlines()) if m]
+    done = [int(m[1]) for m in lines]
+    assert done[0] == 0 and done[-1] == 1000 and done == sorted(done)
+    middle = sorted({d for d in done if 0 < d < 1000})
+    assert len(middle) >= 2 and all(d % 128 == 0 for d in middle), done  # the server's count moves per batch
+    assert any(re.match(r" · [\d.]+ items/s · about [\d.]+ s left$", m[2]) for m in lines if 0 < int(m[1]) < 1000), \
+        result.stderr
+    assert "done in" in lines[-1][2] and "ingest job" in result.stdout
+
+
+def test_a_job_that_waited_is_timed_from_its_own_start(server, monkeypatch):
+    key = _editor_key(server, monkeypatch)
+    headers = {"Authorization": f"Bearer {key}", "content-type": "application/x-ndjson"}
+    ids = [httpx.post(f"{server['url']}/v1/items:bulk", content=_shelves(tag, 300), headers=headers).json()["job_id"]
+           for tag in ("first", "second")]  # the second waits behind the first on the job thread
+    deadline = time.monotonic() + 120
+    while True:
+        jobs = [httpx.get(f"{server['url']}/v1/jobs/{i}", headers=headers).json() for i in ids]
+        if all(j["status"] in ("done", "failed") for j in jobs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    first, second = jobs
+    assert first["status"] == second["status"] == "done"
+    assert datetime.fromisoformat(second["started_at"]) >= datetime.fromisoformat(first["finished_at"])

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from catalog.models import IngestJob
+from catalog.models import IngestJob, utcnow
 
 if TYPE_CHECKING:
     from ingestion.raw_records import RawRecord
@@ -62,11 +62,22 @@ class InProcessJobs:
             job_id = job.id
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mars-job")
-        future = self._pool.submit(self.run, records, source, len(records), self._stop_if_closing, job_id)
+        future = self._pool.submit(self._run_job, records, source, job_id)
         future.add_done_callback(_log_job_failure)
         self._queued[job_id] = future
         future.add_done_callback(lambda f, j=job_id: None if f.cancelled() else self._queued.pop(j, None))
         return job_id
+
+    def _run_job(self, records: Sequence[RawRecord], source: str, job_id: int) -> Any:
+        """Run job ``job_id`` on the job thread. Its row's ``started_at`` (the submit time until
+        now) becomes the time it starts running, so a job that waited behind another gets its
+        rate and ETA (:func:`catalog.jobs.job_progress`) from its own run, not from the wait."""
+        with self.sessions() as session:
+            job = session.get(IngestJob, job_id)
+            if job is not None:
+                job.started_at = utcnow()
+                session.commit()
+        return self.run(records, source, len(records), self._stop_if_closing, job_id)
 
     def _stop_if_closing(self, _done: int) -> None:
         """Progress hook: stop a running job at the next batch once :meth:`close` was called."""

@@ -12,7 +12,8 @@ This module only assembles :data:`app` from one module per command group, in the
 tune), the groups :mod:`~mars.cli.keys` and :mod:`~mars.cli.rules`, and ``train`` from
 :mod:`~mars.cli.train` (critic, category-head, align, whitening, prior), :mod:`~mars.cli.distill`
 (mine, label, sft, eval-critic) and :mod:`~mars.cli.encoders` (encoder, text-embedder). What the
-command modules share is in :mod:`mars.cli.common`; they never import each other.
+command modules share is in :mod:`mars.cli.common`, and their progress display (a rich bar on a
+terminal, plain lines elsewhere) in :mod:`mars.cli.progress`; they never import each other.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from mars.cli.common import console, err, fail, json_ready, open_engine
+from mars.cli.common import console, fail, json_ready, open_engine
+from mars.cli.progress import CountedSearches, meter
 from mars.settings import get_settings
 
 DISTILL_TASKS_HELP = "Room tasks to use (repeatable); default room-class and room-type."
@@ -49,11 +49,9 @@ def train_mine(
     engine = open_engine()
     try:
         total = len(limit_queries(all_queries, judged, tasks, limit, seed))
-        with Progress(TextColumn("mining pairs"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=err, disable=as_json) as bar:
-            progress = bar.add_task("mine", total=total)
+        with meter("mine: mining pairs", total, unit="queries", quiet=as_json) as progress:
             rows = mine_pairs(engine, all_queries, judged, counts=counts, tasks=tasks, limit=limit, seed=seed,
-                              on_query=lambda: bar.advance(progress))
+                              on_query=progress.advance)
     finally:
         engine.close()
     summary = {**write_pairs(rows, out), "pairs": len(rows), "out": str(out), "seed": seed}
@@ -88,12 +86,10 @@ def train_label(
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise fail(exc) from exc
     try:
-        with Progress(TextColumn(f"labelling ({teacher})"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=err, disable=as_json) as bar:
-            progress = bar.add_task("label", total=len(rows))
+        with meter(f"label ({teacher})", len(rows), unit="pairs", quiet=as_json) as progress:
             report = label_pairs(critic, rows, out, teacher_name=teacher, teacher_model=model, batch_size=batch_size,
-                                 retry_rejected=retry_rejected, on_batch=lambda n: bar.advance(progress, n))
-            bar.update(progress, completed=len(rows))
+                                 retry_rejected=retry_rejected, on_batch=progress.advance)
+            progress.update(len(rows))
     except (OSError, ValueError) as exc:
         raise fail(exc) from exc
     except Exception as exc:  # the teacher's transport errors (openai.APIError, ...): what was answered is saved
@@ -144,12 +140,10 @@ def train_sft_command(
                            lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, warmup_steps=warmup_steps,
                            save_every=save_every, seed=seed, load_in_4bit=four_bit,
                            gradient_checkpointing=gradient_checkpointing)
-        with Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                      TimeRemainingColumn(), console=err, disable=as_json) as bar:
-            progress = bar.add_task("sft", total=None, loss="-")
+        with meter("sft", unit="steps", quiet=as_json) as progress:
 
             def on_step(step: int, total: int, loss: float) -> None:
-                bar.update(progress, completed=step, total=total, loss=f"{loss:.4f}")
+                progress.update(step, total=total, note=f"loss {loss:.4f}")
 
             result = train_sft(labels, model, out, config, resume=resume, on_step=on_step)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
@@ -181,6 +175,7 @@ def train_eval_critic(
 ) -> None:
     """Agreement of the distilled student with the teacher on held-out labels (MAE, Spearman),
     and, with --queries/--qrels, nDCG@10 of --mode hybrid vs --mode full with the student as critic."""
+    from evaluation.runner import select_queries
     from training.eval_critic import agreement, held_out_check, ranking_gain
     from training.mine_pairs import DISTILL_TASKS
     from training.rows import read_jsonl
@@ -204,12 +199,16 @@ def train_eval_critic(
             student, _ = build_critic(settings)
         if max_new_tokens is not None:
             student.max_new_tokens = max_new_tokens
-        report: dict = {"model": model, "adapter": str(adapter) if adapter else None,
-                        "agreement": agreement(student, rows, generate=generate),
+        with meter("eval-critic: agreement with the labels", quiet=as_json):  # no per-pair hook
+            agree = agreement(student, rows, generate=generate)
+        report: dict = {"model": model, "adapter": str(adapter) if adapter else None, "agreement": agree,
                         "held_out": held_out_check(adapter, rows) if adapter else None}
         if engine is not None:
-            report["ranking"] = ranking_gain(engine, queries, qrels, tasks=tuple(task or DISTILL_TASKS), limit=limit,
-                                             progress=not as_json)
+            tasks = list(task or DISTILL_TASKS)
+            chosen, _ = select_queries(queries, qrels, tasks=tasks, limit=limit)
+            with meter("eval-critic: hybrid, then full", 2 * len(chosen), unit="queries", quiet=as_json) as progress:
+                report["ranking"] = ranking_gain(CountedSearches(engine, progress.advance), queries, qrels,
+                                                 tasks=tuple(tasks), limit=limit)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         raise fail(exc) from exc
     finally:

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from mars.cli.common import catalog_session, console, err, fail, json_ready
+from mars.cli.common import catalog_session, console, fail, json_ready
+from mars.cli.progress import Meter, meter
 
 ENCODER_HELP = """Fine-tune a transformers SigLIP or CLIP image-text model (both towers) on the
 catalog's own products, for MARS_IMAGE_ENCODER / MARS_TEXT_ENCODER=hf:<out>.
@@ -80,16 +80,13 @@ def _metrics_table(title: str, key: str, before: dict | None, after: dict | None
     return table
 
 
-def _progress(label: str, quiet: bool) -> tuple[Progress, Callable[[int, int, float], None]]:
-    """A progress bar on standard error and the ``on_step(step, total, loss)`` callback that moves it."""
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                   TimeRemainingColumn(), console=err, disable=quiet)
-    task = bar.add_task(label, total=None, loss="-")
+def _on_step(progress: Meter) -> Callable[[int, int, float], None]:
+    """The ``on_step(step, total, loss)`` callback of the trainers, moving ``progress``."""
 
     def on_step(step: int, total: int, loss: float) -> None:
-        bar.update(task, completed=step, total=total, loss=f"{loss:.4f}")
+        progress.update(step, total=total, note=f"loss {loss:.4f}")
 
-    return bar, on_step
+    return on_step
 
 
 def _threads(threads: Optional[int]) -> None:
@@ -128,9 +125,8 @@ def train_encoder(
                                    holdout=holdout, max_items=max_items, seed=seed, device=device)
         with catalog_session() as session:
             data = collect_pairs(session)
-        bar, on_step = _progress("encoder", as_json)
-        with bar:
-            report = train_dual_encoder(base, out, data, config, on_step)
+        with meter("encoder", unit="steps", quiet=as_json) as progress:
+            report = train_dual_encoder(base, out, data, config, _on_step(progress))
     except (ValueError, RuntimeError, OSError) as exc:  # EncoderConfigError is a ValueError
         raise fail(exc) from exc
     if as_json:
@@ -163,9 +159,8 @@ def train_text_embedder_command(
                                     holdout=holdout, max_items=max_items, seed=seed, device=device)
         with catalog_session() as session:
             data = collect_text_pairs(session, anchor)
-        bar, on_step = _progress("text-embedder", as_json)
-        with bar:
-            report = train_text_embedder(base, out, data, config, on_step)
+        with meter("text-embedder", unit="steps", quiet=as_json) as progress:
+            report = train_text_embedder(base, out, data, config, _on_step(progress))
     except (ValueError, RuntimeError, OSError) as exc:
         raise fail(exc) from exc
     if as_json:

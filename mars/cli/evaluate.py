@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mars.cli.common import ModeOpt, catalog_session, console, err, fail, open_engine
+from mars.cli.progress import CountedSearches, meter
 from mars.settings import get_settings
 
 DEFAULT_IKEA = Path("../shared/data/ikea")
@@ -38,16 +39,21 @@ def eval_(
 ) -> None:
     """Evaluate on BEIR-style queries + qrels: nDCG@10, Recall@10, Recall@50, MRR@10, Success@10 per task."""
     from evaluation.ablation import format_ablation, run_ablation, write_ablation
-    from evaluation.runner import format_table, run_eval
+    from evaluation.runner import format_table, run_eval, select_queries
 
     if out_dir is not None and not ablation:
         raise typer.BadParameter("--out-dir needs --ablation", param_hint="--out-dir")
     engine = open_engine()
     try:
-        if ablation:
-            report = run_ablation(engine, queries, qrels, tasks=task, limit=limit, progress=not as_json)
+        if ablation:  # no per-query hook: the library's bar on a terminal, a first and a last line elsewhere
+            with meter("eval --ablation", unit="queries", quiet=as_json or err.is_terminal):
+                report = run_ablation(engine, queries, qrels, tasks=task, limit=limit,
+                                      progress=not as_json and err.is_terminal)
         else:
-            report = run_eval(engine, queries, qrels, mode=mode, tasks=task, limit=limit, progress=not as_json)
+            chosen, _ = select_queries(queries, qrels, tasks=task, limit=limit)
+            with meter(f"eval ({mode})", len(chosen), unit="queries", quiet=as_json) as progress:
+                report = run_eval(CountedSearches(engine, progress.advance), queries, qrels, mode=mode, tasks=task,
+                                  limit=limit, progress=False)
     except FileNotFoundError as exc:  # the queries, the qrels or a query's photo
         raise fail(exc) from exc
     finally:
@@ -159,8 +165,9 @@ def tune_(
         except (OSError, ValueError) as exc:
             raise fail(exc) from exc
         engine = open_engine(settings)
-        try:
-            runs = collect_lists(engine, chosen, judged, progress=True, console=err)
+        try:  # the library draws its own bar on a terminal; elsewhere a first and a last line
+            with meter("tune: retrieving lists", unit="queries", quiet=err.is_terminal):
+                runs = collect_lists(engine, chosen, judged, progress=err.is_terminal, console=err)
         finally:
             engine.close()
         if save_lists_to is not None:
@@ -170,8 +177,9 @@ def tune_(
         raise fail(ValueError("no judged queries to tune on (check --queries, --qrels, --task)"))
 
     baseline = {"photo": dict(settings.weights_photo), "text": dict(settings.weights_text)}
-    report = tune(runs, baseline_k=settings.rrf_k, baseline_weights=baseline, k_grid=ks, grid=ws, folds=folds,
-                  progress=True, console=err)
+    with meter("tune: scoring the grid", unit="queries", quiet=err.is_terminal):
+        report = tune(runs, baseline_k=settings.rrf_k, baseline_weights=baseline, k_grid=ks, grid=ws, folds=folds,
+                      progress=err.is_terminal, console=err)
     wide = console if console.is_terminal else Console(width=200)  # piped or captured: keep table rows whole
     for table in format_tables(report):
         wide.print(table)

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from mars.cli.common import ApiKeyOpt, catalog_session, console, err, fail, open_engine
+from mars.cli.common import ApiKeyOpt, catalog_session, console, fail, open_engine
+from mars.cli.progress import meter
 
 if TYPE_CHECKING:
     import httpx
@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from ingestion.raw_records import RawRecord
 
 app = typer.Typer()
+
+POLL_S = 0.5
+"""Seconds between two reads of a job's progress by ``mars ingest --via-api``."""
 
 
 def _count_lines(path: Path) -> int | None:
@@ -65,19 +68,8 @@ def ingest(
     engine = open_engine()
     try:
         total = _count_lines(path)
-        with Progress(
-            TextColumn("[bold]ingest[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-            TimeRemainingColumn(), console=err, disable=as_json,
-        ) as progress:
-            task = progress.add_task("ingest", total=total, rate="")
-
-            def advance(n: int) -> None:
-                progress.advance(task, n)
-                elapsed = progress.tasks[task].elapsed or 0
-                done = progress.tasks[task].completed
-                progress.update(task, rate=f"{done / elapsed:.1f} items/s" if elapsed else "")
-
-            report = engine.ingest(records, str(path.resolve()), total_hint=total, on_progress=advance)
+        with meter("ingest", total, quiet=as_json) as progress:
+            report = engine.ingest(records, str(path.resolve()), total_hint=total, on_progress=progress.advance)
     finally:
         engine.close()
     if as_json:
@@ -142,15 +134,14 @@ def _ingest_via_api(url: str, api_key: str | None, records: Iterable[RawRecord],
             f"submitting {len(lines)} records to {url}",
         )
         job_id = accepted["job_id"]
-        with Progress(TextColumn(f"[bold]job {job_id}[/bold]"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err, disable=as_json) as bar:
-            task = bar.add_task("job", total=accepted["total"], status="queued")
+        with meter(f"job {job_id}", accepted["total"], quiet=as_json) as progress:
             while True:
                 job = _api_call(lambda: client.get(f"/v1/jobs/{job_id}"), f"reading job {job_id}")
-                bar.update(task, completed=job["done"], status=job["status"])
+                status = job["status"] if job["status"] in ("queued", "failed") else ""  # running, done: said by the counts
+                progress.update(job["done"], total=job["total"], note=status)
                 if job["status"] in ("done", "failed"):
                     break
-                time.sleep(0.5)
+                time.sleep(POLL_S)
     _print_jobs([job], as_json, single=True)
     if job["status"] == "failed":
         raise typer.Exit(1)

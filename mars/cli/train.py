@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from mars.cli.common import console, err, fail, json_ready, open_engine
+from mars.cli.common import console, fail, json_ready, open_engine
+from mars.cli.progress import meter
 
 app = typer.Typer()
 
@@ -43,15 +43,15 @@ def train_critic(
         raise fail(exc) from exc
     engine = open_engine()
     try:
-        with Progress(TextColumn("mining pairs"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=err, disable=as_json) as bar:
-            task = bar.add_task("mine", total=sum(1 for q in room_queries if judged.get(q.id)))
+        with meter("critic: mining pairs", sum(1 for q in room_queries if judged.get(q.id)), unit="queries",
+                   quiet=as_json) as progress:
             mined = mine_out_of_fold(engine, room_queries, judged, depth=depth, controls=controls,
-                                     on_query=lambda: bar.advance(task))
+                                     on_query=progress.advance)
         report: dict = {"pairs": sum(len(m.pairs) for m in mined), "queries": len(mined)}
-        if folds:
-            report["cross_validation"] = cross_validate(mined, folds=folds, top_n=engine.settings.critic_top_n)
-        critic = fit(mined)
+        with meter(f"critic: {folds}-fold cross-validation and fit" if folds else "critic: fit", quiet=as_json):
+            if folds:
+                report["cross_validation"] = cross_validate(mined, folds=folds, top_n=engine.settings.critic_top_n)
+            critic = fit(mined)
         critic.meta["folds"] = folds
         path = out or engine.settings.critic_path
         critic.save(path)
@@ -98,8 +98,9 @@ def train_category_head(
     finally:
         engine.close()
     try:
-        head, report = train(data, holdout=holdout, seed=seed, min_class_size=min_class_size,
-                             l2=DEFAULT_L2 if l2 is None else l2, max_iter=max_iter)
+        with meter("category-head: L-BFGS fits", quiet=as_json):
+            head, report = train(data, holdout=holdout, seed=seed, min_class_size=min_class_size,
+                                 l2=DEFAULT_L2 if l2 is None else l2, max_iter=max_iter)
     except ValueError as exc:
         raise fail(exc) from exc
     path = out or category_head_path(engine.settings)
@@ -143,12 +144,11 @@ def train_align_command(
     fits = 2 if holdout > 0 else 1
     engine = open_engine()
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                      TimeRemainingColumn(), console=err, disable=as_json) as bar:
-            task = bar.add_task("align: load", total=fits * epochs, loss="-")
+        with meter("align", fits * epochs, unit="epochs", quiet=as_json) as progress:
 
             def on_epoch(phase: str, epoch: int, loss: float) -> None:
-                bar.update(task, advance=1, description=f"align: {phase}", loss=f"{loss:.3f}")
+                last = progress.done + 1 >= fits * epochs  # then the collection is rewritten, unmetered
+                progress.advance(note=f"{phase} · loss {loss:.3f}" + (" · rewriting the vectors" if last else ""))
 
             report = train_align(engine, config, on_epoch)
     except (RuntimeError, ValueError) as exc:
@@ -199,11 +199,13 @@ def train_whitening_command(
     try:
         photos = room_photos(rooms)
         judged = judged_photos(load_queries(queries), load_qrels(qrels)) if queries and qrels else None
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=err, disable=as_json) as bar:
-            task = bar.add_task("whitening: room regions", total=len(photos))
+        with meter("whitening: room regions", len(photos), unit="photos", quiet=as_json) as progress:
+
+            def on_photo() -> None:
+                progress.advance(note="fitting the whitening" if progress.done + 1 >= len(photos) else None)
+
             white = fit_whitening(engine, photos, judged=judged, dim=dim, eps=eps, learned_dim=learned_dim, shrink=shrink,
-                                  region_step=region_step, on_photo=lambda: bar.advance(task))
+                                  region_step=region_step, on_photo=on_photo)
         engine.install_whitening(white)
     except (FileNotFoundError, InvalidImage, RuntimeError, ValueError) as exc:
         raise fail(exc) from exc
