@@ -10,11 +10,13 @@ in the same run:
   process's CPU time per query (``/proc/<pid>/stat`` user + system) and the funnel's own
   ``timings_ms.total``;
 * **product ingest with photos**: the first ``--ingest`` products of the catalog into fresh
-  homes with ``MARS_ENCODER_RUNTIME=torch`` (the path before ONNX Runtime) and ``onnx``, items/s.
+  homes with ``MARS_ENCODER_RUNTIME=torch`` (the path before ONNX Runtime) and ``onnx``, items/s;
+  with ``--baseline REF`` also by the MARS of commit ``REF`` (e.g. the one an issue was filed
+  against: "today's" ingest), unpacked from git and run in a subprocess in the same run.
 
 Usage::
 
-    python -m evaluation.speed --home .mars --ikea ../shared/data/ikea [--rooms 20] [--texts 50] [--ingest 300] [--json]
+    python -m evaluation.speed --home .mars --ikea ../shared/data/ikea [--rooms 20] [--texts 50] [--ingest 300] [--baseline REF] [--json]
 """
 
 from __future__ import annotations
