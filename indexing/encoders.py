@@ -36,12 +36,16 @@ class ImageEncoder(Protocol):
 
 @runtime_checkable
 class TextEncoder(Protocol):
-    """Maps texts to unit vectors: ``encode_texts(n texts) -> float32 (n, dim)``."""
+    """Maps texts to unit vectors: ``encode_texts(n texts) -> float32 (n, dim)`` (catalog texts,
+    batches), ``encode_query(text) -> float32 (1, dim)`` (one search's text; an implementation
+    may run it on a cheaper path whose vectors stay close to ``encode_texts``' and says how close)."""
 
     name: str
     dim: int
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def encode_query(self, text: str) -> np.ndarray: ...
 
 
 @runtime_checkable

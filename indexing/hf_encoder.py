@@ -66,6 +66,10 @@ class HFDualEncoder:
                 chunks.append(self._features(self.model.get_image_features(pixel_values=batch["pixel_values"])).numpy())
         return l2_normalize(np.concatenate(chunks)) if chunks else np.zeros((0, self.dim), np.float32)
 
+    def encode_query(self, text: str) -> np.ndarray:
+        """One search's text, as :meth:`encode_texts` encodes it: float32 (1, dim), a unit row."""
+        return self.encode_texts([text])
+
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Encode texts with the text tower; float32 (n, dim), unit rows."""
         chunks = []

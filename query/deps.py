@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, FastAPI, Request, Security
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.orm import Session
 
@@ -85,7 +86,7 @@ DeferredDep = Annotated[DeferredResults, Depends(get_deferred)]
 PhotosDep = Annotated[Base64Photos, Depends(get_photos)]
 
 
-def get_principal(
+async def get_principal(
     request: Request,
     engine: EngineDep,
     settings: SettingsDep,
@@ -93,14 +94,17 @@ def get_principal(
     header_key: Annotated[str | None, Security(api_key_header)],
 ) -> Principal:
     """Who the request acts as (:func:`query.auth.authenticate`: the sent key looked up in the
-    engine's catalog, or everyone as admin in open mode), once per request. Synchronous, so
-    FastAPI runs the catalog lookup in the thread pool.
+    engine's catalog, or everyone as admin in open mode), once per request. The catalog lookup
+    runs in the thread pool; open mode needs none and answers on the event loop (a thread-pool
+    hop costs a thread wake-up and a GIL hand-off per request).
 
     Raises:
         HTTPException: 401 (no, unknown or revoked key), 429 (over the rate limit).
     """
     key = bearer.credentials if bearer is not None else header_key
-    return authenticate(request, key, settings, engine.sessions)
+    if settings.api_auth == "open" or isinstance(getattr(request.state, "api_key", None), Principal):
+        return authenticate(request, key, settings, engine.sessions)
+    return await run_in_threadpool(authenticate, request, key, settings, engine.sessions)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -86,4 +86,4 @@ class QueryVectors:
 
     def text_vector(self, text: str) -> np.ndarray:
         """Embedding of a query text, float32 (1, dim), cached by text."""
-        return self._cached(self._texts, text, lambda: self.encoders()[1].encode_texts([text]))
+        return self._cached(self._texts, text, lambda: self.encoders()[1].encode_query(text))

@@ -121,6 +121,10 @@ class MemoTextEncoder(_Memo):
         """The wrapped ``encode_texts``: float32 (n, dim)."""
         return self._rows(self._vectors, list(texts), texts, self.inner.encode_texts)
 
+    def encode_query(self, text: str) -> np.ndarray:
+        """The wrapped ``encode_query``: float32 (1, dim), memoized apart from ``encode_texts``."""
+        return self._rows(self._vectors, [("query", text)], [text], lambda one: self.inner.encode_query(one[0]))
+
 
 def memoized(encoders: tuple[Any, Any]) -> tuple[MemoImageEncoder, MemoTextEncoder]:
     """Wrap an ``(image, text)`` pair: the image side as a :class:`MemoFeatureMapEncoder` when

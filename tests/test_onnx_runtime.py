@@ -90,18 +90,27 @@ def test_the_text_encoder_on_onnx_agrees_with_sentence_transformers(ikea_slice, 
     assert len(list(tmp_path.glob("text-*.onnx"))) == 1  # exported once, beside nothing else
 
 
-def test_one_query_text_runs_on_a_one_thread_session_with_the_same_vector(ikea_slice, tmp_path):
+def test_a_query_text_runs_on_the_int8_copy_and_catalog_texts_stay_fp32(ikea_slice, tmp_path):
     from indexing.sentence_encoder import SentenceTransformerEncoder
 
     encoder = SentenceTransformerEncoder(runtime="onnx", cache_dir=tmp_path, threads=2)
-    texts = [q["text"] for q in ikea_slice["queries"] if q.get("text")][:8]
+    texts = [q["text"] for q in ikea_slice["queries"] if q.get("text")][:12]
     batch = encoder.encode_texts(texts)
-    assert encoder._onnx._single is None  # batches use the two-thread session only
-    one = np.vstack([encoder.encode_texts([t]) for t in texts])
-    single = encoder._onnx._single
-    assert single is not None and single.threads == 1 and encoder._onnx.model.threads == 2
-    assert single.path == encoder._onnx.model.path  # the same export, no second file
-    assert float(np.abs(one - batch).max()) <= 1e-5
+    one_by_one = np.vstack([encoder.encode_texts([t]) for t in texts])  # a single catalog text: fp32 too
+    assert float(np.abs(one_by_one - batch).max()) <= 1e-5
+    assert encoder._onnx._single is None and len(list(tmp_path.glob("text-*.onnx"))) == 1  # no query model yet
+
+    queries = np.vstack([encoder.encode_query(t) for t in texts])
+    model = encoder._onnx._single
+    assert model is not None and model.threads == 1 and "-int8-" in model.path.name and model.path.parent == tmp_path
+    np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-5)
+    cosine = (queries * batch).sum(axis=1)
+    assert cosine.min() >= 0.98 and not np.allclose(queries, batch, atol=1e-5)  # close, and really the int8 model
+    # a second encoder on the same cache reuses the int8 file
+    again = SentenceTransformerEncoder(runtime="onnx", cache_dir=tmp_path, threads=2)
+    mtime = model.path.stat().st_mtime_ns
+    np.testing.assert_allclose(again.encode_query(texts[0]), queries[:1], atol=1e-6)
+    assert again._onnx._single.path == model.path and model.path.stat().st_mtime_ns == mtime
 
 def test_a_folder_the_onnx_text_path_cannot_read_says_which_runtime_to_use(tmp_path):
     from indexing.sentence_encoder import SentenceTransformerEncoder
