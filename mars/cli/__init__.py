@@ -1,4 +1,4 @@
-"""The ``mars`` command: ingest, jobs, search, serve, eval, categories, train.
+"""The ``mars`` command: setup, ingest, jobs, search, serve, eval, categories, train.
 
 Settings come from ``MARS_*`` environment variables (``mars --help`` lists the common ones);
 commands open the engine (the stores the settings name) and apply pending catalog migrations
@@ -7,7 +7,8 @@ first; ``ingest --via-api`` and ``jobs --api`` talk to a running server instead 
 merchandising rules.
 
 This module only assembles :data:`app` from one module per command group, in the order
-``mars --help`` lists them: :mod:`~mars.cli.ingest` (ingest, jobs), :mod:`~mars.cli.search`
+``mars --help`` lists them: :mod:`~mars.cli.setup` (setup: ingest + every training stage),
+:mod:`~mars.cli.ingest` (ingest, jobs), :mod:`~mars.cli.search`
 (search, categories), :mod:`~mars.cli.serve`, :mod:`~mars.cli.evaluate` (eval, lock-accuracy,
 tune), the groups :mod:`~mars.cli.keys` and :mod:`~mars.cli.rules`, and ``train`` from
 :mod:`~mars.cli.train` (critic, category-head, align, whitening, prior), :mod:`~mars.cli.distill`
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import typer
 
-from mars.cli import distill, encoders, evaluate, ingest, keys, rules, search, serve, train
+from mars.cli import distill, encoders, evaluate, ingest, keys, rules, search, serve, setup, train
 
 app = typer.Typer(
     help=(
@@ -39,7 +40,7 @@ app = typer.Typer(
 train_app = typer.Typer(help="Train MARS models on a catalog's own data.", no_args_is_help=True)
 """The ``mars train`` group."""
 
-for commands in (ingest.app, search.app, serve.app, evaluate.app):  # nameless: their commands join `mars`
+for commands in (setup.app, ingest.app, search.app, serve.app, evaluate.app):  # nameless: their commands join `mars`
     app.add_typer(commands)
 app.add_typer(keys.app, name="keys")
 app.add_typer(rules.app, name="rules")
