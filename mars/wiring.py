@@ -4,6 +4,7 @@
 reading the settings and :mod:`mars.registry` and nothing else:
 
 * :func:`stage3_critic` — the critic the funnel calls (local, or the Celery queued client);
+* :func:`critic_note` — what responses say about the critic, in plain words;
 * :func:`build_funnel` — the retrievers, the query encodings, the caches and the critic stage
   around the stores and the trained artifacts;
 * :func:`build_jobs` — where bulk jobs run (in-process or on the Celery queues).
@@ -14,6 +15,7 @@ The stores (:class:`mars.stores.Stores`) and the artifacts
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from workers.inprocess_jobs import RunJob
     from workers.job_queue import JobQueue
 
+log = logging.getLogger("mars.wiring")
+
 #: Catalog rows the funnel keeps for responses in embedded mode (a few KB each).
 ROW_CACHE_SIZE = 10_000
 #: Product image vectors the funnel keeps for the image list's re-scoring in embedded mode
@@ -59,6 +63,36 @@ def stage3_critic(settings: Settings) -> tuple[Critic | None, str]:
         queued = QueuedCritic.from_settings(settings)
         return queued, f"{settings.critic} critic on the Celery 'critic' queue (deadline {settings.critic_deadline_ms:.0f} ms)"
     return build_critic(settings)
+
+
+#: What a mode-full response says when the server has no critic because none is trained yet.
+CRITIC_NOT_SET_UP = "The critic is not set up: run `mars setup` on a folder with judged rooms to train it."
+#: ... and when the operator switched it off (``MARS_CRITIC=none``).
+CRITIC_SWITCHED_OFF = "The critic is switched off on this server (MARS_CRITIC=none)."
+
+
+def critic_note(settings: Settings, critic: Critic | None, note: str) -> str:
+    """The one-line note about the critic that mode-full responses and ``GET /healthz`` carry, in
+    words a merchandiser reads, without file paths or endpoint addresses (``note``, the
+    registry's operator note from :func:`stage3_critic`, names them; it goes to the log).
+
+    Without a critic: :data:`CRITIC_NOT_SET_UP` (the learned critic has no checkpoint yet) or
+    :data:`CRITIC_SWITCHED_OFF`. With one: what it is (the learned critic with its number of
+    training pairs, the Qwen2-VL critic, the OpenAI-compatible model's name, the queue);
+    ``note`` as it is for a critic this function does not know.
+    """
+    if critic is None:
+        return CRITIC_NOT_SET_UP if settings.critic == "learned" else CRITIC_SWITCHED_OFF
+    if settings.critic_queue:
+        return note  # "<name> critic on the Celery 'critic' queue (deadline N ms)": no path
+    if settings.critic == "learned":
+        pairs = getattr(critic, "meta", {}).get("pairs")
+        return "learned critic" + (f", trained on {pairs} pairs from judged rooms" if pairs else "")
+    if settings.critic == "vlm":
+        return "Qwen2-VL critic" + (" with a fine-tuned adapter" if settings.critic_adapter else "")
+    if settings.critic == "openai":
+        return f"OpenAI-compatible critic ({settings.critic_api_model})"
+    return note
 
 
 def build_funnel(
@@ -85,8 +119,10 @@ def build_funnel(
     )
     query_vectors = QueryVectors(encoders, settings.grid_sizes)
     retrievers = build_retrievers(RetrieverContext(stores.lexical, stores.search_store, query_vectors, cache, sessions))
-    critic, detail = stage3_critic(settings)
-    stage = CriticStage(critic, detail, settings.critic_top_n, stores.search_store, query_vectors, taxonomy)
+    critic, note = stage3_critic(settings)
+    log.info("critic: %s", note)  # the operator's note (paths, endpoints); responses carry critic_note's words
+    stage = CriticStage(critic, critic_note(settings, critic, note), settings.critic_top_n, stores.search_store,
+                        query_vectors, taxonomy)
     config = FunnelConfig(
         depth=settings.retrieval_depth,
         rrf_k=settings.rrf_k,

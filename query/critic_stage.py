@@ -70,7 +70,8 @@ class CriticStage:
 
     Args:
         critic: the stage-3 critic (any :class:`critic.protocol.Critic`), or None when none is configured.
-        detail: the one-line note about the critic the responses carry (from the wiring).
+        detail: the one-line note in plain words (no file paths) that mode-full responses carry
+            (:func:`mars.wiring.critic_note`).
         top_n: how many fused results it re-scores.
         vectors: returns the vector store queries use (None while nothing is indexed).
         query_vectors: the query encodings (shared with the retrievers, so nothing is encoded twice).
@@ -119,9 +120,11 @@ class CriticStage:
         return out
 
     def skipped(self, mode: str) -> CriticStatus:
-        """The status of a query the critic does not see: mode ≠ full, or no critic configured."""
+        """The status of a query the critic does not see: mode ≠ full ("skipped", no detail: the
+        critic is not part of such a search), or mode full without a critic ("not configured",
+        with the plain note on how to set one up)."""
         if mode != "full":
-            return CriticStatus(backend=self.name, status="skipped", detail=self.detail)
+            return CriticStatus(backend=self.name, status="skipped")
         return CriticStatus(backend="none", status="not configured", detail=self.detail)
 
     def rerank(self, text: str | None, image: Image.Image | None, keep: list[Ranked],

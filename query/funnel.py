@@ -40,7 +40,7 @@ from query.fusion import Fused, weighted_rrf
 from query.query_vectors import QueryVectors
 from query.retriever import MODE_KINDS, RetrievalQuery, Retriever
 from query.rules import Ranked, Rule, in_scope, merchandise, rewrite
-from query.schemas import LockInfo, Mode, Provenance, ResultItem, SearchResponse, StageHit
+from query.schemas import LockInfo, Mode, Provenance, ResultItem, SearchResponse, StageHit, Stages
 from query.search_cache import SearchCache
 
 MODES: tuple[str, ...] = tuple(MODE_KINDS)
@@ -118,6 +118,40 @@ def search_text(query: SearchQuery) -> str | None:
     if room is None or (text is not None and all(w in text.lower().split() for w in room.split())):
         return text
     return f"{text} {room}" if text else room
+
+
+#: What a search says, in plain words, about a trained stage it would have used but that is absent.
+ABSENT_NOTES: dict[str, str] = {
+    "aligned": "“Text to photo” matching is off: it is not trained yet.",
+    "whitening": "“Room photo” matching runs without its photo calibration: it is not trained yet.",
+    "learned": "“Room photo” matching runs without the calibration learned from judged rooms.",
+    "prior": "“Often in this room” is off: it is learned from judged rooms.",
+}
+
+
+def stages(trained: Trained, critic_ready: bool, mode: str, text: str | None, image: bool, room: str | None) -> Stages:
+    """The trained stages of ``trained`` (one query's snapshot) and the plain notes
+    (:data:`ABSENT_NOTES`) for those the query would have used but that are absent: text-side
+    matching for a search ``text`` (after synonyms and room type), the room-photo calibration for
+    a room ``image``, the room prior for a ``room`` type, each only in a mode that runs its kind
+    of list. No I/O: it reads the snapshot the retrievers read."""
+    kinds = MODE_KINDS.get(mode, frozenset())
+    white = trained.whitening
+    learned = white is not None and getattr(white, "learned_projection", None) is not None
+    notes = []
+    if "vector" in kinds and text is not None and trained.aligned is None:
+        notes.append(ABSENT_NOTES["aligned"])
+    if "vector" in kinds and image and not learned:
+        notes.append(ABSENT_NOTES["whitening" if white is None else "learned"])
+    if "prior" in kinds and room and trained.prior is None:
+        notes.append(ABSENT_NOTES["prior"])
+    return Stages(
+        aligned="trained" if trained.aligned is not None else "absent",
+        whitening="absent" if white is None else "PCA + learned" if learned else "PCA",
+        prior="trained" if trained.prior is not None else "absent",
+        critic="ready" if critic_ready else "absent",
+        absent=notes,
+    )
 
 
 def _ms_since(t: float) -> float:
@@ -294,6 +328,8 @@ class Funnel:
         return SearchResponse(
             mode=query.mode, text=text, has_image=query.image is not None, lock=LockInfo(**r.lock.as_dict()),
             critic=critic_status, fusion={"k": self.config.rrf_k, **r.weights},
+            stages=stages(r.trained, stage.critic is not None, query.mode, search_text(query), query.image is not None,
+                          (query.room or "").strip() or None),
             timings_ms={k: round(v, 3) for k, v in r.timings.items()}, items=items,
             synonyms=r.synonyms, rewritten_text=r.rewritten_text,
         )

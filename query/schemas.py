@@ -68,26 +68,48 @@ class LockInfo(BaseModel):
 
 
 class CriticStatus(BaseModel):
-    """What the critic stage did: ``status`` is "skipped" (mode ≠ full), "not configured",
-    "scored", "unavailable" (the critic timed out, could not be reached or gave an answer it
-    could not read: the fused order stands and ``detail`` says why) or "pending" (the
-    re-ranked list will be at ``result_url``)."""
+    """What the critic stage did. Outside ``mode=full`` the critic does not run: ``status`` is
+    "skipped" and ``detail`` is empty, so a client shows a critic line only for ``full``. In
+    ``full``, ``status`` is "scored", "not configured" (no critic on this server: the fused order
+    stands and ``detail`` says in plain words how to set one up), "unavailable" (the critic timed
+    out, could not be reached or gave an answer it could not read: the fused order stands and
+    ``detail`` says why) or "pending" (the re-ranked list will be at ``result_url``). ``detail``
+    never names a file path (GET /healthz's ``critic_note`` is the same note without a search)."""
 
-    backend: str
-    status: str
+    backend: str = Field(description="The critic's name (e.g. learned, qwen2-vl, openai), or none.")
+    status: str = Field(description="skipped (mode is not full) | scored | not configured | unavailable | pending.")
     scored: int = 0
-    detail: str = ""
+    detail: str = Field("", description="mode=full only: a one-line note in plain words; empty when skipped.")
     result_url: str | None = None
 
 
+class Stages(BaseModel):
+    """The trained stages of the funnel as this search found them, and, in plain words, those it
+    would have used but that are not trained yet. Without judged rooms a catalog still searches
+    on its untrained stages (keywords, text meaning, room photo); each trained piece adds one."""
+
+    aligned: Literal["trained", "absent"] = Field(description="The heads of the 'Text to photo' list (mars train align).")
+    whitening: Literal["PCA + learned", "PCA", "absent"] = Field(
+        description="The room-photo calibration: PCA (from product and room photos), + learned (from judged rooms).")
+    prior: Literal["trained", "absent"] = Field(description="The 'Often in this room' list (learned from judged rooms).")
+    critic: Literal["ready", "absent"] = Field(description="Whether this server has a critic for mode=full.")
+    absent: list[str] = Field(
+        default_factory=list,
+        description="One plain sentence per stage this query would have used but that is not trained (its mode and "
+        "inputs decide which: text, a room photo, a room type); empty when nothing it needs is missing. The critic "
+        "is reported by the critic field, not here.")
+
+
 class SearchResponse(BaseModel):
-    """A ranked list with the lock, the critic's status, fusion settings and stage timings (ms)."""
+    """A ranked list with the lock, the critic's status, the trained stages, fusion settings and
+    stage timings (ms)."""
 
     mode: Mode
     text: str | None
     has_image: bool
     lock: LockInfo
-    critic: CriticStatus
+    critic: CriticStatus = Field(description="The critic stage: status 'skipped' with no detail unless mode is full.")
+    stages: Stages = Field(description="Which trained stages exist and, in plain words, which this query lacked.")
     fusion: dict[str, float] = Field(description="RRF k and the weight of each list used.")
     timings_ms: dict[str, float]
     items: list[ResultItem]

@@ -20,11 +20,16 @@ from query.schemas import SearchResponse
 CLI_DIR = Path(common.__file__).parent
 
 
-def _response(critic: dict, provenance: dict, fusion: dict | None = None) -> SearchResponse:
+STAGES = {"aligned": "trained", "whitening": "PCA + learned", "prior": "trained", "critic": "ready", "absent": []}
+
+
+def _response(critic: dict, provenance: dict, fusion: dict | None = None, mode: str = "full",
+              stages: dict | None = None) -> SearchResponse:
     return SearchResponse.model_validate({
-        "mode": "full", "text": "oak lamp", "has_image": False,
+        "mode": mode, "text": "oak lamp", "has_image": False,
         "lock": {"applied": True, "source": "text", "key": "lamp", "reason": "the text names lamp"},
-        "critic": critic, "fusion": fusion or {"k": 60.0, "bm25": 1.0}, "timings_ms": {"total": 12.4},
+        "critic": critic, "stages": stages or STAGES, "fusion": fusion or {"k": 60.0, "bm25": 1.0},
+        "timings_ms": {"total": 12.4},
         "items": [{"rank": 1, "id": "p-1", "title": "Oak lamp", "type": "Lamp", "colour": "oak", "image": None,
                    "score": 0.0312, "provenance": provenance}],
     })
@@ -58,6 +63,22 @@ def test_critic_status_without_detail_and_without_backend(monkeypatch):
     assert "critic: scored, backend learned   fusion:" in scored and "oak matches" in scored
     off = _printed(_response({"backend": "none", "status": "not configured"}, {}), monkeypatch)
     assert "critic: not configured   fusion:" in off
+
+
+def test_the_critic_line_only_in_full_mode_and_one_line_on_absent_stages(monkeypatch):
+    from mars.wiring import CRITIC_NOT_SET_UP
+    from query.funnel import ABSENT_NOTES
+
+    hybrid = _printed(_response({"backend": "none", "status": "skipped"}, {}, mode="hybrid"), monkeypatch)
+    assert "critic" not in hybrid and hybrid.splitlines()[1].startswith("fusion: {'k': 60.0, 'bm25': 1.0}   took: 12 ms")
+    assert "stages:" not in hybrid  # nothing absent: no line
+    absent = {**STAGES, "aligned": "absent", "whitening": "PCA", "critic": "absent",
+              "absent": [ABSENT_NOTES["aligned"], ABSENT_NOTES["learned"]]}
+    full = _printed(_response({"backend": "none", "status": "not configured", "detail": CRITIC_NOT_SET_UP}, {},
+                              stages=absent), monkeypatch)
+    lines = full.splitlines()
+    assert lines[1].startswith(f"critic: not configured ({CRITIC_NOT_SET_UP})   fusion:")
+    assert lines[2] == f"stages: {ABSENT_NOTES['aligned']} {ABSENT_NOTES['learned']}"
 
 
 def test_help_lists_every_group_and_loads_nothing_heavy():

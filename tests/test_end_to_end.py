@@ -15,6 +15,7 @@ from ingestion.images import decode_image, read_image_bytes
 from ingestion.readers import open_source
 from mars.engine import Engine, IndexMismatchError, StoreBusyError
 from mars.settings import Settings
+from mars.wiring import CRITIC_NOT_SET_UP
 from query.artifacts import Trained
 from query.funnel import QueryError, SearchQuery
 from query.retriever import RetrievalQuery
@@ -80,7 +81,9 @@ def test_modes_and_critic_status(slice_engine, room):
     assert all(i.provenance.retrievers.get("bm25") is None for i in vector.items)
     full = engine.search(SearchQuery(text="a lamp for this bedroom", image=room, mode="full"))
     assert full.critic.status == "not configured" and full.critic.backend == "none"
-    assert "mars train critic" in full.critic.detail  # learned is the default; no checkpoint trained here
+    assert full.critic.detail == CRITIC_NOT_SET_UP  # learned is the default; no checkpoint trained here: plain words, no path
+    assert str(engine.home) not in full.critic.detail and full.stages.critic == "absent"
+    assert bm25.critic.status == vector.critic.status == "skipped" and bm25.critic.detail == vector.critic.detail == ""
     assert [i.id for i in full.items] == [i.id for i in engine.search(SearchQuery(text="a lamp for this bedroom", image=room)).items]
     with pytest.raises(QueryError, match="bm25 needs query text"):
         engine.search(SearchQuery(image=room, mode="bm25"))

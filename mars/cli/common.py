@@ -119,14 +119,18 @@ def critic_line(critic: Any) -> str:
 
 
 def print_response(response: SearchResponse) -> None:
-    """Render a search response on standard output: the lock, the critic's status, fusion and
-    time above a table of the ranked items with their rank (score) in each list the search fused
-    (the retrievers ``response.fusion`` weighs, in fusion order)."""
+    """Render a search response on standard output: the lock, the critic's status (mode full
+    only), fusion and time, one line on the trained stages the search lacked (when it lacked
+    any), above a table of the ranked items with their rank (score) in each list the search
+    fused (the retrievers ``response.fusion`` weighs, in fusion order)."""
     lock = response.lock
     console.print(f"[bold]lock:[/bold] {lock.key if lock.applied else 'none'} — {lock.reason}")
     critic = response.critic
-    console.print(f"[bold]critic:[/bold] {critic_line(critic)}   "
-                  f"[bold]fusion:[/bold] {response.fusion}   [bold]took:[/bold] {response.timings_ms.get('total', 0):.0f} ms")
+    shown = f"[bold]critic:[/bold] {critic_line(critic)}   " if response.mode == "full" else ""
+    console.print(f"{shown}[bold]fusion:[/bold] {response.fusion}   "
+                  f"[bold]took:[/bold] {response.timings_ms.get('total', 0):.0f} ms")
+    if response.stages.absent:
+        console.print(f"[bold]stages:[/bold] {' '.join(response.stages.absent)}", highlight=False)
     if response.synonyms:
         console.print(f"[bold]synonyms:[/bold] {'; '.join(response.synonyms)} (searched as {response.rewritten_text!r})")
     fused_lists = [name for name in response.fusion if name not in ("k", "rrf_k")]

@@ -1,4 +1,5 @@
 /* MARS console: plain JavaScript, no dependencies. Talks to the server's own API:
+ *   GET  /healthz (no key: whether the server has a critic, for the full mode),
  *   GET  /v1/categories, GET /v1/retrievers (the ranked lists: weight sliders, card rank rows),
  *   POST /v1/search, GET /v1/items/{id}, GET /v1/items/{id}/image,
  *   POST /v1/items:bulk, GET /v1/jobs, GET /v1/jobs/{id},
@@ -29,6 +30,7 @@
     lastPhotoKey: null,    // photoKey() of the room photo of the last search shown (null: none)
     seenPhotos: new Set(), // photoKey()s of room photos searched successfully on this page
     waitTimer: null,       // interval that counts the seconds of the search in flight
+    criticNote: "",        // why the server has no critic (GET /healthz critic_note), for the full mode's note
   };
 
   const $ = (id) => document.getElementById(id);
@@ -319,6 +321,36 @@
     }
   }
 
+  // ---------------------------------------------------------------- critic (full mode)
+
+  /** Offer the full mode only when the server has a critic; without one the option is disabled,
+   *  its label and the note under the mode say why (`note`: the server's plain sentence). */
+  function setCriticReady(ready, note) {
+    const option = document.querySelector('#mode option[value="full"]');
+    if (note) state.criticNote = note;
+    const reason = state.criticNote || "The critic is not set up.";
+    option.disabled = !ready;
+    option.textContent = ready ? "full (critic)" : "full (no critic)";
+    if (ready) option.removeAttribute("title"); else option.title = reason;
+    if (!ready && $("mode").value === "full") $("mode").value = "hybrid";
+    $("mode-note").textContent = ready ? "" : "Full mode is off. " + reason;
+    $("mode-note").hidden = ready;
+    if (ready) $("mode").removeAttribute("aria-describedby"); else $("mode").setAttribute("aria-describedby", "mode-note");
+  }
+
+  /** GET /healthz (needs no key): whether the server has a critic. If it cannot be read the
+   *  full mode stays offered (a search then says what the critic did). */
+  async function loadCritic() {
+    let health;
+    try {
+      const res = await fetch(BASE + "/healthz", { cache: "no-cache" });
+      if (!res.ok) return;
+      health = await res.json();
+    } catch (_) { return; }
+    const ready = health.critic !== "none";
+    setCriticReady(ready, ready ? "" : health.critic_note);
+  }
+
   // ---------------------------------------------------------------- search
 
   async function runSearch(ev) {
@@ -441,9 +473,16 @@
     $("synonyms-what").textContent = synonyms.join("; ");
     $("rewritten-text").textContent = res.rewritten_text || "";
     $("synonyms-line").hidden = !synonyms.length;
-    const critic = res.critic;
-    $("critic-line").textContent = "Critic: " + critic.backend + " — " + critic.status +
-      (critic.scored ? " " + critic.scored + " items" : "") + (critic.detail ? " — " + critic.detail : "");
+    const critic = res.critic;  // a critic line in full mode only (other modes never run it)
+    $("critic-line").textContent = res.mode !== "full" ? "" : critic.status === "not configured"
+      ? "Critic: " + critic.detail
+      : "Critic: " + critic.backend + " — " + critic.status +
+        (critic.scored ? " " + critic.scored + " items" : "") + (critic.detail ? " — " + critic.detail : "");
+    $("critic-line").hidden = res.mode !== "full";
+    const absent = (res.stages && res.stages.absent) || [];  // trained stages this search had to do without
+    $("stages-what").textContent = absent.join(" ");
+    $("stages-line").hidden = !absent.length;
+    if (res.stages) setCriticReady(res.stages.critic === "ready", critic.status === "not configured" ? critic.detail : "");
     $("lock-why").hidden = false;
     showUsedWeights(res.fusion);
     renderScopeChoices();
@@ -941,6 +980,7 @@
       else if (view === "jobs") focusHeading("jobs-heading");
     });
     route();
+    loadCritic();
     loadCategories();
     loadRetrievers();
     loadRules();
