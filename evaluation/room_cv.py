@@ -83,20 +83,61 @@ def room_cv(engine: Any, queries_path: Path, qrels_path: Path, *, folds: int = 2
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: print the cross-validated metrics per room task."""
+    """Command line: print the cross-validated metrics per room task; with ``--check FILE``
+    compare them with an expected-results file of kind ``room_cv`` (:mod:`evaluation.expected`)
+    and exit 1 when a figure drifts, 2 when the file is unusable; ``--update`` records them."""
+    import time
+
+    from evaluation.expected import ExpectedFileError, data_folder, finish_check, load_expected
     from mars.engine import Engine
     from mars.settings import get_settings
 
     parser = argparse.ArgumentParser(prog="python -m evaluation.room_cv", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--queries", type=Path, required=True, help="BEIR-style queries.jsonl (room queries carry room_id).")
-    parser.add_argument("--qrels", type=Path, required=True, help="Relevance judgments (TSV).")
-    parser.add_argument("--folds", type=int, default=2, help="Room groups (default 2).")
+    parser.add_argument("--queries", type=Path, help="BEIR-style queries.jsonl (room queries carry room_id); "
+                        "required unless --check.")
+    parser.add_argument("--qrels", type=Path, help="Relevance judgments (TSV); required unless --check.")
+    parser.add_argument("--folds", type=int, default=None, help="Room groups (default 2; --check: the file's).")
+    parser.add_argument("--check", type=Path, metavar="FILE", help="Expected-results file of kind room_cv "
+                        "(evaluation/expected/*.yaml): run what it describes, exit 1 when a figure is off by more "
+                        "than its tolerance.")
+    parser.add_argument("--update", action="store_true", help="With --check: rewrite the file's figures from this run.")
+    parser.add_argument("--data", type=Path, help="With --check: the folder the file's queries and qrels are relative "
+                        "to (default $MARS_IKEA_DIR, else ../shared/data/ikea).")
     args = parser.parse_args(argv)
-    console = Console()
-    with Engine(get_settings()) as engine:
-        report = room_cv(engine, args.queries, args.qrels, folds=args.folds,
-                         progress=lambda line: console.print(line, style="dim"))
-    console.print(format_table(report, REPORTED, f"hybrid, {args.folds}-fold by room: whitening and prior fitted on the "
+    console, err = Console(), Console(stderr=True)
+    expected = None
+    if args.check is not None:
+        if args.queries or args.qrels or args.folds:
+            parser.error("--check takes the queries, qrels and folds from its file")
+        try:
+            expected = load_expected(args.check)
+        except ExpectedFileError as exc:
+            err.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
+            raise SystemExit(2) from exc
+        if expected.kind != "room_cv":
+            err.print(f"[red]error:[/red] {args.check}: kind {expected.kind!r}; this command checks kind room_cv "
+                      f"(`mars eval --check {args.check}` runs it)", soft_wrap=True, highlight=False)
+            raise SystemExit(2)
+        queries, qrels = expected.paths(data_folder(args.data))
+        folds = expected.folds or 2
+    else:
+        if args.update or args.data:
+            parser.error("--update and --data need --check FILE")
+        if args.queries is None or args.qrels is None:
+            parser.error("--queries and --qrels are required (or --check FILE)")
+        queries, qrels, folds = args.queries, args.qrels, args.folds or 2
+    started = time.perf_counter()
+    try:
+        with Engine(get_settings()) as engine:
+            report = room_cv(engine, queries, qrels, folds=folds,
+                             progress=lambda line: console.print(line, style="dim"))
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        err.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
+        raise SystemExit(2) from exc
+    if expected is not None:
+        raise SystemExit(finish_check(expected, report, seconds=time.perf_counter() - started, update=args.update,
+                                      out=console, err=err))
+    console.print(format_table(report, REPORTED, f"hybrid, {folds}-fold by room: whitening and prior fitted on the "
                                                  "other folds' rooms"))
 
 

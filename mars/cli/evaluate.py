@@ -24,8 +24,11 @@ app = typer.Typer()
 
 @app.command("eval")
 def eval_(
-    queries: Annotated[Path, typer.Option("--queries", help="BEIR-style queries.jsonl (image paths relative to it).")],
-    qrels: Annotated[Path, typer.Option("--qrels", help="qrels TSV: query-id, corpus-id, score.")],
+    ctx: typer.Context,
+    queries: Annotated[Optional[Path], typer.Option(
+        "--queries", help="BEIR-style queries.jsonl (image paths relative to it); required unless --check.")] = None,
+    qrels: Annotated[Optional[Path], typer.Option(
+        "--qrels", help="qrels TSV: query-id, corpus-id, score; required unless --check.")] = None,
     mode: ModeOpt = "hybrid",
     task: Annotated[Optional[list[str]], typer.Option("--task", help="Only these tasks (repeatable).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="At most this many queries per task.")] = None,
@@ -36,11 +39,33 @@ def eval_(
         "(nDCG@10 / Recall@10 / Success@10); --mode is ignored.")] = False,
     out_dir: Annotated[Optional[Path], typer.Option(
         "--out-dir", help="With --ablation: write ablation.md and ablation.png (grouped bar chart) here.")] = None,
+    check: Annotated[Optional[Path], typer.Option(
+        "--check", help="Run what this expected-results file describes (evaluation/expected/*.yaml: queries, mode, "
+        "tasks, tolerance) and compare each task's figures with it: exit 1 when one is off by more than the "
+        "tolerance, 2 when the file is unusable.")] = None,
+    update: Annotated[bool, typer.Option(
+        "--update", help="With --check: rewrite the file's figures (and date, commit, seconds) from this run.")
+    ] = False,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="With --check: the folder the file's queries and qrels are relative to "
+        "(default $MARS_IKEA_DIR, else ../shared/data/ikea).")] = None,
 ) -> None:
-    """Evaluate on BEIR-style queries + qrels: nDCG@10, Recall@10, Recall@50, MRR@10, Success@10 per task."""
+    """Evaluate on BEIR-style queries + qrels: nDCG@10, Recall@10, Recall@50, MRR@10, Success@10 per task;
+    or, with --check FILE, reproduce the figures an expected-results file pins."""
     from evaluation.ablation import format_ablation, run_ablation, write_ablation
     from evaluation.runner import format_table, run_eval, select_queries
 
+    if check is not None:
+        _reject_with_check(ctx, queries=queries, qrels=qrels, task=task, limit=limit, ablation=ablation,
+                           out_dir=out_dir)
+        raise typer.Exit(_check(check, update=update, data=data, as_json=as_json))
+    for flag, given in (("--update", update), ("--data", data is not None)):
+        if given:
+            raise typer.BadParameter(f"{flag} needs --check FILE", param_hint=flag)
+    for flag, given in (("--queries", queries), ("--qrels", qrels)):
+        if given is None:
+            raise typer.BadParameter("required (or --check FILE)", param_hint=flag)
+    assert queries is not None and qrels is not None
     if out_dir is not None and not ablation:
         raise typer.BadParameter("--out-dir needs --ablation", param_hint="--out-dir")
     engine = open_engine()
@@ -65,6 +90,77 @@ def eval_(
     if ablation and out_dir is not None:
         md, png = write_ablation(report, out_dir)
         (err if as_json else console).print(f"wrote {md} and {png}")
+
+
+def _reject_with_check(ctx: typer.Context, **given: object) -> None:
+    """A usage error for an option that --check takes from its file (or that does not apply to it)."""
+    source = ctx.get_parameter_source("mode")  # an enum of typer's own click: compared by name
+    if source is not None and source.name != "DEFAULT":
+        raise typer.BadParameter("--check takes the mode from its file", param_hint="--mode")
+    for name, value in given.items():
+        if value is not None and value is not False and not (isinstance(value, (list, tuple)) and not value):
+            flag = "--" + name.replace("_", "-")
+            raise typer.BadParameter("--check takes its queries, qrels, tasks and limit from its file", param_hint=flag)
+
+
+def _check(path: Path, *, update: bool, data: Optional[Path], as_json: bool) -> int:
+    """``mars eval --check``: run what the expected-results file ``path`` describes (kind
+    ``eval`` through :func:`evaluation.runner.run_eval`, kind ``room_cv`` through
+    :func:`evaluation.room_cv.room_cv`) and compare, or record with ``update``.
+
+    Returns:
+        The exit status: 0 within the tolerance (or updated), 1 a figure drifted.
+
+    Raises:
+        typer.Exit: status 2 for an unusable file, a missing queries/qrels file or photo, or a
+            home the run cannot use (room_cv with nothing fitted on judged rooms).
+    """
+    import time
+
+    from evaluation.expected import (
+        ExpectedFileError, check_json, data_folder, finish_check, load_expected, updated_text,
+    )
+    from evaluation.runner import run_eval, select_queries
+
+    try:
+        expected = load_expected(path)
+    except ExpectedFileError as exc:
+        raise fail(exc) from exc
+    queries, qrels = expected.paths(data_folder(data))
+    for what in (queries, qrels):
+        if not what.is_file():
+            raise fail(f"{path}: {what} not found (the file's paths are relative to --data, $MARS_IKEA_DIR or "
+                       "../shared/data/ikea)")
+    engine = open_engine()
+    started = time.perf_counter()
+    try:
+        if expected.kind == "room_cv":
+            from evaluation.room_cv import room_cv
+
+            with meter(f"room_cv ({expected.folds} folds)", quiet=as_json):
+                report = room_cv(engine, queries, qrels, folds=expected.folds or 2,
+                                 progress=None if as_json else (lambda line: err.print(line, style="dim")))
+        else:
+            chosen, _ = select_queries(queries, qrels, tasks=expected.tasks, limit=expected.limit,
+                                       where=expected.where())
+            with meter(f"eval ({expected.mode})", len(chosen), unit="queries", quiet=as_json) as progress:
+                report = run_eval(CountedSearches(engine, progress.advance), queries, qrels, mode=expected.mode,
+                                  tasks=expected.tasks, limit=expected.limit, progress=False, where=expected.where())
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # a photo; room_cv's folds or untrained home
+        raise fail(exc) from exc
+    finally:
+        engine.close()
+    seconds = time.perf_counter() - started
+    if not report["tasks"]:
+        raise fail(f"{path}: no judged query to evaluate (check its queries, qrels, tasks and rooms)")
+    if as_json:
+        result = check_json(expected, report)
+        if update:
+            expected.path.write_text(updated_text(expected, report, seconds=seconds), encoding="utf-8")
+            result["updated"] = True
+        console.print_json(json.dumps(result))
+        return 0 if update or result["passed"] else 1
+    return finish_check(expected, report, seconds=seconds, update=update, out=console, err=err)
 
 
 @app.command("lock-accuracy")
