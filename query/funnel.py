@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -129,21 +129,24 @@ ABSENT_NOTES: dict[str, str] = {
 }
 
 
-def stages(trained: Trained, critic_ready: bool, mode: str, text: str | None, image: bool, room: str | None) -> Stages:
+def stages(trained: Trained, critic_ready: bool, mode: str, text: str | None, image: bool, room: str | None,
+           weights: Mapping[str, float]) -> Stages:
     """The trained stages of ``trained`` (one query's snapshot) and the plain notes
     (:data:`ABSENT_NOTES`) for those the query would have used but that are absent: text-side
     matching for a search ``text`` (after synonyms and room type), the room-photo calibration for
     a room ``image``, the room prior for a ``room`` type, each only in a mode that runs its kind
-    of list. No I/O: it reads the snapshot the retrievers read."""
+    of list and when its list's RRF weight (``weights``, by list name; 1.0 when not named) is
+    above 0. No I/O: it reads the snapshot the retrievers read."""
     kinds = MODE_KINDS.get(mode, frozenset())
+    runs = {name for name in ("aligned", "image", "prior") if weights.get(name, 1.0) > 0}
     white = trained.whitening
     learned = white is not None and getattr(white, "learned_projection", None) is not None
     notes = []
-    if "vector" in kinds and text is not None and trained.aligned is None:
+    if "vector" in kinds and "aligned" in runs and text is not None and trained.aligned is None:
         notes.append(ABSENT_NOTES["aligned"])
-    if "vector" in kinds and image and not learned:
+    if "vector" in kinds and "image" in runs and image and not learned:
         notes.append(ABSENT_NOTES["whitening" if white is None else "learned"])
-    if "prior" in kinds and room and trained.prior is None:
+    if "prior" in kinds and "prior" in runs and room and trained.prior is None:
         notes.append(ABSENT_NOTES["prior"])
     return Stages(
         aligned="trained" if trained.aligned is not None else "absent",
@@ -191,6 +194,11 @@ class Funnel:
         """The names of the configured retrievers, in fusion order."""
         return [r.name for r in self.retrievers]
 
+    def list_weights(self, query: SearchQuery) -> dict[str, float]:
+        """The RRF weight of each list named for ``query``: its shape's configured weights with the
+        query's overrides (a list not named weighs 1.0; one weighted 0 is not searched)."""
+        return {**self.config.weights.get(query_shape(query), {}), **query.weights}
+
     def invalidate_results(self) -> None:
         """Drop every cached list, catalog row and product vector (call after each write)."""
         self.cache.invalidate()
@@ -215,7 +223,7 @@ class Funnel:
         image_key = self.query_vectors.region_key(query.image) if query.image is not None and "vector" in kinds else None
         input_ = RetrievalQuery(text=text, image=query.image, image_key=image_key, room=query.room, trained=trained)
         depth = max(self.config.depth, query.top_k)
-        weights = {**self.config.weights.get(query_shape(query), {}), **query.weights}
+        weights = self.list_weights(query)
         lists: dict[str, list] = {}
         for r in self.retrievers:
             # a list weighted 0 cannot change the fused order (mode bm25 has one list, unweighted)
@@ -329,7 +337,7 @@ class Funnel:
             mode=query.mode, text=text, has_image=query.image is not None, lock=LockInfo(**r.lock.as_dict()),
             critic=critic_status, fusion={"k": self.config.rrf_k, **r.weights},
             stages=stages(r.trained, stage.critic is not None, query.mode, search_text(query), query.image is not None,
-                          (query.room or "").strip() or None),
+                          (query.room or "").strip() or None, self.list_weights(query)),
             timings_ms={k: round(v, 3) for k, v in r.timings.items()}, items=items,
             synonyms=r.synonyms, rewritten_text=r.rewritten_text,
         )

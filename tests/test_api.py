@@ -118,3 +118,71 @@ def test_importing_the_app_loads_neither_the_engine_nor_a_heavy_library():
     code = f"import sys, query.app; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ---------------------------------------------------------------- the critic line and the absent stages (issue 18)
+
+def test_the_critic_line_is_for_mode_full_only_and_in_plain_words(client):
+    """No critic is trained on the slice (the learned critic is the default): hybrid answers
+    carry a bare "skipped"; full says in plain words how to set the critic up, with no path."""
+    from mars.wiring import CRITIC_NOT_SET_UP
+
+    hybrid = client.post("/v1/search", json={"text": "a lamp for this bedroom"}).json()
+    assert hybrid["critic"] == {"backend": "none", "status": "skipped", "scored": 0, "detail": "", "result_url": None}
+    full = client.post("/v1/search", json={"text": "a lamp for this bedroom", "mode": "full"}).json()
+    assert full["critic"] == {"backend": "none", "status": "not configured", "scored": 0, "detail": CRITIC_NOT_SET_UP,
+                              "result_url": None}
+    assert CRITIC_NOT_SET_UP == "The critic is not set up: run `mars setup` on a folder with judged rooms to train it."
+    assert [i["id"] for i in full["items"]] == [i["id"] for i in hybrid["items"]]  # the fused order stands
+    health = client.get("/healthz").json()
+    assert health["critic"] == "none" and health["critic_note"] == CRITIC_NOT_SET_UP
+    assert str(client.engine.home) not in str(full["critic"]) + health["critic_note"]
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert "skipped" in schema["CriticStatus"]["description"] and "mode=full" in schema["CriticStatus"]["description"]
+    assert set(schema["Stages"]["properties"]) == {"aligned", "whitening", "prior", "critic", "absent"}
+
+
+def test_stages_name_what_an_untrained_home_lacks_and_what_trained_pieces_fill(client, ikea_slice, slice_home,
+                                                                             make_engine, tmp_path):
+    import numpy as np
+
+    from indexing.staging_prior import StagingPrior
+    from indexing.whitening import Whitening
+    from query.funnel import ABSENT_NOTES
+
+    room = base64.b64encode(ikea_slice["room"].read_bytes()).decode()
+    photo = {"text": "a lamp for this bedroom", "image_base64": room, "room": "Bedroom", "auto_lock": False}
+    words = {"text": "a cosy corner to read", "room": "Bedroom", "top_k": 100}
+    untrained = client.post("/v1/search", json=photo).json()
+    assert untrained["stages"] == {  # the prior weighs 0 with a photo (MARS_WEIGHTS_PHOTO): not missed there
+        "aligned": "absent", "whitening": "absent", "prior": "absent", "critic": "absent",
+        "absent": [ABSENT_NOTES["aligned"], ABSENT_NOTES["whitening"]],
+    }
+    assert untrained["items"]  # the untrained stages still search
+    assert client.post("/v1/search", json=words).json()["stages"]["absent"] == [ABSENT_NOTES["aligned"], ABSENT_NOTES["prior"]]
+    # Only the stages a query would use: its mode, its inputs, its weights.
+    assert client.post("/v1/search", json={"text": "a lamp"}).json()["stages"]["absent"] == [ABSENT_NOTES["aligned"]]
+    assert client.post("/v1/search", json={**words, "mode": "bm25"}).json()["stages"]["absent"] == []
+    assert client.post("/v1/search", json={**words, "weights": {"aligned": 0, "prior": 0}}).json()["stages"]["absent"] == []
+    assert client.post("/v1/search", json={"image_base64": room, "mode": "vector"}).json()["stages"]["absent"] == \
+        [ABSENT_NOTES["whitening"]]
+
+    # A home with a PCA whitening and a staging prior: those notes go, the learned calibration's comes.
+    engine = make_engine(shutil.copytree(slice_home, tmp_path / "mars"), api_auth="open", rate_limit="")
+    rng = np.random.default_rng(0)
+    dims = engine.search_store().dims["image"]
+    background = rng.standard_normal((64, dims)).astype(np.float32)
+    pca = Whitening.fit(background, engine.settings.image_encoder, dim=16)
+    engine.install_whitening(pca)
+    engine.install_prior(StagingPrior.fit([("bedroom-1", "Bedroom", sorted(ikea_slice["room_products"]))]))
+    with TestClient(create_app(engine=engine)) as trained:
+        partly = trained.post("/v1/search", json=photo).json()
+        assert partly["stages"] == {"aligned": "absent", "whitening": "PCA", "prior": "trained", "critic": "absent",
+                                    "absent": [ABSENT_NOTES["aligned"], ABSENT_NOTES["learned"]]}
+        by_room = trained.post("/v1/search", json=words).json()
+        assert by_room["stages"]["absent"] == [ABSENT_NOTES["aligned"]]
+        assert any("prior" in i["provenance"]["retrievers"] for i in by_room["items"])
+        pairs = rng.standard_normal((2, 32, dims)).astype(np.float32)
+        engine.install_whitening(pca.learn(pairs[0], pairs[1], background, dim=8))
+        learned = trained.post("/v1/search", json=photo).json()["stages"]
+        assert (learned["whitening"], learned["absent"]) == ("PCA + learned", [ABSENT_NOTES["aligned"]])

@@ -124,3 +124,34 @@ def test_command_modules_import_only_common_from_the_cli_package():
         allowed = {"common": set(), "progress": {"mars.cli.common"}}.get(path.stem, {"mars.cli.common", "mars.cli.progress"})
         assert own <= allowed, f"{path.name} imports {sorted(own - allowed)}"
         assert len(path.read_text(encoding="utf-8").splitlines()) <= 600, path.name
+
+
+def test_mars_search_on_an_untrained_home_says_what_it_lacks(slice_home, encoders, tmp_path, monkeypatch):
+    """A real `mars search` on the ingested slice (nothing trained): hybrid prints no critic
+    line and one line on the stages it lacked; full prints the plain critic sentence."""
+    import shutil
+
+    from mars.engine import Engine
+    from mars.settings import Settings
+    from mars.wiring import CRITIC_NOT_SET_UP
+    from query.funnel import ABSENT_NOTES
+
+    home = shutil.copytree(slice_home, tmp_path / "mars")
+    monkeypatch.setattr("mars.cli.search.open_engine", lambda: Engine(Settings(home=home, _env_file=None), encoders=encoders))
+    out = io.StringIO()
+    monkeypatch.setattr(common, "console", Console(file=out, width=300, color_system=None))
+
+    def search(*args: str) -> list[str]:
+        out.seek(0)
+        out.truncate()
+        result = CliRunner().invoke(app, ["search", "a cosy corner to read", "--room", "Bedroom", *args])
+        assert result.exit_code == 0, result.output
+        return out.getvalue().splitlines()
+
+    hybrid = search()
+    assert not any(line.startswith("critic:") for line in hybrid) and hybrid[1].startswith("fusion:")
+    assert hybrid[2] == f"stages: {ABSENT_NOTES['aligned']} {ABSENT_NOTES['prior']}"
+    full = search("--mode", "full")
+    assert full[1].startswith(f"critic: not configured ({CRITIC_NOT_SET_UP})   fusion:") and str(home) not in full[1]
+    assert full[2].startswith("stages: ")
+    assert search("--mode", "bm25")[2].startswith("┏")  # nothing a keyword search uses is missing: no line
