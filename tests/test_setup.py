@@ -61,7 +61,7 @@ def test_setup_fits_every_stage_then_nothing_then_what_changed(dataset, make_eng
     engine = make_engine()
     seen: list[tuple[str, int]] = []
     first = run_setup(engine, data, progress=lambda stage, done, total, note: seen.append((stage, done)))
-    assert statuses(first) == {s: "fitted" for s in setup_lib.STAGES}
+    assert statuses(first) == {"ingest": "ingested", **{s: "fitted" for s in setup_lib.STAGES[1:]}}
     assert {s for s, _ in seen} == {"ingest", "align", "whitening", "critic"}  # the prior is one step
     assert [d for s, d in seen if s == "ingest"][-1] == sum(1 for _ in (dataset / "corpus.jsonl").open())
     trained = engine.artifacts.current()
@@ -109,7 +109,7 @@ def test_without_judged_rooms_the_prior_and_the_critic_are_absent(dataset, make_
     shutil.copy2(dataset / "corpus.jsonl", plain / "corpus.jsonl")
     shutil.copytree(dataset / "rooms", plain / "rooms")
     results = run_setup(make_engine(), DataFolder.open(plain))
-    assert statuses(results) == {"ingest": "fitted", "align": "fitted", "whitening": "fitted", "prior": "absent",
+    assert statuses(results) == {"ingest": "ingested", "align": "fitted", "whitening": "fitted", "prior": "absent",
                                  "critic": "absent"}
     assert "no judged rooms" in results[-1].detail and "learned" not in results[2].detail
 

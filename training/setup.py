@@ -92,8 +92,8 @@ class DataFolder:
 
 @dataclass
 class StageResult:
-    """How one stage went: ``status`` is ``fitted``, ``unchanged`` (its inputs did not change:
-    nothing done) or ``absent`` (its inputs are not in the folder); ``on`` says what it was
+    """How one stage went: ``status`` is ``fitted`` (``ingested`` for ingest), ``unchanged`` (its
+    inputs did not change: nothing done) or ``absent`` (its inputs are not in the folder); ``on`` says what it was
     fitted on, ``seconds`` its wall time, ``detail`` a short report line."""
 
     stage: str
@@ -271,7 +271,7 @@ def _ingest(engine: Any, data: DataFolder, progress: Progress) -> StageResult:
     progress("ingest", 0, total, "")
     t = time.perf_counter()
     rep = engine.ingest(open_source(data.root), str(data.root.resolve()), total_hint=total, on_progress=advance)
-    status = "fitted" if rep.ingested or rep.rejected else "unchanged"
+    status = "ingested" if rep.ingested or rep.rejected else "unchanged"
     return StageResult("ingest", status, f"{rep.total} records of {data.corpus.name}", time.perf_counter() - t,
                        f"{rep.ingested} embedded, {rep.unchanged} unchanged, {rep.rejected} rejected, "
                        f"{rep.without_image} without a photo")

@@ -67,7 +67,8 @@ def setup(
     for col in ("stage", "status", "on", "seconds", "result"):
         table.add_column(col, justify="right" if col == "seconds" else "left")
     for r in results:
-        table.add_row(r.stage, r.status, r.on, f"{r.seconds:.1f}" if r.status == "fitted" else "-", r.detail)
+        table.add_row(r.stage, r.status, r.on, f"{r.seconds:.1f}" if r.status in ("fitted", "ingested") else "-", r.detail)
     console.print(table)
     total = sum(r.seconds for r in results)
-    console.print(f"set-up done in {total:.0f} s; search with `mars search \"...\" --image ROOM.jpg --mode full`")
+    mode = "full" if results[-1].status != "absent" else "hybrid"
+    console.print(f"set-up done in {total:.0f} s; search with `mars search \"...\" --image ROOM.jpg --mode {mode}`")
