@@ -22,6 +22,8 @@ import httpx
 import pytest
 
 from conftest import REPO
+from mars.wiring import CRITIC_NOT_SET_UP
+from query.funnel import ABSENT_NOTES
 from workers.local import served_api
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
@@ -80,7 +82,7 @@ def server(ikea_slice, tiny_qwen2vl_dir, tmp_path_factory):
             assert time.monotonic() < deadline, progress
             time.sleep(0.3)
         assert progress["status"] == "done" and progress["indexed"] == len(ikea_slice["records"]), progress
-        yield {"url": url, "keys": keys, "slice": ikea_slice}
+        yield {"url": url, "keys": keys, "slice": ikea_slice, "home": home}
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +164,15 @@ def test_search_with_a_room_photo_shows_cards_with_photos_and_rationales(page, s
 
     query = page.get_by_label("What are you looking for?")
     query.fill("a lamp for this bedroom")
+    sync_api.expect(page.locator('#mode option[value="full"]')).to_be_enabled()  # this server has a critic
+    sync_api.expect(page.locator("#mode-note")).to_be_hidden()
     query.press("Enter")  # keyboard search, category lock on: the lock's why names the lamp class
     sync_api.expect(page.locator("#lock-what")).to_have_text("lamp (class)")
     sync_api.expect(page.locator("#lock-reason")).not_to_be_empty()
+    # A hybrid search has no critic line; nothing is trained on this server: the header says what is missing.
+    sync_api.expect(page.locator("#critic-line")).to_be_hidden()
+    sync_api.expect(page.locator("#stages-line")).to_be_visible()
+    sync_api.expect(page.locator("#stages-what")).to_have_text(f"{ABSENT_NOTES['aligned']} {ABSENT_NOTES['whitening']}")
 
     # The slice has few lamps: the whole-room search (auto lock off) in mode full with the critic.
     page.get_by_label("Auto lock category from the text").uncheck()
@@ -184,7 +192,9 @@ def test_search_with_a_room_photo_shows_cards_with_photos_and_rationales(page, s
     sync_api.expect(page.locator("#lock-why")).to_be_visible()
     sync_api.expect(page.locator("#lock-what")).to_have_text("none")
     assert page.locator("#lock-reason").inner_text().strip()
-    sync_api.expect(page.locator("#critic-line")).to_contain_text("qwen2-vl — scored 20 items")
+    sync_api.expect(page.locator("#critic-line")).to_be_visible()
+    sync_api.expect(page.locator("#critic-line")).to_contain_text("qwen2-vl — scored 20 items — Qwen2-VL critic")
+    assert "/" not in page.locator("#critic-line").inner_text()  # no model path
     page.wait_for_function(
         "() => [...document.querySelectorAll('#results .card img')].filter(i => i.complete && i.naturalWidth > 0).length"
         " === document.querySelectorAll('#results .card').length")
@@ -204,6 +214,44 @@ def test_search_with_a_room_photo_shows_cards_with_photos_and_rationales(page, s
     sync_api.expect(page.locator("#item-body dd").first).to_have_text(first_id)
     page.go_back()
     sync_api.expect(cards.first.locator(".card-title a")).to_be_focused()
+
+
+def test_without_a_critic_the_full_mode_is_off_and_says_why(page, server, tmp_path):
+    """A second server on an empty MARS_HOME with the default learned critic, never trained: the
+    console learns it from GET /healthz (no key needed) and disables the full mode, saying why in
+    plain words; a search's header has no critic line."""
+    home = tmp_path / "mars"
+    home.mkdir()
+    first = Path(server["home"]) / "models"
+    if first.is_dir():
+        (home / "models").symlink_to(first)  # the first server's encoder exports: no second export
+    viewer = create_key(home, "no-critic viewer", "viewer")
+    with served_api({"MARS_HOME": str(home), "MARS_RATE_LIMIT": ""}, tmp_path / "serve.log") as url:
+        assert httpx.get(f"{url}/healthz").json()["critic_note"] == CRITIC_NOT_SET_UP
+        page.goto(url + "/console/")
+        full = page.locator('#mode option[value="full"]')
+        sync_api.expect(full).to_be_disabled()  # before any key: /healthz needs none
+        sync_api.expect(full).to_have_text("full (no critic)")
+        plain = CRITIC_NOT_SET_UP.replace("`", "")  # the console shows `mars setup` as code
+        sync_api.expect(full).to_have_attribute("title", plain)
+        note = page.locator("#mode-note")
+        sync_api.expect(note).to_be_visible()
+        sync_api.expect(note).to_have_text(f"Full mode is off. {plain}")
+        sync_api.expect(note.locator("code")).to_have_text("mars setup")
+        sync_api.expect(page.get_by_label("Mode")).to_have_attribute("aria-describedby", "mode-note")
+        sync_api.expect(page.get_by_label("Mode")).to_have_value("hybrid")
+
+        page.get_by_label("API key").fill(viewer)
+        page.get_by_label("API key").press("Enter")
+        sync_api.expect(page.locator("#key-state")).to_have_text("Key saved.")
+        query = page.get_by_label("What are you looking for?")
+        query.fill("a lamp")
+        query.press("Enter")
+        sync_api.expect(page.locator("#search-status")).to_contain_text("(hybrid mode)")
+        sync_api.expect(page.locator("#critic-line")).to_be_hidden()
+        sync_api.expect(page.locator("#stages-what")).to_have_text(ABSENT_NOTES["aligned"])
+        sync_api.expect(full).to_be_disabled()
+        sync_api.expect(note).to_have_text(f"Full mode is off. {plain}")
 
 
 def test_room_photo_by_drag_and_drop(page, server):

@@ -323,6 +323,11 @@
 
   // ---------------------------------------------------------------- critic (full mode)
 
+  /** `text` as nodes, its `backticked` parts (commands such as `mars setup`) as <code>. */
+  function withCode(text) {
+    return String(text).split("`").map((part, i) => (i % 2 ? el("code", {}, part) : part));
+  }
+
   /** Offer the full mode only when the server has a critic; without one the option is disabled,
    *  its label and the note under the mode say why (`note`: the server's plain sentence). */
   function setCriticReady(ready, note) {
@@ -331,9 +336,9 @@
     const reason = state.criticNote || "The critic is not set up.";
     option.disabled = !ready;
     option.textContent = ready ? "full (critic)" : "full (no critic)";
-    if (ready) option.removeAttribute("title"); else option.title = reason;
+    if (ready) option.removeAttribute("title"); else option.title = reason.replaceAll("`", "");
     if (!ready && $("mode").value === "full") $("mode").value = "hybrid";
-    $("mode-note").textContent = ready ? "" : "Full mode is off. " + reason;
+    $("mode-note").replaceChildren(...(ready ? [] : withCode("Full mode is off. " + reason)));
     $("mode-note").hidden = ready;
     if (ready) $("mode").removeAttribute("aria-describedby"); else $("mode").setAttribute("aria-describedby", "mode-note");
   }
@@ -474,10 +479,10 @@
     $("rewritten-text").textContent = res.rewritten_text || "";
     $("synonyms-line").hidden = !synonyms.length;
     const critic = res.critic;  // a critic line in full mode only (other modes never run it)
-    $("critic-line").textContent = res.mode !== "full" ? "" : critic.status === "not configured"
+    $("critic-line").replaceChildren(...withCode(res.mode !== "full" ? "" : critic.status === "not configured"
       ? "Critic: " + critic.detail
       : "Critic: " + critic.backend + " — " + critic.status +
-        (critic.scored ? " " + critic.scored + " items" : "") + (critic.detail ? " — " + critic.detail : "");
+        (critic.scored ? " " + critic.scored + " items" : "") + (critic.detail ? " — " + critic.detail : "")));
     $("critic-line").hidden = res.mode !== "full";
     const absent = (res.stages && res.stages.absent) || [];  // trained stages this search had to do without
     $("stages-what").textContent = absent.join(" ");
