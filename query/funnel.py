@@ -12,7 +12,8 @@ rules → critic → response.
    ``bm25``).
 4. **Merchandise**: boosts, buries and pins re-order the fused list (:func:`query.rules.merchandise`).
 5. **Critic** (mode ``full``): :class:`query.critic_stage.CriticStage` re-ranks the top N.
-6. **Respond**: items with their provenance, keyed by retriever name.
+6. **Respond**: items with their provenance, keyed by retriever name, and the trained stages
+   with plain notes on those the query had to do without (:func:`stages`).
 
 Modes: ``bm25`` (BM25 only), ``vector`` (vector lists only), ``hybrid`` (all lists) and
 ``full`` (hybrid + the critic).

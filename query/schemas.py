@@ -88,7 +88,8 @@ class Stages(BaseModel):
     would have used but that are not trained yet. Without judged rooms a catalog still searches
     on its untrained stages (keywords, text meaning, room photo); each trained piece adds one."""
 
-    aligned: Literal["trained", "absent"] = Field(description="The heads of the 'Text to photo' list (mars train align).")
+    aligned: Literal["trained", "absent"] = Field(
+        description="The heads of the 'Text to photo' list (mars train align).")
     whitening: Literal["PCA + learned", "PCA", "absent"] = Field(
         description="The room-photo calibration: PCA (from product and room photos), + learned (from judged rooms).")
     prior: Literal["trained", "absent"] = Field(description="The 'Often in this room' list (learned from judged rooms).")

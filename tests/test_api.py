@@ -186,3 +186,23 @@ def test_stages_name_what_an_untrained_home_lacks_and_what_trained_pieces_fill(c
         engine.install_whitening(pca.learn(pairs[0], pairs[1], background, dim=8))
         learned = trained.post("/v1/search", json=photo).json()["stages"]
         assert (learned["whitening"], learned["absent"]) == ("PCA + learned", [ABSENT_NOTES["aligned"]])
+
+
+def test_the_critic_note_names_no_path_nor_endpoint(tmp_path):
+    """mars/wiring.py: critic_note turns the registry's operator notes into plain words."""
+    from types import SimpleNamespace
+
+    from mars.settings import Settings
+    from mars.wiring import CRITIC_NOT_SET_UP, CRITIC_SWITCHED_OFF, critic_note
+
+    def note(built, **settings) -> str:
+        return critic_note(Settings(home=tmp_path, _env_file=None, **settings), built, f"operator note {tmp_path}")
+
+    assert note(None, critic="learned") == CRITIC_NOT_SET_UP
+    assert note(None, critic="none") == CRITIC_SWITCHED_OFF
+    learned = SimpleNamespace(name="learned", meta={"pairs": 1234})
+    assert note(learned, critic="learned") == "learned critic, trained on 1234 pairs from judged rooms"
+    assert note(SimpleNamespace(name="qwen2-vl"), critic="vlm", critic_model=str(tmp_path),
+                critic_adapter=tmp_path / "lora") == "Qwen2-VL critic with a fine-tuned adapter"
+    assert note(SimpleNamespace(name="openai"), critic="openai", critic_endpoint="http://10.0.0.7:8000/v1",
+                critic_api_model="qwen-vl") == "OpenAI-compatible critic (qwen-vl)"

@@ -81,7 +81,7 @@ def test_modes_and_critic_status(slice_engine, room):
     assert all(i.provenance.retrievers.get("bm25") is None for i in vector.items)
     full = engine.search(SearchQuery(text="a lamp for this bedroom", image=room, mode="full"))
     assert full.critic.status == "not configured" and full.critic.backend == "none"
-    assert full.critic.detail == CRITIC_NOT_SET_UP  # learned is the default; no checkpoint trained here: plain words, no path
+    assert full.critic.detail == CRITIC_NOT_SET_UP  # learned is the default; no checkpoint trained here
     assert str(engine.home) not in full.critic.detail and full.stages.critic == "absent"
     assert bm25.critic.status == vector.critic.status == "skipped" and bm25.critic.detail == vector.critic.detail == ""
     assert [i.id for i in full.items] == [i.id for i in engine.search(SearchQuery(text="a lamp for this bedroom", image=room)).items]
