@@ -54,10 +54,10 @@ def render_table(expected: Expected) -> str:
     if not expected.metrics:
         lines.append("| (no figures recorded yet) | | " + " | ".join("" for _ in COLUMNS) + " |")
     rec = expected.recorded
-    how = f"{expected.folds}-fold out of fold by room, " if expected.kind == "room_cv" else ""
+    how = f"out of fold, {expected.folds} folds by room; " if expected.kind == "room_cv" else ""
     when = f"recorded {rec.get('date', '?')} at {rec.get('commit', '?')}" if rec else "not recorded yet"
     if rec.get("seconds") is not None:
-        when += f" in {rec['seconds']} s"
+        when += f", {rec['seconds']} s"
     caption = (f"_`{expected.command}` ({how}{when}); `{expected.check_command()}` fails when a figure moves by "
                f"more than ±{expected.tolerance:g}._")
     return "\n".join(lines) + "\n\n" + caption

@@ -198,3 +198,9 @@ def test_every_committed_expected_file_loads_and_has_figures():
         expected = load_expected(path)
         assert expected.metrics and expected.recorded.get("commit"), path
         assert render_table(expected).count("\n") == len(expected.metrics) + 3
+
+
+def test_the_readme_and_docs_tables_are_up_to_date(capsys):
+    """Every <!-- results:NAME --> block of README.md and docs/*.md is what
+    `python -m evaluation.results_tables` renders from evaluation/expected/NAME.yaml."""
+    assert tables_main(["--check"]) == 0, capsys.readouterr().err
